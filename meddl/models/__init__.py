@@ -1,0 +1,25 @@
+"""Model packages (``model.json`` + ``weights.safetensors``): schema, loading, saving."""
+
+from meddl.models.package import (
+    ALLOWED_ARCHITECTURES,
+    SCHEMA_VERSION,
+    Label,
+    ModelPackage,
+    ModelSpec,
+    build_network,
+    load_model,
+    load_spec,
+    save_model,
+)
+
+__all__ = [
+    "ALLOWED_ARCHITECTURES",
+    "SCHEMA_VERSION",
+    "Label",
+    "ModelPackage",
+    "ModelSpec",
+    "build_network",
+    "load_model",
+    "load_spec",
+    "save_model",
+]

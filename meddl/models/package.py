@@ -1,0 +1,317 @@
+"""Model packages: ``model.json`` (what the network is and how to feed it) + ``weights.safetensors``.
+
+A package is data, never code: the architecture is a name from an allow-list of MONAI networks plus
+JSON arguments, and weights load with safetensors (no unpickling). Every problem is a
+:class:`~meddl.errors.ModelError` naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from meddl.errors import ModelError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ALLOWED_ARCHITECTURES",
+    "Label",
+    "ModelSpec",
+    "ModelPackage",
+    "load_spec",
+    "load_model",
+    "save_model",
+    "build_network",
+]
+
+PathLike = Union[str, os.PathLike]
+SCHEMA_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "weights.safetensors"
+MAX_MODEL_JSON_BYTES = 1 << 20
+
+# MONAI networks a package may name. Anything else is refused: the name is looked up in this table,
+# never imported from a string the file chose.
+ALLOWED_ARCHITECTURES = (
+    "UNet",
+    "BasicUNet",
+    "DynUNet",
+    "SegResNet",
+    "AttentionUnet",
+    "UNETR",
+    "SwinUNETR",
+    "DenseNet121",
+    "DenseNet169",
+    "ResNet",
+    "EfficientNetBN",
+    "Classifier",
+)
+TASKS = ("segmentation", "classification")
+NORMALIZATIONS = ("percentile", "ct_window", "zscore", "none")
+
+
+@dataclass
+class Label:
+    value: int
+    name: str
+    color: List[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
+class ModelSpec:
+    """The parsed, validated ``model.json``. ``raw`` keeps every field, including ones this version ignores."""
+
+    name: str
+    version: str
+    task: str
+    architecture: str
+    architecture_args: Dict[str, Any]
+    labels: List[Label]
+    input: Dict[str, Any]
+    postprocess: Dict[str, Any]
+    inference: Dict[str, Any]
+    raw: Dict[str, Any]
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.architecture_args.get("spatial_dims", 3))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.input.get("channels", 1))
+
+    @property
+    def target_spacing(self) -> Optional[List[float]]:
+        spacing = self.input.get("spacing")
+        return [float(s) for s in spacing] if spacing else None
+
+    @property
+    def patch_size(self) -> List[int]:
+        return [int(p) for p in self.input["patch_size"]]
+
+    @property
+    def normalization(self) -> Dict[str, Any]:
+        return self.input.get("normalization", {"kind": "percentile", "lower": 0.5, "upper": 99.5})
+
+    @property
+    def modality(self) -> Optional[str]:
+        return self.input.get("modality")
+
+    @property
+    def foreground_labels(self) -> List[Label]:
+        return [label for label in self.labels if label.value != 0]
+
+    def to_json(self) -> Dict[str, Any]:
+        data = copy.deepcopy(self.raw)
+        data.update(
+            {
+                "format": "meddl-model",
+                "schema_version": SCHEMA_VERSION,
+                "name": self.name,
+                "version": self.version,
+                "task": self.task,
+                "architecture": {"name": self.architecture, "args": self.architecture_args},
+                "labels": [{"value": lb.value, "name": lb.name, "color": lb.color} for lb in self.labels],
+                "input": self.input,
+                "postprocess": self.postprocess,
+                "inference": self.inference,
+            }
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, path: Optional[PathLike] = None) -> "ModelSpec":
+        """Validate ``data`` (a parsed model.json); raise ModelError naming ``path`` and the field."""
+
+        def need(condition: bool, problem: str) -> None:
+            if not condition:
+                raise ModelError(f"invalid model.json: {problem}", path)
+
+        need(isinstance(data, dict), "top level must be an object")
+        need(data.get("format", "meddl-model") == "meddl-model", "format must be 'meddl-model'")
+        need(
+            data.get("schema_version") == SCHEMA_VERSION,
+            f"schema_version {data.get('schema_version')!r} is not supported (this engine reads {SCHEMA_VERSION})",
+        )
+        for key in ("name", "task", "architecture", "labels", "input"):
+            need(key in data, f"missing field '{key}'")
+        need(data["task"] in TASKS, f"task must be one of {', '.join(TASKS)}")
+        architecture = data["architecture"]
+        need(isinstance(architecture, dict) and "name" in architecture, "architecture needs a 'name'")
+        need(
+            architecture["name"] in ALLOWED_ARCHITECTURES,
+            f"architecture '{architecture['name']}' is not an allowed MONAI network "
+            f"({', '.join(ALLOWED_ARCHITECTURES)})",
+        )
+        args = architecture.get("args", {})
+        need(isinstance(args, dict) and _is_plain_json(args), "architecture.args must be plain JSON values")
+        labels_raw = data["labels"]
+        need(isinstance(labels_raw, list) and labels_raw, "labels must be a non-empty list")
+        labels = []
+        for entry in labels_raw:
+            need(isinstance(entry, dict) and "name" in entry and "value" in entry, "each label needs value and name")
+            need(isinstance(entry["value"], int) and entry["value"] >= 0, f"label value {entry['value']!r} invalid")
+            color = entry.get("color", [0.5, 0.5, 0.5])
+            need(
+                isinstance(color, list) and len(color) == 3 and all(0 <= float(c) <= 1 for c in color),
+                f"label '{entry['name']}' colour must be three numbers in [0, 1]",
+            )
+            labels.append(Label(int(entry["value"]), str(entry["name"]), [float(c) for c in color]))
+        values = [label.value for label in labels]
+        need(len(set(values)) == len(values), "label values must be unique")
+        spec_input = data["input"]
+        need(isinstance(spec_input, dict), "input must be an object")
+        need(
+            isinstance(spec_input.get("patch_size"), list) and all(int(p) > 0 for p in spec_input["patch_size"]),
+            "input.patch_size must be a list of positive integers",
+        )
+        spacing = spec_input.get("spacing")
+        need(
+            spacing is None or (isinstance(spacing, list) and all(float(s) > 0 for s in spacing)),
+            "input.spacing must be positive numbers",
+        )
+        normalization = spec_input.get("normalization", {"kind": "percentile"})
+        need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
+        if data["task"] == "segmentation":
+            need(0 in values, "a segmentation model needs a label with value 0 (background)")
+            out_channels = args.get("out_channels")
+            need(
+                out_channels is None or out_channels == len(labels),
+                f"architecture.args.out_channels ({out_channels}) must equal the number of labels ({len(labels)})",
+            )
+        return cls(
+            name=str(data["name"]),
+            version=str(data.get("version", "0")),
+            task=data["task"],
+            architecture=architecture["name"],
+            architecture_args=dict(args),
+            labels=labels,
+            input=dict(spec_input),
+            postprocess=dict(data.get("postprocess", {})),
+            inference=dict(data.get("inference", {})),
+            raw=copy.deepcopy(data),
+        )
+
+
+def _is_plain_json(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_json(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_json(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _package_dir(path: PathLike) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name == MODEL_JSON:
+        path = path.parent
+    if not path.is_dir():
+        raise ModelError("no such model package (expected a folder with model.json and weights.safetensors)", path)
+    return path
+
+
+def load_spec(path: PathLike) -> ModelSpec:
+    """Read and validate ``model.json`` of the package at ``path`` (folder or the json file)."""
+    folder = _package_dir(path)
+    json_path = folder / MODEL_JSON
+    if not json_path.is_file():
+        raise ModelError("model.json is missing", folder)
+    if json_path.stat().st_size > MAX_MODEL_JSON_BYTES:
+        raise ModelError("model.json is larger than 1 MiB; refusing to parse it", json_path)
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"model.json is not valid JSON ({error})", json_path) from None
+    return ModelSpec.from_json(data, json_path)
+
+
+def build_network(spec: ModelSpec):
+    """Instantiate the allow-listed MONAI network named by ``spec``."""
+    from monai.networks import nets
+
+    try:
+        return getattr(nets, spec.architecture)(**spec.architecture_args)
+    except (TypeError, ValueError, AssertionError, AttributeError) as error:
+        raise ModelError(f"cannot build {spec.architecture} from architecture.args ({error})") from None
+
+
+@dataclass
+class ModelPackage:
+    """A loaded package: the spec, the network with its weights, and where it came from."""
+
+    spec: ModelSpec
+    network: Any
+    path: Optional[Path] = None
+
+
+def load_model(path: PathLike, device: Optional[str] = None) -> ModelPackage:
+    """Load a package; weights come from safetensors only and must match the network exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = _package_dir(path)
+    spec = load_spec(folder)
+    weights_path = folder / WEIGHTS
+    if not weights_path.is_file():
+        unsafe = sorted(p.name for p in folder.iterdir() if p.suffix in {".pt", ".pth", ".ckpt", ".pkl", ".ts"})
+        hint = f" (found {', '.join(unsafe)}: pickled/TorchScript weights are refused)" if unsafe else ""
+        raise ModelError(f"weights.safetensors is missing{hint}", folder)
+    network = build_network(spec)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"cannot read safetensors weights ({' '.join(str(error).split())})", weights_path) from None
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelError(f"weights do not fit {spec.architecture} with these args: {detail}", weights_path)
+    for key, tensor in state.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+            raise ModelError(
+                f"weight '{key}' is {tuple(tensor.shape)} {tensor.dtype}, the network needs "
+                f"{tuple(want.shape)} {want.dtype}",
+                weights_path,
+            )
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ModelError(f"weight '{key}' contains NaN or infinite values", weights_path)
+    network.load_state_dict(state, strict=True)
+    network.eval()
+    if device:
+        network.to(device)
+    return ModelPackage(spec=spec, network=network, path=folder)
+
+
+def save_model(spec: ModelSpec, network, folder: PathLike) -> Path:
+    """Write a package atomically: both files go to a temporary folder that is renamed into place.
+
+    ``folder`` must not exist yet (model versions are immutable).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ModelError("refusing to overwrite an existing model package (versions are immutable)", folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "name": spec.name})
+        (staging / MODEL_JSON).write_text(json.dumps(spec.to_json(), indent=2) + "\n", encoding="utf-8")
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            for file in staging.iterdir():
+                file.unlink()
+            staging.rmdir()
+    return folder

@@ -1,0 +1,77 @@
+"""Geometry and intensity steps shared by training and inference, so both see inputs the same way.
+
+The model grid is axis-aligned in LPS (identity direction) at the package's target spacing and covers
+the input's whole physical extent, whatever the input's orientation (axial, coronal, sagittal, oblique).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from meddl.errors import InputError
+from meddl.io import Image, image_from_sitk, image_to_sitk
+
+__all__ = ["model_grid", "resample_to_grid", "to_model_grid", "normalize_intensity"]
+
+
+def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
+    """An empty LPS-aligned grid at ``spacing`` covering ``image``'s physical extent (voxel edges included)."""
+    spacing = np.asarray(spacing if spacing is not None else image.spacing, dtype=np.float64)
+    size_ijk = np.asarray(image.size, dtype=np.float64)
+    corners_index = np.array([[x, y, z] for x in (-0.5, size_ijk[0] - 0.5) for y in (-0.5, size_ijk[1] - 0.5)
+                              for z in (-0.5, size_ijk[2] - 0.5)])
+    corners = (image.direction @ (corners_index * np.asarray(image.spacing)).T).T + np.asarray(image.origin)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
+    origin = low + spacing / 2.0
+    return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), np.eye(3))
+
+
+def resample_to_grid(image: Image, grid: Image, interpolation: str = "linear", default: float = 0.0) -> Image:
+    """Resample ``image`` onto ``grid``'s voxels in physical space ("linear" or "nearest")."""
+    interpolator = sitk.sitkNearestNeighbor if interpolation == "nearest" else sitk.sitkLinear
+    source = image_to_sitk(image if interpolation == "nearest" else image.with_array(image.array.astype(np.float32)))
+    reference = sitk.Image([int(n) for n in grid.size], sitk.sitkUInt8)
+    reference.SetSpacing(grid.spacing)
+    reference.SetOrigin(grid.origin)
+    reference.SetDirection(grid.direction.flatten().tolist())
+    result = sitk.Resample(source, reference, sitk.Transform(), interpolator, float(default), source.GetPixelID())
+    resampled = image_from_sitk(result)
+    resampled.metadata = dict(image.metadata)
+    return resampled
+
+
+def to_model_grid(image: Image, spacing: Optional[Sequence[float]], interpolation: str = "linear") -> Image:
+    """Resample ``image`` to the canonical model grid; voxels outside the input get its minimum."""
+    grid = model_grid(image, spacing)
+    voxels = grid.array.size
+    if voxels > 512**3:
+        raise InputError(f"the model grid would have {voxels} voxels; the volume's extent or spacing is implausible",
+                         image.metadata.get("source"))
+    default = float(np.min(image.array)) if interpolation == "linear" else 0.0
+    return resample_to_grid(image, grid, interpolation, default)
+
+
+def normalize_intensity(array: np.ndarray, normalization: Dict) -> np.ndarray:
+    """Map raw intensities to roughly [0, 1] (float32) as the package says; independent of the raw range
+    for ``percentile`` and ``zscore``."""
+    kind = normalization.get("kind", "percentile")
+    data = array.astype(np.float32, copy=False)
+    if kind == "none":
+        return data.astype(np.float32, copy=True)
+    if kind == "ct_window":
+        low, high = float(normalization.get("low", -1000)), float(normalization.get("high", 1000))
+        return ((np.clip(data, low, high) - low) / (high - low)).astype(np.float32)
+    if kind == "zscore":
+        std = float(data.std())
+        return ((data - float(data.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+    # percentile: robust to scanner scaling, e.g. 0..1, 0..255 or 0..10000 for the same T1
+    sample = data[:: max(1, data.shape[0] // 64)]  # a strided subsample keeps big volumes cheap
+    low, high = np.percentile(sample, [float(normalization.get("lower", 0.5)), float(normalization.get("upper", 99.5))])
+    if not math.isfinite(low) or not math.isfinite(high) or high <= low:
+        high = low + 1.0
+    return np.clip((data - np.float32(low)) / np.float32(high - low), 0.0, 1.0).astype(np.float32)
