@@ -65,7 +65,7 @@ class Image:
             code += letters[axis][0] if column[axis] > 0 else letters[axis][1]
         return code
 
-    def same_grid(self, other: "Image", tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+    def same_grid(self, other: Image, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
         """True when ``other`` has the same array shape, spacing, origin and direction."""
         return (
             self.array.shape[:3] == other.array.shape[:3]
@@ -74,7 +74,7 @@ class Image:
             and np.allclose(self.direction, other.direction, atol=tolerance)
         )
 
-    def with_array(self, array: np.ndarray, **metadata: object) -> "Image":
+    def with_array(self, array: np.ndarray, **metadata: object) -> Image:
         """The same grid holding other voxels (e.g. a labelmap on its source image)."""
         if array.shape[:3] != self.array.shape[:3]:
             raise ValueError(f"array shape {array.shape} does not fit the grid {self.array.shape}")

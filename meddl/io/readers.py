@@ -1,37 +1,64 @@
 """Reading volumes (NRRD, NIfTI, MetaImage, DICOM series) into :class:`Image`, and writing them atomically.
 
-PROVISIONAL minimal version; the IO owner hardens it (header checks before allocation, DICOM series
-rules, child-process reading of untrusted files).
+Reading is two-staged. First the header is parsed cheaply in Python and checked (claimed size, spacing,
+dimensions, data-file references, file size: :mod:`meddl.io.safety`; slice stack: :mod:`meddl.io.dicom`);
+nothing large is allocated before that passes. Then SimpleITK decodes the voxels, with the ImageIO fixed by
+the checked format so that a file cannot redirect itself to another decoder. Files that no pre-check
+covers (unknown formats, compressed DICOM) are decoded in a child process (:mod:`meddl.io.isolated`), so
+that a decoder crash on hostile input costs an error message, not the worker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from meddl.errors import InputError
 from meddl.io.image import Image
+from meddl.io.safety import check_dimensions, check_spacing, detect_format, sniff_header
 
-__all__ = ["read_image", "write_image", "image_from_sitk", "image_to_sitk"]
+__all__ = ["read_image", "write_image", "image_from_sitk", "image_to_sitk", "WRITE_FORMATS", "needs_isolation"]
 
+logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
+# ITK prints warnings straight to stderr; the engine's contract is one line per error, nothing else.
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
-def image_from_sitk(itk_image: sitk.Image) -> Image:
-    return Image(
-        array=sitk.GetArrayFromImage(itk_image),
-        spacing=itk_image.GetSpacing(),
-        origin=itk_image.GetOrigin(),
-        direction=np.array(itk_image.GetDirection()).reshape(3, 3),
-    )
+READ_IMAGE_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO", "nifti": "NiftiImageIO"}
+# Single-file formats only: a two-file format (.nhdr, .mhd) cannot be replaced atomically by one rename.
+WRITE_FORMATS = {".nrrd": "NrrdImageIO", ".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".mha": "MetaImageIO"}
+
+
+def image_from_sitk(itk_image: sitk.Image, source: Optional[PathLike] = None) -> Image:
+    """Wrap a SimpleITK image; a trailing singleton 4th axis is dropped, anything else not 3D is refused."""
+    size = list(itk_image.GetSize())
+    if itk_image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"expected a scalar volume, got {itk_image.GetNumberOfComponentsPerPixel()} components per voxel", source
+        )
+    if itk_image.GetDimension() == 4 and size[3] == 1:
+        itk_image = sitk.Extract(itk_image, size[:3] + [0], [0, 0, 0, 0])
+        size = size[:3]
+    if itk_image.GetDimension() != 3:
+        check_dimensions(size, source)  # raises "expected a 3D volume, got ND (shape ...)"
+    check_spacing(itk_image.GetSpacing(), source)
+    origin = np.asarray(itk_image.GetOrigin(), dtype=np.float64)
+    direction = np.asarray(itk_image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.isfinite(origin).all() or not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError("origin or direction is not finite, or the direction matrix is singular", source)
+    return Image(array=sitk.GetArrayFromImage(itk_image), spacing=itk_image.GetSpacing(), origin=origin,
+                 direction=direction)  # fmt: skip
 
 
 def image_to_sitk(image: Image) -> sitk.Image:
+    """A SimpleITK image with the same voxels and geometry."""
     itk_image = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
     itk_image.SetSpacing(image.spacing)
     itk_image.SetOrigin(image.origin)
@@ -39,31 +66,209 @@ def image_to_sitk(image: Image) -> sitk.Image:
     return itk_image
 
 
-def read_image(path: PathLike) -> Image:
+def _isolation_setting() -> Optional[bool]:
+    value = os.environ.get("MEDDL_ISOLATE_READS", "auto").strip().lower()
+    if value in ("1", "always", "true", "yes"):
+        return True
+    if value in ("0", "never", "false", "no"):
+        return False
+    return None
+
+
+def needs_isolation(path: PathLike) -> bool:
+    """Whether ``read_image`` decodes ``path`` in a child process by default (no header pre-check covers it)."""
+    path = Path(path)
+    forced = _isolation_setting()
+    if forced is not None:
+        return forced
+    if path.is_dir():
+        return False  # decided per series, after the headers are read
+    return detect_format(path) not in (*READ_IMAGE_IO, "dicom")
+
+
+def read_image(
+    path: PathLike,
+    series_uid: Optional[str] = None,
+    isolate: Optional[bool] = None,
+    timeout: Optional[float] = None,
+) -> Image:
+    """Read a 3D volume with its exact LPS geometry.
+
+    Args:
+        path: a NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz) or MetaImage (.mha/.mhd) file, a DICOM series
+            folder, or one DICOM file (its series in the same folder is read).
+        series_uid: which DICOM series to read when the folder holds several.
+        isolate: decode in a child process (True), in this process (False), or decide (None: a child for
+            formats without a header pre-check and for compressed DICOM; ``MEDDL_ISOLATE_READS=always|never``
+            overrides).
+        timeout: seconds the child process may take (default ``MEDDL_READ_TIMEOUT`` or 300).
+
+    Returns:
+        The image; ``metadata`` holds ``source``, ``format``, ``modality`` (DICOM Modality, else None),
+        ``series_uid`` (DICOM) and ``dtype``. NaN/inf voxels are kept; see ``validate_for_inference``.
+
+    Raises:
+        InputError: one line naming the file and the problem.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path)
-    try:
-        itk_image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise InputError(f"cannot read as an image ({str(error).strip().splitlines()[-1]})", path) from None
-    if itk_image.GetDimension() != 3:
-        raise InputError(f"expected a 3D volume, got {itk_image.GetDimension()}D", path)
-    image = image_from_sitk(itk_image)
-    image.metadata["source"] = str(path)
+    forced = _isolation_setting() if isolate is None else isolate
+    file_format = "dicom" if path.is_dir() else detect_format(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError("the file is empty", path)
+
+    if file_format == "dicom":
+        from meddl.io.dicom import plan_dicom, read_dicom
+
+        plan = plan_dicom(path, series_uid)
+        _check_claim(plan.shape, path)
+        if forced if forced is not None else plan.compressed:
+            return _read_isolated(path, series_uid, timeout)
+        image = read_dicom(plan, path)
+    else:
+        if file_format in READ_IMAGE_IO:
+            facts = sniff_header(path, file_format)
+            if forced:
+                return _read_isolated(path, series_uid, timeout)
+            image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
+            if facts is not None and tuple(image.size) != tuple(facts.shape):
+                raise InputError(f"decoded size {image.size} differs from the header's {facts.shape}", path)
+        elif forced is False:
+            image = _read_with_sitk(path, None)
+        else:
+            return _read_isolated(path, series_uid, timeout)
+        image.metadata.update({"source": str(path), "format": file_format or "other", "modality": None})
+    image.metadata["dtype"] = str(image.array.dtype)
     return image
 
 
-def write_image(image: Image, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
+def _check_claim(shape, path: Path) -> None:
+    from meddl.io.safety import check_size
+
+    check_size(shape, path)
+
+
+def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
+    reader = sitk.ImageFileReader()
+    if image_io:
+        reader.SetImageIO(image_io)
+    reader.SetFileName(str(path))
     try:
-        sitk.WriteImage(image_to_sitk(image), temporary, useCompression=True)
+        if not image_io:
+            # Unknown format: ITK's header read is cheap; check the claim before the voxels are allocated.
+            reader.ReadImageInformation()
+            _check_claim(list(reader.GetSize()) + [reader.GetNumberOfComponents()], path)
+        itk_image = reader.Execute()
+    except RuntimeError as error:
+        raise InputError(f"cannot read as an image ({_itk_message(error)})", path) from None
+    return image_from_sitk(itk_image, path)
+
+
+def _itk_message(error: BaseException) -> str:
+    """The informative line of an ITK exception, without source paths, object addresses or raw file bytes."""
+    import re
+
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    useful = []
+    for line in lines:
+        if line.startswith("Exception thrown in SimpleITK"):
+            continue
+        line = re.sub(r"^(sitk|itk)::ERROR:\s*", "", line)
+        line = re.sub(r"\w+ImageIO\(0x[0-9a-f]+\):\s*", "", line)
+        useful.append(line)
+    text = useful[0] if useful else "unknown error"
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return printable[:200]
+
+
+def _read_isolated(path: Path, series_uid: Optional[str], timeout: Optional[float]) -> Image:
+    from meddl.io.isolated import read_in_child
+
+    return read_in_child(path, series_uid=series_uid, timeout=timeout)
+
+
+def _writable_array(image: Image, labelmap: Optional[bool], path: Path) -> np.ndarray:
+    array = np.asarray(image.array)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if labelmap is None:
+        labelmap = bool(image.metadata.get("labelmap", False))
+    if not labelmap:
+        return array
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.array_equal(array, np.round(array)):
+            raise InputError("a labelmap must hold whole numbers", path)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise InputError(f"labelmap values {low:g}..{high:g} do not fit uint16", path)
+    return array.astype(np.uint8 if high < 256 else np.uint16, copy=False)
+
+
+def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, compress: bool = True) -> Path:
+    """Write ``image`` to ``path`` (.nrrd, .nii, .nii.gz, .mha) atomically, with its exact geometry.
+
+    The voxels go to a temporary file in the destination folder, which is flushed to disk and renamed
+    over ``path``: a reader never sees a half-written file, and a failure leaves nothing behind.
+
+    Args:
+        image: the image (3D).
+        path: destination; the extension picks the format.
+        labelmap: store as the smallest of uint8/uint16 that holds the labels (None: when
+            ``image.metadata["labelmap"]`` is set; bool arrays are always stored as uint8).
+        compress: compress the voxels (ignored for .nii, which is uncompressed by name).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+    image_io = WRITE_FORMATS.get(suffix)
+    if image_io is None:
+        raise InputError(f"cannot write '{suffix or path.name}'; use one of {', '.join(WRITE_FORMATS)}", path)
+    if image.array.ndim != 3:
+        raise InputError(f"can only write 3D volumes, got an array of shape {image.array.shape}", path)
+    array = _writable_array(image, labelmap, path)
+    itk_image = image_to_sitk(Image(array, image.spacing, image.origin, image.direction))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise InputError(f"cannot write here ({error.strerror or error})", path) from None
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO(image_io)
+        writer.SetFileName(temporary)
+        writer.SetUseCompression(bool(compress) and suffix != ".nii")
+        writer.Execute(itk_image)
+        _fsync(temporary)
         os.replace(temporary, path)
+        _fsync_folder(path.parent)
+    except RuntimeError as error:
+        raise InputError(f"cannot write the image ({_itk_message(error)})", path) from None
+    except OSError as error:
+        raise InputError(f"cannot write the image ({error.strerror or error})", path) from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def _fsync(file_path: str) -> None:
+    with open(file_path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk; not every platform allows this.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
