@@ -1,7 +1,10 @@
 """Segmentation inference: model grid → MONAI sliding window → probabilities back on the input grid.
 
-Memory stays bounded on large volumes: probabilities live on the (coarser) model grid, and are brought
-back to the input grid one class at a time while a running arg-max keeps only the best score and label.
+Memory stays bounded on large volumes (a 512x512x400 CT runs in well under 4 GB): probabilities live on
+the (usually coarser) model grid, and are brought back to the input grid one slab of slices at a time,
+all classes of a slab together, so that the arg-max is taken on interpolated probabilities (no
+staircase on anisotropic inputs) while no full-size float map is ever held. Post-processing works on
+the labels' bounding box only.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -20,20 +23,37 @@ from meddl.errors import InputError, ModelError
 from meddl.io import Image, read_image, write_image
 from meddl.models import ModelPackage, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
-from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
+from meddl.transforms import normalize_intensity, to_model_grid
 
-__all__ = ["SegmentationResult", "select_device", "check_input", "predict_probabilities", "segment_image",
-           "segment_file", "postprocess_labelmap"]
+__all__ = [
+    "SegmentationResult",
+    "select_device",
+    "configure_threads",
+    "check_input",
+    "predict_probabilities",
+    "probabilities_to_labels",
+    "segment_image",
+    "segment_file",
+    "postprocess_labelmap",
+]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
+# Voxels of the input grid resampled per slab when probabilities go back to the input grid: 8 M voxels
+# is 32 MB of float32 per class, small next to the volume itself and large enough that ITK's
+# per-call overhead does not show.
+SLAB_VOXELS = 8_000_000
+
 
 @dataclass
 class SegmentationResult:
+    """A labelmap on the input's grid, the time each step took (seconds), label volumes and window count."""
+
     labelmap: Image
     timings: Dict[str, float] = field(default_factory=dict)
     label_volumes_ml: Dict[str, float] = field(default_factory=dict)
+    windows: int = 0
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -45,6 +65,29 @@ def select_device(device: Optional[str] = None) -> str:
             raise ModelError(f"device '{device}' was requested but no CUDA GPU is available")
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch's and ITK's thread count: ``threads``, else ``$MEDDL_NUM_THREADS``, else ``os.cpu_count()``.
+
+    Returns the count in use. A shared machine (several workers, CI) sets ``MEDDL_NUM_THREADS`` so that
+    processes do not oversubscribe the cores.
+    """
+    import SimpleITK as sitk
+    import torch
+
+    if threads is None:
+        value = os.environ.get("MEDDL_NUM_THREADS", "").strip()
+        try:
+            threads = int(value) if value else (os.cpu_count() or 1)
+        except ValueError:
+            logger.warning("MEDDL_NUM_THREADS=%r is not a number; using all cores", value)
+            threads = os.cpu_count() or 1
+    threads = max(1, int(threads))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    return threads
 
 
 def check_input(image: Image, package: ModelPackage) -> None:
@@ -75,70 +118,177 @@ def predict_probabilities(
     tta: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-):
-    """Softmax probabilities ``[C, k, j, i]`` (float32 numpy) for an image already on the model grid."""
+    normalized: bool = False,
+    counter: Optional[List[int]] = None,
+) -> np.ndarray:
+    """Softmax probabilities ``[C, k, j, i]`` (float32 numpy) for an image already on the model grid.
+
+    Args:
+        model_image: the image on the model grid (see :func:`meddl.transforms.to_model_grid`).
+        package: the loaded model.
+        device: ``"cpu"`` or a CUDA device; on CUDA the network runs under float16 autocast.
+        tta: average over the identity and a flip along each spatial axis (4 passes).
+        progress, cancel: progress reporting and cooperative cancellation (checked before every window).
+        normalized: ``model_image`` is already intensity-normalised as the package asks.
+        counter: when given, ``counter[0]`` is increased by the number of network windows run.
+    """
     import torch
     from monai.inferers import sliding_window_inference
 
     spec = package.spec
+    if spec.in_channels != 1:
+        raise ModelError(
+            f"model '{spec.name}' needs {spec.in_channels} input channels; this volume has 1", package.path
+        )
     network = package.network.to(device)
     progress = progress or no_progress
-    data = normalize_intensity(model_image.array, spec.normalization)
-    tensor = torch.from_numpy(np.ascontiguousarray(data))[None, None].to(device)
-    if spec.in_channels != 1:
-        raise ModelError(f"model '{spec.name}' needs {spec.in_channels} input channels; this volume has 1")
+    data = model_image.array if normalized else normalize_intensity(model_image.array, spec.normalization)
+    tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(device)
     flips = [()] + ([(2,), (3,), (4,)] if tta else [])
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else nullcontext()
+    cuda = str(device).startswith("cuda")
+    # Mixed precision on the GPU: convolutions in float16, blending and softmax in float32.
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
     overlap = float(spec.inference.get("overlap", 0.25))
-    windows_done = [0]
+    batch = int(spec.inference.get("sw_batch_size", 1))
+    counter = counter if counter is not None else [0]
 
     def forward(window):
         if cancel:
             cancel.check()
-        out = network(window)
-        windows_done[0] += 1
-        return out
+        counter[0] += int(window.shape[0])
+        return network(window)
 
-    total = None
     with torch.inference_mode(), autocast:
         summed = None
         for index, axes in enumerate(flips):
             flipped = torch.flip(tensor, axes) if axes else tensor
             logits = sliding_window_inference(
-                flipped, roi_size=spec.patch_size, sw_batch_size=int(spec.inference.get("sw_batch_size", 1)),
-                predictor=forward, overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+                flipped,
+                roi_size=spec.patch_size,
+                sw_batch_size=batch,
+                predictor=forward,
+                overlap=overlap,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=0.0,
             )
             probabilities = torch.softmax(logits.float(), dim=1)
-            probabilities = torch.flip(probabilities, axes) if axes else probabilities
-            summed = probabilities if summed is None else summed + probabilities
+            del logits
+            if axes:
+                probabilities = torch.flip(probabilities, axes)
+            summed = probabilities if summed is None else summed.add_(probabilities)
+            del probabilities
             progress((index + 1) / len(flips), f"forward pass {index + 1}/{len(flips)}")
-        total = (summed / len(flips))[0].cpu().numpy().astype(np.float32)
-    return total
+        if len(flips) > 1:
+            summed /= len(flips)
+        result = summed[0].float().cpu().numpy()
+    return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def probabilities_to_labels(
+    probabilities: np.ndarray,
+    model_grid: Image,
+    target: Image,
+    label_values: Sequence[int],
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> np.ndarray:
+    """Arg-max labels on ``target``'s grid from class probabilities on ``model_grid``.
+
+    Each class's probability is linearly interpolated onto the target voxels before the arg-max, so the
+    boundary follows the interpolated probability (smooth on anisotropic or oblique targets, no voxel
+    staircase). The target is processed in slabs of whole slices; only one slab of floats per class
+    exists at a time.
+    """
+    import SimpleITK as sitk
+
+    progress = progress or no_progress
+    dtype = np.uint8 if max(label_values) < 256 else np.uint16
+    values = np.asarray(label_values, dtype=dtype)
+    nk, nj, ni = target.array.shape
+    labels = np.empty((nk, nj, ni), dtype=dtype)
+    sources = []
+    for channel in range(probabilities.shape[0]):
+        source = sitk.GetImageFromArray(probabilities[channel])
+        source.SetSpacing(model_grid.spacing)
+        source.SetOrigin(model_grid.origin)
+        source.SetDirection(model_grid.direction.flatten().tolist())
+        sources.append(source)
+    slab = max(1, min(nk, SLAB_VOXELS // max(1, nj * ni)))
+    slice_step = target.direction[:, 2] * target.spacing[2]
+    identity = sitk.Transform()
+    for start in range(0, nk, slab):
+        if cancel:
+            cancel.check()
+        stop = min(nk, start + slab)
+        reference = sitk.Image([ni, nj, stop - start], sitk.sitkUInt8)
+        reference.SetSpacing(target.spacing)
+        reference.SetOrigin(tuple(np.asarray(target.origin) + start * slice_step))
+        reference.SetDirection(target.direction.flatten().tolist())
+        # Outside the model grid (it covers the input, so only rounding at the very edge) counts as background.
+        best = None
+        best_index = np.zeros((stop - start, nj, ni), dtype=np.uint8)
+        for channel, source in enumerate(sources):
+            default = 1.0 if values[channel] == 0 else 0.0
+            score = sitk.GetArrayFromImage(
+                sitk.Resample(source, reference, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+            )
+            if best is None:
+                best = score
+            else:
+                better = score > best
+                best_index[better] = channel
+                np.maximum(best, score, out=best)
+            del score
+        labels[start:stop] = values[best_index]
+        progress(stop / nk, f"labels for slices {start}-{stop - 1} of {nk}")
+    return labels
+
+
+def _foreground_box(labels: np.ndarray) -> Optional[Tuple[slice, ...]]:
+    """The bounding box of the non-zero voxels grown by one voxel, or None when there are none."""
+    box = []
+    for axis in range(labels.ndim):
+        others = tuple(a for a in range(labels.ndim) if a != axis)
+        present = np.flatnonzero(labels.any(axis=others))
+        if present.size == 0:
+            return None
+        box.append(slice(max(0, int(present[0]) - 1), min(labels.shape[axis], int(present[-1]) + 2)))
+    return tuple(box)
 
 
 def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
-    """Keep each label's largest connected component and/or fill its holes, as the package asks."""
+    """Keep each label's largest connected component and/or fill its holes, as the package asks.
+
+    Works in place on the bounding box of the foreground (grown by one voxel, so background surrounds
+    every label there exactly as in the whole volume); returns ``labels``.
+    """
     from scipy import ndimage
 
     largest = bool(options.get("largest_component", False))
     fill = bool(options.get("fill_holes", False))
     if not (largest or fill):
         return labels
-    for value in np.unique(labels):
+    box = _foreground_box(labels)
+    if box is None:
+        return labels
+    view = labels[box]  # a view: edits land in `labels`
+    for value in np.unique(view):
         if value == 0:
             continue
-        mask = labels == value
+        mask = view == value
         if largest:
             components, count = ndimage.label(mask)
             if count > 1:
                 sizes = np.bincount(components.ravel())
                 sizes[0] = 0
                 keep = components == int(np.argmax(sizes))
-                labels[mask & ~keep] = 0
+                view[mask & ~keep] = 0
                 mask = keep
+            del components
         if fill:
             filled = ndimage.binary_fill_holes(mask)
-            labels[filled & (labels == 0)] = value
+            view[filled & (view == 0)] = value
     return labels
 
 
@@ -150,53 +300,54 @@ def segment_image(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> SegmentationResult:
-    """Segment ``image`` with ``package``; the labelmap lies exactly on ``image``'s grid."""
+    """Segment ``image`` with ``package``; the labelmap lies exactly on ``image``'s grid.
+
+    Raises:
+        InputError: the image is not a finite 3D volume, or its modality is not the model's.
+        ModelError: the model is not a segmentation model or cannot take one channel.
+        Cancelled: ``cancel`` was set.
+    """
     progress = progress or no_progress
     device = select_device(device)
-    check_input(image, package)
+    configure_threads()
     spec = package.spec
     if spec.task != "segmentation":
         raise ModelError(f"model '{spec.name}' is a {spec.task} model, not a segmentation model", package.path)
+    check_input(image, package)
     timings: Dict[str, float] = {}
 
     started = time.perf_counter()
     progress(0.02, "resampling to the model grid")
     model_image = to_model_grid(image, spec.target_spacing)
+    model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
     timings["preprocess"] = time.perf_counter() - started
     if cancel:
         cancel.check()
 
     started = time.perf_counter()
     tta = bool(spec.inference.get("tta_flips", False)) if tta is None else tta
-    probabilities = predict_probabilities(model_image, package, device, tta, scaled(progress, 0.1, 0.85), cancel)
+    windows = [0]
+    probabilities = predict_probabilities(
+        model_image, package, device, tta, scaled(progress, 0.1, 0.85), cancel, normalized=True, counter=windows
+    )
     timings["forward"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    progress(0.88, "resampling probabilities to the input grid")
-    best_score = None
-    labels = np.zeros(image.array.shape, dtype=np.uint8 if max(lb.value for lb in spec.labels) < 256 else np.uint16)
-    for channel, label in enumerate(spec.labels):
-        if cancel:
-            cancel.check()
-        score = resample_to_grid(model_image.with_array(probabilities[channel]), image, "linear").array
-        if best_score is None:
-            best_score = score
-            labels[:] = label.value
-        else:
-            better = score > best_score
-            best_score[better] = score[better]
-            labels[better] = label.value
-        del score
-    del best_score, probabilities
+    progress(0.86, "resampling probabilities to the input grid")
+    label_values = [label.value for label in spec.labels]
+    labels = probabilities_to_labels(
+        probabilities, model_image, image, label_values, scaled(progress, 0.86, 0.95), cancel
+    )
+    del probabilities
     labels = postprocess_labelmap(labels, spec.postprocess)
     timings["postprocess"] = time.perf_counter() - started
     progress(0.98, "done")
 
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=max(lb.value for lb in spec.labels) + 1)
+    counts = np.bincount(labels.ravel(), minlength=max(label_values) + 1)
     volumes = {lb.name: float(counts[lb.value]) * voxel_ml for lb in spec.foreground_labels}
     labelmap = image.with_array(labels, model=spec.name, model_version=spec.version)
-    return SegmentationResult(labelmap=labelmap, timings=timings, label_volumes_ml=volumes)
+    return SegmentationResult(labelmap=labelmap, timings=timings, label_volumes_ml=volumes, windows=windows[0])
 
 
 def segment_file(
@@ -209,31 +360,46 @@ def segment_file(
     cancel: Optional[CancelToken] = None,
     force_modality: bool = False,
 ) -> Dict:
-    """Read, segment and write one volume; returns a JSON-able summary with a timing split."""
+    """Read, segment and write one volume; returns a JSON-able summary with a timing split.
+
+    The output is written to a temporary name and renamed, so a failure or cancellation leaves no
+    partial file. ``timings_s`` splits the time into load_model, read, preprocess, forward, postprocess
+    and write (seconds).
+    """
     progress = progress or no_progress
     started = time.perf_counter()
     package = model if isinstance(model, ModelPackage) else load_model(model)
     load_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
+    progress(0.0, f"reading {Path(input_path).name}")
     image = read_image(input_path)
     if force_modality:
         image.metadata["force"] = True
     read_seconds = time.perf_counter() - started
 
+    device = select_device(device)
     result = segment_image(image, package, device, tta, scaled(progress, 0.05, 0.95), cancel)
+    del image  # the labelmap keeps the geometry; the input's voxels are not needed for writing
     if cancel:
         cancel.check()
     started = time.perf_counter()
+    progress(0.96, "writing the labelmap")
     written = write_image(result.labelmap, output_path)
-    timings = {"load_model": load_seconds, "read": read_seconds, **result.timings,
-               "write": time.perf_counter() - started}
+    timings = {
+        "load_model": load_seconds,
+        "read": read_seconds,
+        **result.timings,
+        "write": time.perf_counter() - started,
+    }
     progress(1.0, f"wrote {Path(written).name}")
     return {
         "input": str(input_path),
         "output": str(written),
         "model": package.spec.name,
         "model_version": package.spec.version,
+        "device": device,
+        "windows": result.windows,
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},

@@ -15,15 +15,21 @@ import SimpleITK as sitk
 from meddl.errors import InputError
 from meddl.io import Image, image_from_sitk, image_to_sitk
 
-__all__ = ["model_grid", "resample_to_grid", "to_model_grid", "normalize_intensity"]
+__all__ = ["model_grid", "reference_grid", "resample_to_grid", "to_model_grid", "normalize_intensity"]
 
 
 def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
     """An empty LPS-aligned grid at ``spacing`` covering ``image``'s physical extent (voxel edges included)."""
     spacing = np.asarray(spacing if spacing is not None else image.spacing, dtype=np.float64)
     size_ijk = np.asarray(image.size, dtype=np.float64)
-    corners_index = np.array([[x, y, z] for x in (-0.5, size_ijk[0] - 0.5) for y in (-0.5, size_ijk[1] - 0.5)
-                              for z in (-0.5, size_ijk[2] - 0.5)])
+    corners_index = np.array(
+        [
+            [x, y, z]
+            for x in (-0.5, size_ijk[0] - 0.5)
+            for y in (-0.5, size_ijk[1] - 0.5)
+            for z in (-0.5, size_ijk[2] - 0.5)
+        ]
+    )
     corners = (image.direction @ (corners_index * np.asarray(image.spacing)).T).T + np.asarray(image.origin)
     low, high = corners.min(axis=0), corners.max(axis=0)
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
@@ -31,15 +37,31 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
     return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), np.eye(3))
 
 
-def resample_to_grid(image: Image, grid: Image, interpolation: str = "linear", default: float = 0.0) -> Image:
-    """Resample ``image`` onto ``grid``'s voxels in physical space ("linear" or "nearest")."""
-    interpolator = sitk.sitkNearestNeighbor if interpolation == "nearest" else sitk.sitkLinear
-    source = image_to_sitk(image if interpolation == "nearest" else image.with_array(image.array.astype(np.float32)))
+def reference_grid(grid: Image) -> sitk.Image:
+    """A SimpleITK image with ``grid``'s geometry, for use as a resampling reference.
+
+    ITK only reads the geometry of a reference image, so a one-voxel pixel buffer would do; SimpleITK
+    wants the size, though, and a uint8 buffer is the cheapest way to carry it.
+    """
     reference = sitk.Image([int(n) for n in grid.size], sitk.sitkUInt8)
     reference.SetSpacing(grid.spacing)
     reference.SetOrigin(grid.origin)
     reference.SetDirection(grid.direction.flatten().tolist())
-    result = sitk.Resample(source, reference, sitk.Transform(), interpolator, float(default), source.GetPixelID())
+    return reference
+
+
+def resample_to_grid(image: Image, grid: Image, interpolation: str = "linear", default: float = 0.0) -> Image:
+    """Resample ``image`` onto ``grid``'s voxels in physical space ("linear" or "nearest").
+
+    Linear interpolation returns float32 and nearest keeps the input's dtype. The input is handed to ITK
+    as it is (no float copy of a large int16 CT first): ITK interpolates in double and writes float32.
+    """
+    linear = interpolation != "nearest"
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    source = image_to_sitk(image)
+    output_type = sitk.sitkFloat32 if linear else source.GetPixelID()
+    result = sitk.Resample(source, reference_grid(grid), sitk.Transform(), interpolator, float(default), output_type)
+    del source
     resampled = image_from_sitk(result)
     resampled.metadata = dict(image.metadata)
     return resampled
@@ -50,8 +72,10 @@ def to_model_grid(image: Image, spacing: Optional[Sequence[float]], interpolatio
     grid = model_grid(image, spacing)
     voxels = grid.array.size
     if voxels > 512**3:
-        raise InputError(f"the model grid would have {voxels} voxels; the volume's extent or spacing is implausible",
-                         image.metadata.get("source"))
+        raise InputError(
+            f"the model grid would have {voxels} voxels; the volume's extent or spacing is implausible",
+            image.metadata.get("source"),
+        )
     default = float(np.min(image.array)) if interpolation == "linear" else 0.0
     return resample_to_grid(image, grid, interpolation, default)
 
