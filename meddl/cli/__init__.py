@@ -27,6 +27,10 @@ COMMAND_MODULES = [
     "meddl.cli.segment",
     "meddl.cli.train",
     "meddl.cli.evaluate",
+    "meddl.cli.models",
+    "meddl.cli.correct",
+    "meddl.cli.update",
+    "meddl.cli.audit",
 ]
 
 
