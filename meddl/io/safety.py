@@ -457,10 +457,13 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
     if header_class is None:
         raise InputError("not a NIfTI file (header size field is neither 348 nor 540)", path)
     try:
-        header = header_class.from_fileobj(io.BytesIO(raw), check=True)
+        # check=False: nibabel's checks silently "fix" bad fields (zero pixdim becomes 1) and log about it;
+        # the fields are checked here instead, as stored.
+        header = header_class.from_fileobj(io.BytesIO(raw), check=False)
         shape = header.get_data_shape()
         dtype = header.get_data_dtype()
-        zooms = header.get_zooms()
+        # Some old writers store negative pixdims (a flip); the geometry comes from qform/sform either way.
+        zooms = [abs(float(z)) for z in header["pixdim"][1 : 1 + min(3, len(shape))]]
         offset = int(header.get_data_offset())
         magic = bytes(header["magic"]).rstrip(b"\0")
     except Exception as error:  # noqa: BLE001 - nibabel raises several types for malformed headers
