@@ -1,0 +1,723 @@
+"""MedDL Segment: segment a volume with a packaged MONAI model, correct it in the Segment Editor, teach the model.
+
+The GUI process never imports torch or MONAI: the engine runs in a long-lived worker process
+(``python -m meddl.worker`` under Slicer's ``PythonSlicer``) driven through ``meddl.client``. Everything that
+touches MRML but not Qt lives in ``MedDLSegmentLib`` (tested headless with slicer-core); this file is the thin
+Qt layer and the console API (:class:`MedDLSegmentLogic`).
+
+Python console::
+
+    logic = slicer.util.getModuleLogic("MedDLSegment")
+    seg = logic.segment(slicer.util.getNode("MRHead"))            # default model, blocks, GUI stays live
+    summary = logic.segmentFolder("/data/in", "/data/out", model="/models/brain")
+"""
+
+import logging
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = Path(__file__).resolve().parent
+
+
+def _addImportPaths() -> None:
+    """Put MedDLSegmentLib's folder and the engine (``meddl``) on sys.path (source checkout or installed build)."""
+    candidates = [MODULE_DIR, MODULE_DIR.parent, MODULE_DIR.parent.parent]
+    for folder in candidates:
+        if (folder / "meddl" / "__init__.py").is_file() and str(folder) not in sys.path:
+            sys.path.append(str(folder))
+            break
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.append(str(MODULE_DIR))
+
+
+_addImportPaths()
+
+from MedDLSegmentLib import batch, engine, models, nodes  # noqa: E402
+
+logger = logging.getLogger("MedDLSegment")
+FINISHED_STATES = ("done", "failed", "cancelled")
+
+
+#
+# MedDLSegment
+#
+
+
+class MedDLSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedDL Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerMedDL contributors"]
+        self.parent.helpText = (
+            "Segment a volume with a deep-learning model (PyTorch/MONAI) running in a background worker, "
+            "correct the result in the Segment Editor and submit the correction so the model can learn from it. "
+            "The Python console API is MedDLSegmentLogic: segment(volumeNode) and segmentFolder(input, output)."
+        )
+        self.parent.acknowledgementText = (
+            "Built on MONAI and PyTorch. Bundled models are trained on public templates (see each model card)."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedDLSegmentParameterNode:
+    """What the module works on; saved with the scene.
+
+    inputVolume: the volume to segment.
+    outputSegmentation: where the result goes (a new node when None).
+    modelPath: the selected model package or model home.
+    useTTA: average the prediction over flipped inputs.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelPath: str = ""
+    useTTA: bool = False
+
+
+#
+# Widget
+#
+
+
+class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._onJobFinished = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDLSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedDLSegmentLogic()
+
+        self.ui.modelFolderPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.setValue(0)
+
+        # The worker is polled from the GUI thread: replies are applied a few times a second, nothing blocks.
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", self.onPollWorker)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.addModelButton.connect("clicked(bool)", self.onAddModelButton)
+        self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.editButton.connect("clicked(bool)", self.onEditButton)
+        self.ui.submitCorrectionButton.connect("clicked(bool)", self.onSubmitCorrectionButton)
+        self.ui.teachButton.connect("clicked(bool)", self.onTeachButton)
+
+        tooOld = engine.python_too_old(sys.version_info[:2])
+        self.ui.requirementsLabel.text = tooOld or ""
+        self.ui.requirementsLabel.visible = bool(tooOld)
+
+        self.refreshModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[MedDLSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._selectModelInCombo(self._parameterNode.modelPath)
+        self._updateButtons()
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def refreshModels(self) -> None:
+        current = self._parameterNode.modelPath if self._parameterNode else ""
+        combo = self.ui.modelSelector
+        combo.blockSignals(True)
+        combo.clear()
+        for entry in self.logic.availableModels():
+            combo.addItem(entry.title, str(entry.path))
+        combo.blockSignals(False)
+        if combo.count == 0:
+            combo.addItem("(no model found: add a model folder)", "")
+        self._selectModelInCombo(current)
+        self.onModelChanged()
+
+    def _selectModelInCombo(self, path: str) -> None:
+        index = self.ui.modelSelector.findData(path) if path else -1
+        if index >= 0:
+            self.ui.modelSelector.setCurrentIndex(index)
+
+    def onModelChanged(self, index: int = -1) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = self.ui.modelSelector.currentData or ""
+        self._updateButtons()
+
+    def onAddModelButton(self) -> None:
+        folder = self.ui.modelFolderPathLineEdit.currentPath
+        with slicer.util.tryWithErrorDisplay("Cannot add this model folder.", waitCursor=True):
+            added = self.logic.addModelFolder(folder)
+            self.refreshModels()
+            if added:
+                self._selectModelInCombo(str(added[0].path))
+            self.ui.modelFolderPathLineEdit.addCurrentPathToHistory()
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _updateButtons(self, caller=None, event=None) -> None:
+        busy = self._job is not None
+        node = self._parameterNode
+        ready = bool(node and node.inputVolume and node.modelPath) and not engine.python_too_old(sys.version_info[:2])
+        self.ui.segmentButton.enabled = ready and not busy
+        self.ui.segmentButton.toolTip = (
+            "Segment the input volume with the selected model." if ready else "Select an input volume and a model."
+        )
+        self.ui.cancelButton.enabled = busy
+        hasOutput = bool(node and node.outputSegmentation)
+        self.ui.editButton.enabled = hasOutput and not busy
+        self.ui.submitCorrectionButton.enabled = hasOutput and not busy
+        self.ui.teachButton.enabled = bool(node and node.modelPath) and not busy
+
+    def _setStatus(self, fraction: Optional[float], message: str) -> None:
+        if fraction is not None:
+            self.ui.progressBar.setValue(int(round(100 * fraction)))
+        self.ui.statusLabel.text = message
+
+    def _ensureWorker(self) -> bool:
+        """Check dependencies once, offer to install them, start the worker; False when it cannot run."""
+        tooOld = engine.python_too_old(sys.version_info[:2])
+        if tooOld:
+            slicer.util.errorDisplay(tooOld)
+            return False
+        if not self.logic.dependenciesReady:
+            self._setStatus(0, "Checking torch and MONAI in Slicer's Python...")
+            slicer.app.processEvents()
+            with slicer.util.tryWithErrorDisplay("Cannot check the engine's dependencies.", waitCursor=True):
+                missing = self.logic.missingDependencies()
+            if missing:
+                question = (
+                    "MedDL needs these Python packages in Slicer's Python:\n\n  "
+                    + "\n  ".join(missing)
+                    + "\n\nInstall them now? This downloads about 1-3 GB and can take several minutes. "
+                    "Slicer's own numpy is kept."
+                )
+                if not slicer.util.confirmOkCancelDisplay(question, "MedDL: install dependencies"):
+                    self._setStatus(0, "The engine's dependencies are not installed.")
+                    return False
+                self._setStatus(0, "Installing dependencies (see the Python console for details)...")
+                slicer.app.processEvents()
+                try:
+                    with slicer.util.WaitCursor():
+                        self.logic.installDependencies(missing)
+                except RuntimeError as error:
+                    slicer.util.errorDisplay(str(error), windowTitle="MedDL: installation failed")
+                    self._setStatus(0, "Installation failed.")
+                    return False
+        if not self.logic.workerRunning:
+            self._setStatus(0, "Starting the engine (first time only)...")
+            slicer.app.processEvents()
+            with slicer.util.tryWithErrorDisplay("Cannot start the MedDL engine.", waitCursor=True):
+                hello = self.logic.startWorker()
+            self.ui.deviceLabel.text = engine.describe_worker(hello)
+        return True
+
+    # -- running jobs ---------------------------------------------------------------------------------------
+    def _runJob(self, job, onFinished: Callable) -> None:
+        self._job = job
+        self._onJobFinished = onFinished
+        self._setStatus(0, job.message)
+        self._pollTimer.start()
+        self._updateButtons()
+
+    def onPollWorker(self) -> None:
+        job = self._job
+        if job is None:
+            self._pollTimer.stop()
+            return
+        try:
+            self.logic.pollWorker()
+        except Exception as error:  # the timer must keep the GUI alive whatever happens
+            logger.exception("polling the worker failed")
+            self._setStatus(None, f"Polling the engine failed: {error}")
+        if job.state == "queued" and job.queue_position:
+            self._setStatus(job.progress, f"Waiting: {job.queue_position} job(s) ahead")
+        else:
+            self._setStatus(job.progress, job.message)
+        if job.state not in FINISHED_STATES:
+            return
+        self._pollTimer.stop()
+        self._job = None
+        finished, self._onJobFinished = self._onJobFinished, None
+        try:
+            if job.state == "done":
+                finished(job)
+            elif job.state == "cancelled":
+                self._setStatus(0, "Cancelled.")
+            else:
+                self._setStatus(0, f"Failed: {job.error}")
+                slicer.util.errorDisplay(str(job.error), windowTitle="MedDL")
+        except Exception as error:
+            logger.exception("finishing job %s failed", job.id)
+            self._setStatus(0, f"Failed: {error}")
+            slicer.util.errorDisplay(str(error), windowTitle="MedDL")
+        finally:
+            self._updateButtons()
+
+    def onSegmentButton(self) -> None:
+        node = self._parameterNode
+        if not self._ensureWorker():
+            return
+        volume, model = node.inputVolume, node.modelPath
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+            job = self.logic.startSegment(volume, model, tta=node.useTTA)
+            self._runJob(job, lambda finishedJob: self._onSegmentDone(finishedJob, volume, model))
+
+    def _onSegmentDone(self, job, volume, model: str) -> None:
+        node = self._parameterNode
+        segmentation = self.logic.finishSegment(job, volume, model, node.outputSegmentation if node else None)
+        if node:
+            node.outputSegmentation = segmentation
+        slicer.util.setSliceViewerLayers(background=volume)
+        seconds = job.result.get("timings_s", {}).get("total")
+        volumes = job.result.get("label_volumes_ml", {})
+        summary = ", ".join(f"{name} {ml:.1f} ml" for name, ml in volumes.items())
+        self._setStatus(1.0, f"Done{f' in {seconds:.1f} s' if seconds else ''}: {summary}")
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self.logic.cancel(self._job)
+            self._setStatus(None, "Cancelling...")
+
+    def onEditButton(self) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot open the Segment Editor.", waitCursor=True):
+            segmentation = node.outputSegmentation
+            volume = nodes.result_provenance(slicer.mrmlScene, segmentation)["volume"] or node.inputVolume
+            self.logic.openSegmentEditor(segmentation, volume)
+
+    def onSubmitCorrectionButton(self) -> None:
+        node = self._parameterNode
+        if not self._ensureWorker():
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot submit the correction.", waitCursor=True):
+            job = self.logic.startSubmitCorrection(node.outputSegmentation, node.inputVolume, node.modelPath)
+            self._runJob(job, self._onCorrectionDone)
+
+    def _onCorrectionDone(self, job) -> None:
+        result = job.result or {}
+        pending = result.get("pending_corrections", result.get("count"))
+        self._setStatus(
+            1.0,
+            "Correction saved" + (f" ({pending} waiting for the next update)." if pending is not None else "."),
+        )
+
+    def onTeachButton(self) -> None:
+        node = self._parameterNode
+        if not self._ensureWorker():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+            "Fine-tune the model on the submitted corrections? The new version replaces the current one only if "
+            "it passes its validation gate; this runs in the background and can take minutes.",
+            "MedDL: teach the model",
+        ):
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot start the model update.", waitCursor=True):
+            job = self.logic.startTeach(node.modelPath)
+            self._runJob(job, self._onTeachDone)
+
+    def _onTeachDone(self, job) -> None:
+        result = job.result or {}
+        decision = result.get("decision") or result.get("status") or "finished"
+        self._setStatus(1.0, f"Model update {decision}.")
+        self.refreshModels()
+
+
+#
+# Logic
+#
+
+
+class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
+    """The Python-console API of MedDL Segment (no GUI needed).
+
+    Every request goes to one shared background worker (``meddl.worker``), started on first use. Blocking
+    methods (``segment``, ``segmentFolder``, ``submitCorrection``, ``teach``) keep Slicer responsive by
+    processing GUI events while they wait; the widget uses the ``start*`` / ``finish*`` pairs instead.
+    """
+
+    TASK = "segmentation"
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.extraModelFolders: List[Path] = []
+        self.dependenciesReady = False
+        self._workDirectory: Optional[Path] = None
+
+    def getParameterNode(self) -> MedDLSegmentParameterNode:
+        return MedDLSegmentParameterNode(super().getParameterNode())
+
+    # -- models -----------------------------------------------------------------------------------------
+    def modelFolders(self) -> List[Path]:
+        """Where models are looked for: the extension's bundled models, then folders the user added."""
+        bundled = [MODULE_DIR / "Resources" / "models"]
+        root = engine.find_engine_root(MODULE_DIR)
+        if root is not None:
+            bundled.append(root / "Resources" / "models")
+        return bundled + list(self.extraModelFolders)
+
+    def availableModels(self) -> List[models.ModelEntry]:
+        return models.discover_models(self.modelFolders(), task=self.TASK)
+
+    def addModelFolder(self, folder: str) -> List[models.ModelEntry]:
+        """Add a model package, model home, or folder of them; returns the models it holds (ValueError if none)."""
+        path = Path(folder).expanduser()
+        found = models.discover_models([path], task=self.TASK)
+        if not found:
+            raise ValueError(f"{path}: no {self.TASK} model (folder with model.json, or a model home) found there")
+        if path not in self.extraModelFolders:
+            self.extraModelFolders.append(path)
+        return found
+
+    def resolveModel(self, model: Optional[str] = None) -> str:
+        """``model`` as a path; the first available model when None."""
+        if model:
+            return str(Path(model).expanduser())
+        available = self.availableModels()
+        if not available:
+            raise ValueError(f"no {self.TASK} model found in {', '.join(str(f) for f in self.modelFolders())}")
+        return str(available[0].path)
+
+    # -- engine and worker ------------------------------------------------------------------------------
+    def workDirectory(self) -> Path:
+        """A per-session folder for the files exchanged with the worker."""
+        if self._workDirectory is None:
+            self._workDirectory = Path(tempfile.mkdtemp(prefix="MedDL-"))
+        return self._workDirectory
+
+    def missingDependencies(self) -> List[str]:
+        """pip requirements missing from the worker's Python (checked in a subprocess; torch is never imported
+        in the GUI process)."""
+        report = engine.check_dependencies(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
+        missing = engine.missing_requirements(report)
+        self.dependenciesReady = not missing
+        return missing
+
+    def installDependencies(self, missing: List[str]) -> None:
+        """Install ``missing`` into Slicer's Python without changing Slicer's numpy.
+
+        torch comes from the PyTorch Utils extension when it is installed (it picks the CUDA build that fits the
+        driver); everything else from ``slicer.util.pip_install`` with numpy pinned by a constraint file.
+
+        Raises:
+            RuntimeError: offline, or pip failed (the message says how to install by hand).
+        """
+        manual = "PythonSlicer -m pip install " + " ".join(f'"{r}"' for r in missing)
+        if not _pypiReachable():
+            raise RuntimeError(
+                "Cannot reach pypi.org, so the dependencies cannot be installed now. Connect to the internet and "
+                f"retry, or install them by hand from a shell:\n{manual}"
+            )
+        requirements = list(missing)
+        torchRequirement = next((r for r in requirements if r.startswith("torch")), None)
+        if torchRequirement:
+            try:
+                import PyTorchUtils  # the PyTorch extension; chooses the right CUDA build
+            except ImportError:
+                PyTorchUtils = None
+            if PyTorchUtils is not None:
+                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+                requirements.remove(torchRequirement)
+        import numpy
+
+        constraints = self.workDirectory() / "numpy-constraint.txt"
+        arguments = engine.pip_install_arguments(requirements, numpy.__version__, constraints)
+        try:
+            if requirements:
+                slicer.util.pip_install(arguments)
+        except Exception as error:
+            raise RuntimeError(f"Installing failed ({error}). Install by hand from a shell:\n{manual}") from None
+        if self.missingDependencies():
+            raise RuntimeError(f"Some packages are still missing after installing. Install by hand:\n{manual}")
+
+    @property
+    def workerRunning(self) -> bool:
+        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
+        return client.alive
+
+    def startWorker(self) -> Dict:
+        """Start the shared worker (blocks until it is ready, a few seconds on first use); returns its hello."""
+        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
+        return client.start()
+
+    def _client(self):
+        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
+        if not client.alive:
+            client.start()
+        return client
+
+    def pollWorker(self) -> None:
+        self._client().poll()
+
+    def cancel(self, job) -> None:
+        self._client().cancel(job)
+
+    def wait(self, job, progress: Optional[Callable[[float, str], None]] = None) -> Dict:
+        """Wait for ``job`` while Slicer keeps repainting; returns its result or raises its error."""
+        client = self._client()
+        while not job.done:
+            client.poll(0.05)
+            slicer.app.processEvents()
+            if progress:
+                progress(job.progress, job.message)
+        if job.state != "done":
+            raise job.error or RuntimeError(f"{job.method} ended in state {job.state}")
+        return job.result or {}
+
+    # -- segmentation -----------------------------------------------------------------------------------
+    def startSegment(self, volumeNode, model: Optional[str] = None, tta: Optional[bool] = None):
+        """Write ``volumeNode`` for the worker and submit ``segment``; returns the job (see :meth:`finishSegment`)."""
+        if volumeNode is None:
+            raise ValueError("no input volume selected")
+        model = self.resolveModel(model)
+        folder = Path(tempfile.mkdtemp(prefix="segment-", dir=str(self.workDirectory())))
+        inputPath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "input.nrrd")
+        params = {"model": model, "input": str(inputPath), "output": str(folder / "prediction.nrrd"), "tta": tta}
+        return self._client().submit("segment", params)
+
+    def finishSegment(self, job, volumeNode, model: Optional[str] = None, segmentationNode=None):
+        """Import a finished ``segment`` job's labelmap as a segmentation on ``volumeNode``'s exact geometry."""
+        result = job.result or {}
+        model = self.resolveModel(model)
+        labels = _labelsFrom(result) or models.read_model(model).labels
+        name = f"{volumeNode.GetName()} {result.get('model', 'MedDL')} segmentation"
+        segmentation = nodes.import_labelmap_file(
+            slicer.mrmlScene,
+            slicer.modules.segmentations.logic(),
+            result["output"],
+            volumeNode,
+            labels,
+            segmentationNode,
+            name=None if segmentationNode is not None else name,
+        )
+        nodes.tag_result(segmentation, model, volumeNode, result["output"])
+        segmentation.CreateClosedSurfaceRepresentation()
+        return segmentation
+
+    def segment(self, volumeNode, model: Optional[str] = None, progress=None, segmentationNode=None, tta=None):
+        """Segment ``volumeNode`` and return the segmentation node (segments named and coloured by the model).
+
+        Args:
+            volumeNode: a scalar volume node.
+            model: a model package or model home folder; the first bundled model when None.
+            progress: optional ``progress(fraction, message)`` callback.
+            segmentationNode: reuse this node (its segments are replaced); a new node when None.
+            tta: test-time flips (None: the model's default).
+        """
+        job = self.startSegment(volumeNode, model, tta)
+        self.wait(job, progress)
+        return self.finishSegment(job, volumeNode, model, segmentationNode)
+
+    def segmentFolder(self, inputFolder: str, outputFolder: str, model: Optional[str] = None, progress=None) -> Dict:
+        """Segment every volume (NRRD, NIfTI, MetaImage, DICOM series folder) of ``inputFolder`` into
+        ``outputFolder/<name>_seg.nrrd``; returns ``{"done": [...], "failed": [...], ...}``. Nothing is loaded into
+        the scene: the worker reads and writes the files."""
+        model = self.resolveModel(model)
+
+        def segmentOne(inputPath: Path, outputPath: Path) -> Dict:
+            job = self._client().submit("segment", {"model": model, "input": str(inputPath), "output": str(outputPath)})
+            return self.wait(job)
+
+        summary = batch.segment_folder(segmentOne, inputFolder, outputFolder, progress=progress)
+        summary["model"] = model
+        return summary
+
+    # -- correction and teaching ------------------------------------------------------------------------
+    def startSubmitCorrection(
+        self, segmentationNode, volumeNode=None, model: Optional[str] = None, site: str = "default"
+    ):
+        """Export the edited segmentation and its volume to files and submit them as a correction."""
+        if segmentationNode is None:
+            raise ValueError("no segmentation selected")
+        provenance = nodes.result_provenance(slicer.mrmlScene, segmentationNode)
+        volumeNode = provenance["volume"] or volumeNode
+        model = provenance["model"] or self.resolveModel(model)
+        if volumeNode is None:
+            raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no source volume")
+        folder = self.workDirectory() / "corrections" / time.strftime("%Y%m%d-%H%M%S")
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = models.read_model(model).labels
+        imagePath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "image.nrrd", compress=True)
+        labelmapPath = folder / "labelmap.nrrd"
+        nodes.export_correction_file(
+            slicer.mrmlScene, slicer.modules.segmentations.logic(), segmentationNode, volumeNode, labels, labelmapPath
+        )
+        params = {"model": model, "image": str(imagePath), "labelmap": str(labelmapPath), "site": site}
+        if provenance["prediction"]:
+            params["prediction"] = provenance["prediction"]
+        return self._client().submit("submit_correction", params)
+
+    def submitCorrection(
+        self, segmentationNode, volumeNode=None, model: Optional[str] = None, site: str = "default"
+    ) -> Dict:
+        """Blocking :meth:`startSubmitCorrection`; returns the engine's receipt."""
+        return self.wait(self.startSubmitCorrection(segmentationNode, volumeNode, model, site))
+
+    def startTeach(self, model: Optional[str] = None, maxSeconds: Optional[float] = None):
+        """Submit a continual-learning ``update`` of a model home (runs beside inference in the worker)."""
+        params = {"model": self.resolveModel(model)}
+        if maxSeconds:
+            params["max_seconds"] = float(maxSeconds)
+        return self._client().submit("update", params)
+
+    def teach(self, model: Optional[str] = None, progress=None, maxSeconds: Optional[float] = None) -> Dict:
+        """Blocking :meth:`startTeach`; returns the update's decision."""
+        return self.wait(self.startTeach(model, maxSeconds), progress)
+
+    # -- GUI helpers usable from the console ------------------------------------------------------------
+    def openSegmentEditor(self, segmentationNode, volumeNode) -> None:
+        """Switch to the Segment Editor with ``segmentationNode`` and its source volume selected."""
+        if segmentationNode is None:
+            raise ValueError("no segmentation to edit")
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        if volumeNode is not None:
+            editor.setSourceVolumeNode(volumeNode)
+
+
+def _labelsFrom(result: Dict) -> List[models.ModelLabel]:
+    """Labels the worker reports with a result (the version it actually ran), if any."""
+    labels = result.get("labels") or []
+    return [
+        models.ModelLabel(int(lb["value"]), str(lb["name"]), list(lb.get("color", [0.5, 0.5, 0.5]))) for lb in labels
+    ]
+
+
+def _pypiReachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(("pypi.org", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+#
+# Test
+#
+
+
+class MedDLSegmentTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: segments a sample with a bundled model and checks segments and geometry.
+
+    Needs the engine's dependencies in Slicer's Python; run with "Reload and Test" or ctest.
+    """
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SegmentSampleOnItsGrid()
+
+    def _sampleVolume(self):
+        samples = sorted((MODULE_DIR / "Resources" / "samples").glob("*.nrrd"))
+        root = engine.find_engine_root(MODULE_DIR)
+        if root is not None:
+            samples += sorted((root / "Resources" / "samples").glob("*.nrrd"))
+        if samples:
+            return nodes.read_volume_file(slicer.mrmlScene, samples[0])
+        import SampleData
+
+        return SampleData.downloadSample("MRHead")
+
+    def test_SegmentSampleOnItsGrid(self) -> None:
+        import numpy as np
+
+        self.delayDisplay("Loading a sample volume")
+        volume = self._sampleVolume()
+        logic = MedDLSegmentLogic()
+        available = logic.availableModels()
+        self.assertTrue(available, "the extension ships no segmentation model")
+        entry = available[0]
+        if logic.missingDependencies():
+            self.skipTest("torch/MONAI are not installed in Slicer's Python")
+
+        self.delayDisplay(f"Segmenting with {entry.title}")
+        seen = []
+        segmentation = logic.segment(volume, str(entry.path), progress=lambda f, m: seen.append(f))
+        self.assertTrue(seen and max(seen) > 0.5, "no progress was reported")
+
+        names = [
+            segmentation.GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(segmentation.GetSegmentation().GetNumberOfSegments())
+        ]
+        self.assertEqual(names, [lb.name for lb in entry.labels if lb.value != 0])
+        segLogic = slicer.modules.segmentations.logic()
+        array, counts = nodes.segmentation_to_label_array(
+            slicer.mrmlScene, segLogic, segmentation, volume, entry.labels
+        )
+        self.assertEqual(array.shape, slicer.util.arrayFromVolume(volume).shape)
+        prediction = nodes.read_volume_file(
+            slicer.mrmlScene, nodes.result_provenance(slicer.mrmlScene, segmentation)["prediction"], labelmap=True
+        )
+        np.testing.assert_array_equal(array, slicer.util.arrayFromVolume(prediction))
+        self.delayDisplay(f"Segments {counts} lie on the volume's grid")
