@@ -49,9 +49,14 @@ def oblique_series(tmp_path: Path, source: Path, name: str = "series", modality:
 # --- NIfTI geometry against nibabel ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["fsl_t1_2mm", "nimare", "nibabel_anatomical", "nilearn"])
+def nilearn_stat_map() -> Path:
+    return package_dir("nilearn") / "datasets" / "data" / "image_10426.nii.gz"  # float32, 3 mm
+
+
+@pytest.mark.parametrize("which", ["fsl_t1_2mm", "nimare", "nibabel_anatomical", "nilearn", "nilearn_float"])
 def test_nifti_geometry_and_voxels_match_nibabel(which, request):
-    path = {"nimare": nimare_t1_2mm, "nilearn": nilearn_t1}.get(which, lambda: request.getfixturevalue(which))()
+    named = {"nimare": nimare_t1_2mm, "nilearn": nilearn_t1, "nilearn_float": nilearn_stat_map}
+    path = named.get(which, lambda: request.getfixturevalue(which))()
     image = read_image(path)
     reference = nib.load(path)
     np.testing.assert_allclose(image.affine, LPS_FROM_RAS @ reference.affine, atol=1e-5)
@@ -280,12 +285,13 @@ def test_write_is_atomic_and_refuses_unknown_formats(tmp_path, nibabel_anatomica
 # --- NaN, spacing, 4D -----------------------------------------------------------------------------------
 
 
-def test_nan_voxels_are_kept_by_read_and_refused_for_inference(tmp_path, nibabel_anatomical):
+@pytest.mark.parametrize("suffix", WRITE_SUFFIXES)
+def test_nan_voxels_are_kept_by_read_and_refused_for_inference(tmp_path, nibabel_anatomical, suffix):
     image = read_image(nibabel_anatomical)
     voxels = image.array.astype(np.float32)
     voxels[3, 4, 5] = np.nan
     voxels[0, 0, 0] = np.inf
-    path = write_image(image.with_array(voxels), tmp_path / "nan.nrrd")
+    path = write_image(image.with_array(voxels), tmp_path / f"nan{suffix}")
     back = read_image(path)
     assert np.isnan(back.array[3, 4, 5]) and np.isinf(back.array[0, 0, 0])
     with pytest.raises(InputError) as refused:

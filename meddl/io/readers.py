@@ -131,7 +131,10 @@ def read_image(
             facts = sniff_header(path, file_format)
             if forced:
                 return _read_isolated(path, series_uid, timeout)
-            image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
+            if file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
+                image = _read_float_nifti(path, facts.shape)
+            else:
+                image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
             if facts is not None and tuple(image.size) != tuple(facts.shape):
                 raise InputError(f"decoded size {image.size} differs from the header's {facts.shape}", path)
         elif forced is False:
@@ -163,6 +166,45 @@ def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
     except RuntimeError as error:
         raise InputError(f"cannot read as an image ({_itk_message(error)})", path) from None
     return image_from_sitk(itk_image, path)
+
+
+def _read_float_nifti(path: Path, shape) -> Image:
+    """Float NIfTI: geometry from ITK (as Slicer reads it), voxels from nibabel.
+
+    ITK's NIfTI reader turns NaN voxels into 0 without a word; nibabel keeps them, so that NaN is seen and
+    refused before inference instead of being segmented as background.
+    """
+    import nibabel as nib
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("NiftiImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        nifti = nib.load(str(path))
+        stored = nifti.get_data_dtype()
+        voxels = np.asanyarray(nifti.dataobj)
+    except RuntimeError as error:
+        raise InputError(f"cannot read as an image ({_itk_message(error)})", path) from None
+    except Exception as error:  # noqa: BLE001 - nibabel/zlib raise several types on corrupt data
+        raise InputError(f"cannot read the NIfTI voxels ({' '.join(str(error).split())[:200]})", path) from None
+    if voxels.dtype == np.float64 and stored == np.float32:
+        voxels = voxels.astype(np.float32)
+    array = np.ascontiguousarray(voxels.reshape(tuple(shape), order="F").T)
+    geometry = sitk.Image([1, 1, 1], sitk.sitkUInt8)  # carries the header geometry through the same checks
+    size = list(reader.GetSize())
+    if len(size) > 3:
+        if any(n != 1 for n in size[3:]):
+            check_dimensions(size, path)
+        spacing, origin = reader.GetSpacing()[:3], reader.GetOrigin()[:3]
+        direction = np.asarray(reader.GetDirection()).reshape(len(size), len(size))[:3, :3]
+    else:
+        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), np.asarray(reader.GetDirection())
+    geometry.SetSpacing(check_spacing(spacing, path))
+    geometry.SetOrigin(origin)
+    geometry.SetDirection(np.asarray(direction, dtype=np.float64).ravel().tolist())
+    template = image_from_sitk(geometry, path)
+    return Image(array, template.spacing, template.origin, template.direction)
 
 
 def _itk_message(error: BaseException) -> str:
