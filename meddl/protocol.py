@@ -25,6 +25,7 @@ __all__ = [
     "INFERENCE_METHODS",
     "LONG_METHODS",
     "METHODS",
+    "REQUIRED_PARAMS",
     "EVENTS",
     "ACCEPTED",
     "PROGRESS",
@@ -59,6 +60,15 @@ INFERENCE_METHODS = ("load_model", "segment", "classify", "submit_correction")
 # Long jobs (continual updates) run on their own queue at a lower priority, so inference never waits on them.
 LONG_METHODS = ("update",)
 METHODS = QUICK_METHODS + INFERENCE_METHODS + LONG_METHODS
+# Parameters a request must carry (all path strings, except cancel's job id); checked before a job is queued.
+REQUIRED_PARAMS = {
+    "cancel": ("id",),
+    "load_model": ("model",),
+    "segment": ("model", "input", "output"),
+    "classify": ("model", "input"),
+    "submit_correction": ("model", "image", "labelmap"),
+    "update": ("model",),
+}
 
 ACCEPTED = "accepted"
 PROGRESS = "progress"
@@ -152,6 +162,14 @@ def decode_request(message: Dict[str, Any]) -> tuple:
         params = {}
     if not isinstance(params, dict):
         raise ProtocolError(f"'params' of '{method}' must be an object")
+    for name in REQUIRED_PARAMS.get(method, ()):
+        value = params.get(name)
+        if value is None:
+            raise ProtocolError(f"'{method}' needs the parameter '{name}'")
+        wanted = (str, int) if name == "id" else (str,)
+        if not isinstance(value, wanted) or isinstance(value, bool) or value == "":
+            kind = "a job id" if name == "id" else "a non-empty path string"
+            raise ProtocolError(f"parameter '{name}' of '{method}' must be {kind}")
     return request_id, method, params
 
 

@@ -391,6 +391,8 @@ class Worker:
         jobs = []
         for queue in (self.inference, self.long):
             for job in queue.jobs():
+                if job.state in ("done", "failed", "cancelled"):
+                    continue  # its final reply is out; the queue thread is just clearing it
                 jobs.append(job.describe(queue.position(job)))
         return {
             "pid": os.getpid(),
