@@ -13,9 +13,7 @@ Python console::
 """
 
 import logging
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -50,7 +48,7 @@ def _addImportPaths() -> None:
 
 _addImportPaths()
 
-from MedDLSegmentLib import batch, engine, models, nodes  # noqa: E402
+from MedDLSegmentLib import batch, engine, models, nodes, session  # noqa: E402
 
 logger = logging.getLogger("MedDLSegment")
 FINISHED_STATES = ("done", "failed", "cancelled")
@@ -364,10 +362,11 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onCorrectionDone(self, job) -> None:
         result = job.result or {}
-        pending = result.get("pending_corrections", result.get("count"))
+        changed = result.get("changed_voxels")
         self._setStatus(
             1.0,
-            "Correction saved" + (f" ({pending} waiting for the next update)." if pending is not None else "."),
+            f"Correction {result.get('id', '')} saved"
+            + (f" ({changed} voxels differ from the prediction)." if changed is not None else "."),
         )
 
     def onTeachButton(self) -> None:
@@ -386,8 +385,9 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onTeachDone(self, job) -> None:
         result = job.result or {}
-        decision = result.get("decision") or result.get("status") or "finished"
-        self._setStatus(1.0, f"Model update {decision}.")
+        status = result.get("status", "finished")
+        champion = result.get("champion")
+        self._setStatus(1.0, f"Model update {status}" + (f"; current version {champion}." if champion else "."))
         self.refreshModels()
 
 
@@ -409,8 +409,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.extraModelFolders: List[Path] = []
-        self.dependenciesReady = False
-        self._workDirectory: Optional[Path] = None
+        self.session = session.EngineSession(MODULE_DIR)
 
     def getParameterNode(self) -> MedDLSegmentParameterNode:
         return MedDLSegmentParameterNode(super().getParameterNode())
@@ -447,19 +446,13 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         return str(available[0].path)
 
     # -- engine and worker ------------------------------------------------------------------------------
-    def workDirectory(self) -> Path:
-        """A per-session folder for the files exchanged with the worker."""
-        if self._workDirectory is None:
-            self._workDirectory = Path(tempfile.mkdtemp(prefix="MedDL-"))
-        return self._workDirectory
+    @property
+    def dependenciesReady(self) -> bool:
+        return self.session.dependencies_ready
 
     def missingDependencies(self) -> List[str]:
-        """pip requirements missing from the worker's Python (checked in a subprocess; torch is never imported
-        in the GUI process)."""
-        report = engine.check_dependencies(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
-        missing = engine.missing_requirements(report)
-        self.dependenciesReady = not missing
-        return missing
+        """pip requirements missing from the worker's Python (checked in a subprocess)."""
+        return self.session.missing_dependencies()
 
     def installDependencies(self, missing: List[str]) -> None:
         """Install ``missing`` into Slicer's Python without changing Slicer's numpy.
@@ -468,69 +461,31 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         driver); everything else from ``slicer.util.pip_install`` with numpy pinned by a constraint file.
 
         Raises:
-            RuntimeError: offline, or pip failed (the message says how to install by hand).
+            RuntimeError: offline, or installing failed (the message says how to install by hand).
         """
-        manual = "PythonSlicer -m pip install " + " ".join(f'"{r}"' for r in missing)
-        if not _pypiReachable():
-            raise RuntimeError(
-                "Cannot reach pypi.org, so the dependencies cannot be installed now. Connect to the internet and "
-                f"retry, or install them by hand from a shell:\n{manual}"
-            )
-        requirements = list(missing)
-        torchRequirement = next((r for r in requirements if r.startswith("torch")), None)
-        if torchRequirement:
-            try:
-                import PyTorchUtils  # the PyTorch extension; chooses the right CUDA build
-            except ImportError:
-                PyTorchUtils = None
-            if PyTorchUtils is not None:
-                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-                requirements.remove(torchRequirement)
         import numpy
 
-        constraints = self.workDirectory() / "numpy-constraint.txt"
-        arguments = engine.pip_install_arguments(requirements, numpy.__version__, constraints)
-        try:
-            if requirements:
-                slicer.util.pip_install(arguments)
-        except Exception as error:
-            raise RuntimeError(f"Installing failed ({error}). Install by hand from a shell:\n{manual}") from None
-        if self.missingDependencies():
-            raise RuntimeError(f"Some packages are still missing after installing. Install by hand:\n{manual}")
+        self.session.install_dependencies(
+            missing, slicer.util.pip_install, numpy.__version__, install_torch=_pyTorchUtilsInstaller()
+        )
 
     @property
     def workerRunning(self) -> bool:
-        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
-        return client.alive
+        return self.session.worker_running
 
     def startWorker(self) -> Dict:
         """Start the shared worker (blocks until it is ready, a few seconds on first use); returns its hello."""
-        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
-        return client.start()
-
-    def _client(self):
-        client = engine.shared_client(engine.worker_python(), engine.find_engine_root(MODULE_DIR))
-        if not client.alive:
-            client.start()
-        return client
+        return self.session.start_worker()
 
     def pollWorker(self) -> None:
-        self._client().poll()
+        self.session.poll()
 
     def cancel(self, job) -> None:
-        self._client().cancel(job)
+        self.session.cancel(job)
 
     def wait(self, job, progress: Optional[Callable[[float, str], None]] = None) -> Dict:
         """Wait for ``job`` while Slicer keeps repainting; returns its result or raises its error."""
-        client = self._client()
-        while not job.done:
-            client.poll(0.05)
-            slicer.app.processEvents()
-            if progress:
-                progress(job.progress, job.message)
-        if job.state != "done":
-            raise job.error or RuntimeError(f"{job.method} ended in state {job.state}")
-        return job.result or {}
+        return self.session.wait(job, progress, slicer.app.processEvents)
 
     # -- segmentation -----------------------------------------------------------------------------------
     def startSegment(self, volumeNode, model: Optional[str] = None, tta: Optional[bool] = None):
@@ -538,10 +493,10 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         if volumeNode is None:
             raise ValueError("no input volume selected")
         model = self.resolveModel(model)
-        folder = Path(tempfile.mkdtemp(prefix="segment-", dir=str(self.workDirectory())))
+        folder = self.session.new_job_folder("segment")
         inputPath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "input.nrrd")
         params = {"model": model, "input": str(inputPath), "output": str(folder / "prediction.nrrd"), "tta": tta}
-        return self._client().submit("segment", params)
+        return self.session.submit("segment", params)
 
     def finishSegment(self, job, volumeNode, model: Optional[str] = None, segmentationNode=None):
         """Import a finished ``segment`` job's labelmap as a segmentation on ``volumeNode``'s exact geometry."""
@@ -583,7 +538,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         model = self.resolveModel(model)
 
         def segmentOne(inputPath: Path, outputPath: Path) -> Dict:
-            job = self._client().submit("segment", {"model": model, "input": str(inputPath), "output": str(outputPath)})
+            job = self.session.submit("segment", {"model": model, "input": str(inputPath), "output": str(outputPath)})
             return self.wait(job)
 
         summary = batch.segment_folder(segmentOne, inputFolder, outputFolder, progress=progress)
@@ -602,7 +557,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         model = provenance["model"] or self.resolveModel(model)
         if volumeNode is None:
             raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no source volume")
-        folder = self.workDirectory() / "corrections" / time.strftime("%Y%m%d-%H%M%S")
+        folder = self.session.work_directory() / "corrections" / time.strftime("%Y%m%d-%H%M%S")
         folder.mkdir(parents=True, exist_ok=True)
         labels = models.read_model(model).labels
         imagePath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "image.nrrd", compress=True)
@@ -613,7 +568,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         params = {"model": model, "image": str(imagePath), "labelmap": str(labelmapPath), "site": site}
         if provenance["prediction"]:
             params["prediction"] = provenance["prediction"]
-        return self._client().submit("submit_correction", params)
+        return self.session.submit("submit_correction", params)
 
     def submitCorrection(
         self, segmentationNode, volumeNode=None, model: Optional[str] = None, site: str = "default"
@@ -626,7 +581,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         params = {"model": self.resolveModel(model)}
         if maxSeconds:
             params["max_seconds"] = float(maxSeconds)
-        return self._client().submit("update", params)
+        return self.session.submit("update", params)
 
     def teach(self, model: Optional[str] = None, progress=None, maxSeconds: Optional[float] = None) -> Dict:
         """Blocking :meth:`startTeach`; returns the update's decision."""
@@ -652,12 +607,13 @@ def _labelsFrom(result: Dict) -> List[models.ModelLabel]:
     ]
 
 
-def _pypiReachable(timeout: float = 3.0) -> bool:
+def _pyTorchUtilsInstaller() -> Optional[Callable[[], object]]:
+    """PyTorch Utils' torch installer when the PyTorch extension is installed, else None (pip is used)."""
     try:
-        with socket.create_connection(("pypi.org", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        import PyTorchUtils
+    except ImportError:
+        return None
+    return lambda: PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
 
 
 #

@@ -88,13 +88,19 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    from meddl.client import WorkerClient
+def engine_session():
+    """The modules' engine session (shared worker client) with this interpreter as the worker's Python."""
+    from MedDLSegmentLib import engine, session
 
-    client = WorkerClient(log_path=tmp_path_factory.mktemp("logs") / "worker.log")
-    client.start()
-    yield client
-    client.shutdown()
+    work = session.EngineSession(REPO / "MedDLSegment", python=sys.executable)
+    work.start_worker()
+    yield work
+    engine.shutdown_shared_client()
+
+
+@pytest.fixture(scope="module")
+def worker(engine_session):
+    return engine_session.client()
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +354,29 @@ def test_segment_folder_through_the_worker(worker, model_dir, fsl_t1_2mm, obliqu
         output = sitk.ReadImage(result["output"])
         assert output.GetSize() == source.GetSize()
         assert np.allclose(output.GetOrigin(), source.GetOrigin(), atol=1e-4)
+
+
+def test_session_waits_without_blocking_and_reports_errors(engine_session, model_dir, oblique_volume, tmp_path):
+    """What MedDLSegmentLogic.segment does while it waits: pump GUI events, report progress, raise the worker's
+    one-line error."""
+    from MedDLSegmentLib import engine
+
+    from meddl.errors import InputError
+
+    assert engine.describe_worker(engine_session.client().hello).startswith(("cpu", "cuda"))
+    assert "torch 2." in engine.describe_worker(engine_session.client().hello)
+    pumps, fractions = [], []
+    job = engine_session.submit(
+        "segment", {"model": str(model_dir), "input": str(oblique_volume), "output": str(tmp_path / "p.nrrd")}
+    )
+    result = engine_session.wait(job, progress=lambda f, m: fractions.append(f), process_events=lambda: pumps.append(1))
+    assert Path(result["output"]).is_file()
+    assert pumps, "the GUI was not given a chance to repaint while waiting"
+    assert fractions[-1] == 1.0
+    missing = tmp_path / "nowhere.nrrd"
+    job = engine_session.submit(
+        "segment", {"model": str(model_dir), "input": str(missing), "output": str(tmp_path / "q.nrrd")}
+    )
+    with pytest.raises(InputError, match="nowhere.nrrd"):
+        engine_session.wait(job)
+    assert engine_session.worker_running, "a bad request must not take the worker down"
