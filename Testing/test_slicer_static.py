@@ -138,17 +138,20 @@ def _annotation_problems(tree: ast.AST) -> list:
     return problems
 
 
-@pytest.mark.parametrize("path", list(_module_python_files()), ids=lambda p: str(p.relative_to(REPO)))
-def test_module_code_runs_on_slicer_5_8_python_3_9(path):
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
-    future = any(
+def _has_future_annotations(tree: ast.Module) -> bool:
+    return any(
         isinstance(node, ast.ImportFrom)
         and node.module == "__future__"
         and any(a.name == "annotations" for a in node.names)
         for node in tree.body
     )
-    if not future:
+
+
+@pytest.mark.parametrize("path", list(_module_python_files()), ids=lambda p: str(p.relative_to(REPO)))
+def test_module_code_runs_on_slicer_5_8_python_3_9(path):
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source, filename=str(path), feature_version=(3, 9))
+    if not _has_future_annotations(tree):
         assert not _annotation_problems(tree), f"{path.name}: {_annotation_problems(tree)} fail on Python 3.9"
 
 
@@ -177,13 +180,20 @@ from MedDLSegmentLib import batch, engine, geometry, models, nodes, session
 import meddl.client, meddl.protocol
 labels = [lb.name for lb in models.read_model({str(package)!r}).labels]
 heavy = sorted(m for m in ("torch", "monai", "SimpleITK", "qt", "PySide6", "ctk") if m in sys.modules)
-print(json.dumps({{"labels": labels, "heavy": heavy}}))
+engine_files = sorted(m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "meddl")
+print(json.dumps({{"labels": labels, "heavy": heavy, "engine_files": engine_files}}))
 """
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["labels"] == ["background", "brain"]
     assert report["heavy"] == []
+    # The engine modules Slicer's GUI process loads must run on Slicer 5.8's Python 3.9 as well.
+    assert any(f.endswith("client.py") for f in report["engine_files"])
+    for path in map(Path, report["engine_files"]):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+        if not _has_future_annotations(tree):
+            assert not _annotation_problems(tree), f"{path}: {_annotation_problems(tree)} fail on Python 3.9"
 
 
 def test_engine_requirements_match_pyproject():
