@@ -380,3 +380,29 @@ def test_session_waits_without_blocking_and_reports_errors(engine_session, model
     with pytest.raises(InputError, match="nowhere.nrrd"):
         engine_session.wait(job)
     assert engine_session.worker_running, "a bad request must not take the worker down"
+
+
+def test_classify_heatmap_lands_on_the_volume_node(scene, engine_session, oblique_volume, tmp_path):
+    """MedDLClassify's path without Qt: volume node -> NRRD -> worker ``classify`` -> Grad-CAM map imported as a
+    coloured volume on the node's exact grid; the probability table's classes are the model's."""
+    import torch
+    from MedDLSegmentLib import models, nodes
+
+    from meddl.classify.train import default_classifier_spec
+    from meddl.models import build_network, save_model
+
+    torch.manual_seed(0)
+    spec = default_classifier_spec(["low", "high"], 3, (16, 16, 16), None, name="tiny-cls", widths=(4, 8, 8, 8))
+    model = save_model(spec, build_network(spec), tmp_path / "tiny-cls")
+    volume = nodes.read_volume_file(scene, oblique_volume, name="mri")
+    engine_input = nodes.write_volume_file(scene, volume, tmp_path / "input.nrrd")
+    job = engine_session.submit(
+        "classify", {"model": str(model), "input": str(engine_input), "heatmap_output": str(tmp_path / "cam.nrrd")}
+    )
+    result = engine_session.wait(job)
+    assert sorted(result["probabilities"]) == sorted(label.name for label in models.read_model(model).labels)
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert result["predicted"] == max(result["probabilities"], key=result["probabilities"].get)
+    heatmap = nodes.import_heatmap_file(scene, result["heatmap"], volume, name="mri Grad-CAM")
+    assert heatmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert np.allclose(nodes.ijk_to_ras(heatmap), nodes.ijk_to_ras(volume))
