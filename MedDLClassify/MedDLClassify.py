@@ -141,6 +141,9 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.requirementsLabel.text = tooOld or ""
         self.ui.requirementsLabel.visible = bool(tooOld)
 
+        for folder in _savedModelFolders():
+            if Path(folder).is_dir() and Path(folder) not in self.logic.extraModelFolders:
+                self.logic.extraModelFolders.append(Path(folder))
         self.refreshModels()
         self.initializeParameterNode()
 
@@ -148,6 +151,8 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
+        # Application exit or module reload: stop the worker (a reloaded module may bring a newer engine).
+        engine.shutdown_shared_client()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -222,6 +227,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index >= 0:
                 self.ui.modelSelector.setCurrentIndex(index)
             self.ui.modelFolderPathLineEdit.addCurrentPathToHistory()
+            _saveModelFolders(self.logic.extraModelFolders)
 
     # -- state ----------------------------------------------------------------------------------------------
     def _updateButtons(self, caller=None, event=None) -> None:
@@ -363,6 +369,22 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot submit the corrected label.", waitCursor=True):
             job = self.logic.startCorrectLabel(node.inputVolume, className, node.modelPath)
             self._runJob(job, lambda finishedJob: self._setStatus(1.0, f"Saved: this volume is '{className}'."))
+
+
+MODEL_FOLDERS_SETTING = "MedDL/ModelFolders"
+
+
+def _savedModelFolders() -> List[str]:
+    """Model folders the user added in earlier sessions (shared by both MedDL modules)."""
+    value = qt.QSettings().value(MODEL_FOLDERS_SETTING)
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _saveModelFolders(folders: List[Path]) -> None:
+    merged = list(dict.fromkeys(_savedModelFolders() + [str(f) for f in folders]))
+    qt.QSettings().setValue(MODEL_FOLDERS_SETTING, merged)
 
 
 #

@@ -145,6 +145,9 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.requirementsLabel.text = tooOld or ""
         self.ui.requirementsLabel.visible = bool(tooOld)
 
+        for folder in _savedModelFolders():
+            if Path(folder).is_dir() and Path(folder) not in self.logic.extraModelFolders:
+                self.logic.extraModelFolders.append(Path(folder))
         self.refreshModels()
         self.initializeParameterNode()
 
@@ -152,6 +155,8 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
+        # Application exit or module reload: stop the worker (a reloaded module may bring a newer engine).
+        engine.shutdown_shared_client()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -219,6 +224,7 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if added:
                 self._selectModelInCombo(str(added[0].path))
             self.ui.modelFolderPathLineEdit.addCurrentPathToHistory()
+            _saveModelFolders(self.logic.extraModelFolders)
 
     # -- state ----------------------------------------------------------------------------------------------
     def _updateButtons(self, caller=None, event=None) -> None:
@@ -389,6 +395,22 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         champion = result.get("champion")
         self._setStatus(1.0, f"Model update {status}" + (f"; current version {champion}." if champion else "."))
         self.refreshModels()
+
+
+MODEL_FOLDERS_SETTING = "MedDL/ModelFolders"
+
+
+def _savedModelFolders() -> List[str]:
+    """Model folders the user added in earlier sessions (shared by both MedDL modules)."""
+    value = qt.QSettings().value(MODEL_FOLDERS_SETTING)
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _saveModelFolders(folders: List[Path]) -> None:
+    merged = list(dict.fromkeys(_savedModelFolders() + [str(f) for f in folders]))
+    qt.QSettings().setValue(MODEL_FOLDERS_SETTING, merged)
 
 
 #
