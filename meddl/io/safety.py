@@ -34,6 +34,7 @@ __all__ = [
     "check_dimensions",
     "check_contained",
     "validate_for_inference",
+    "itk_message",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -340,8 +341,15 @@ def _sniff_nrrd(path: Path) -> HeaderFacts:
         _check_raw_bytes(facts, data_offset + max(byte_skip, 0), path)
     elif encoding in ("gzip", "gz"):
         _check_gzip_stream(data_path, data_offset, expected, path)
-    elif encoding not in ("ascii", "text", "txt", "hex", "bzip2", "bz2"):
-        raise InputError(f"unsupported NRRD encoding '{encoding}'", path)
+    elif encoding in ("ascii", "text", "txt", "hex"):
+        # Text needs at least one character and a separator per voxel (hex: two characters per byte).
+        per_voxel = 2 * type_bytes if encoding == "hex" else 2
+        available = data_path.stat().st_size - data_offset
+        if available < facts.voxels * per_voxel - 1:
+            raise InputError(f"file is truncated: {available} bytes of {encoding} data cannot hold "
+                             f"{facts.voxels} voxels", path)  # fmt: skip
+    else:  # bzip2 included: SimpleITK's NRRD reader is built without it
+        raise InputError(f"NRRD encoding '{encoding}' is not supported (save it as raw or gzip)", path)
     return facts
 
 
@@ -499,6 +507,24 @@ def validate_for_inference(image, path: Optional[PathLike] = None) -> None:
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
             raise InputError(f"the volume contains {bad} NaN or infinite voxel values", source)
+
+
+def itk_message(error: BaseException) -> str:
+    """The informative line of an ITK exception, without source paths, object addresses or raw file bytes."""
+    import re
+
+    useful = []
+    for line in str(error).strip().splitlines():
+        line = line.strip()
+        if not line or line.startswith("Exception thrown in SimpleITK"):
+            continue
+        line = re.sub(r"^(sitk|itk|ITK)\s*::?\s*ERROR:\s*", "", line)
+        line = re.sub(r"^ITK ERROR:\s*", "", line)
+        line = re.sub(r"\w+\(0x[0-9a-fA-F]+\):\s*", "", line)
+        if line:
+            useful.append(line)
+    text = useful[0] if useful else "unknown error"
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:200]
 
 
 def _first_line(error: BaseException) -> str:
