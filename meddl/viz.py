@@ -172,7 +172,13 @@ def save_overlay_png(
 
     widths = [panels[view]["image"].shape[1] for view in _VIEWS]
     height = max(panels[view]["image"].shape[0] for view in _VIEWS)
-    figure = Figure(figsize=(min(18.0, 3.0 + sum(widths) / 60.0), 1.4 + height / 60.0), dpi=100)
+    # About 1.5 screen pixels per panel pixel, and never so small that the titles and legend crowd it.
+    scale = 1.5 / 100.0
+    figure = Figure(
+        figsize=(max(7.0, min(18.0, sum(widths) * scale + 0.5)), max(3.2, height * scale + 1.2)),
+        dpi=100,
+        layout="constrained",
+    )
     axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": widths})
     for axis, view in zip(axes, _VIEWS):
         panel = panels[view]
@@ -208,14 +214,11 @@ def save_overlay_png(
         for v in present
     ]
     if reference is not None:
-        handles.append(Line2D([0], [0], color="black", linestyle="dashed", label="reference"))
+        handles.append(Line2D([0], [0], color="dimgray", linestyle="dashed", label="reference (white, dashed)"))
     if handles:
-        figure.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=9, frameon=False)
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)), fontsize=9, frameon=False)
     if title:
         figure.suptitle(title, fontsize=11)
-    figure.subplots_adjust(
-        left=0.01, right=0.99, top=0.86 if title else 0.92, bottom=0.1 if handles else 0.02, wspace=0.03
-    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
