@@ -128,8 +128,14 @@ class EngineSession:
     def submit(self, method: str, params: Dict):
         return self.started_client().submit(method, params)
 
-    def poll(self) -> None:
-        self.client().poll()
+    def poll(self, timeout: float = 0.01) -> None:
+        """Apply the worker's replies (for a GUI timer).
+
+        Waits up to ``timeout`` for the first reply: a blocking wait releases Python's GIL, which gives the client's
+        reader thread a chance to run even in an embedded interpreter whose main thread otherwise holds the GIL
+        between timer ticks (PythonQt). 10 ms every 100 ms keeps the GUI fluid.
+        """
+        self.client().poll(timeout)
 
     def cancel(self, job) -> None:
         self.client().cancel(job)
