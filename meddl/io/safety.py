@@ -308,10 +308,12 @@ def _sniff_nrrd(path: Path) -> HeaderFacts:
 
     if "space directions" in header:
         directions = np.asarray(header["space directions"], dtype=np.float64)
-        rows = [directions[index] for index in range(min(3, len(directions)))]
-        spacing = [float(np.linalg.norm(row)) for row in rows]
+        # One row per axis ('none', i.e. NaN, for non-spatial ones); spacing is the length of the spatial rows.
+        axes = [axis for axis in spatial if axis < len(directions) and sizes[axis] != 1] or spatial
+        spacing = [float(np.linalg.norm(directions[axis])) for axis in axes[:3] if axis < len(directions)]
     elif "spacings" in header:
-        spacing = [float(s) for s in np.atleast_1d(header["spacings"])[:3]]
+        spacings = np.atleast_1d(header["spacings"])
+        spacing = [float(spacings[axis]) for axis in spatial if axis < len(spacings)][:3]
     else:
         spacing = [1.0] * 3
     spacing = check_spacing(spacing, path)
