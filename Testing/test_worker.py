@@ -14,52 +14,12 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
+from worker_helpers import make_unet_package
 
 from meddl.io import read_image
 from meddl.protocol import PROTOCOL_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_unet_package(folder: Path, spacing: float = 4.0, channels=(8, 16, 32)) -> Path:
-    """A small untrained 2-label UNet package (patch 64^3) written with the engine's own save_model."""
-    import torch
-
-    from meddl.models import ModelSpec, build_network, save_model
-
-    spec = ModelSpec.from_json(
-        {
-            "format": "meddl-model",
-            "schema_version": 1,
-            "name": "test-brain",
-            "version": "1",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {
-                    "spatial_dims": 3,
-                    "in_channels": 1,
-                    "out_channels": 2,
-                    "channels": list(channels),
-                    "strides": [2] * (len(channels) - 1),
-                    "num_res_units": 1,
-                },
-            },
-            "labels": [
-                {"value": 0, "name": "background", "color": [0, 0, 0]},
-                {"value": 1, "name": "brain", "color": [0.9, 0.6, 0.3]},
-            ],
-            "input": {
-                "channels": 1,
-                "modality": "MR",
-                "spacing": [spacing] * 3,
-                "patch_size": [64, 64, 64],
-                "normalization": {"kind": "zscore"},
-            },
-        }
-    )
-    torch.manual_seed(0)
-    return save_model(spec, build_network(spec), folder)
 
 
 class RawWorker:

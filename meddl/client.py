@@ -351,7 +351,8 @@ class WorkerClient:
             return
         if event == ACCEPTED:
             job.queue_position = int(message.get("queue_position", 0))
-            job.message = "running" if job.queue_position == 0 else f"queued: {job.queue_position} ahead"
+            ahead = job.queue_position
+            job.message = "running" if ahead == 0 else f"queued: {ahead} job{'s' if ahead != 1 else ''} ahead"
         elif event == PROGRESS:
             position = message.get("queue_position")
             if position is not None:

@@ -256,6 +256,7 @@ class Worker:
                 if not line.strip():
                     continue
                 if self.handle_line(line) == "shutdown":
+                    logger.info("shutdown requested; stopping")
                     break
         finally:
             self._stop()
