@@ -21,9 +21,9 @@ import SimpleITK as sitk
 
 from meddl.errors import InputError
 from meddl.io.image import Image
-from meddl.io.safety import check_dimensions, check_spacing, detect_format, itk_message, sniff_header
+from meddl.io.safety import check_dimensions, check_size, check_spacing, detect_format, itk_message, sniff_header
 
-__all__ = ["read_image", "write_image", "image_from_sitk", "image_to_sitk", "WRITE_FORMATS", "needs_isolation"]
+__all__ = ["read_image", "write_image", "image_from_sitk", "image_to_sitk", "WRITE_FORMATS"]
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -75,17 +75,6 @@ def _isolation_setting() -> Optional[bool]:
     return None
 
 
-def needs_isolation(path: PathLike) -> bool:
-    """Whether ``read_image`` decodes ``path`` in a child process by default (no header pre-check covers it)."""
-    path = Path(path)
-    forced = _isolation_setting()
-    if forced is not None:
-        return forced
-    if path.is_dir():
-        return False  # decided per series, after the headers are read
-    return detect_format(path) not in (*READ_IMAGE_IO, "dicom")
-
-
 def read_image(
     path: PathLike,
     series_uid: Optional[str] = None,
@@ -122,8 +111,9 @@ def read_image(
         from meddl.io.dicom import plan_dicom, read_dicom
 
         plan = plan_dicom(path, series_uid)
-        _check_claim(plan.shape, path)
-        if forced if forced is not None else plan.compressed:
+        check_size(plan.shape, path)
+        # Uncompressed pixels are a plain copy for GDCM; compressed ones go through codecs, in a child.
+        if plan.compressed if forced is None else forced:
             return _read_isolated(path, series_uid, timeout)
         image = read_dicom(plan, path)
     else:
@@ -146,12 +136,6 @@ def read_image(
     return image
 
 
-def _check_claim(shape, path: Path) -> None:
-    from meddl.io.safety import check_size
-
-    check_size(shape, path)
-
-
 def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
     reader = sitk.ImageFileReader()
     if image_io:
@@ -161,7 +145,7 @@ def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
         if not image_io:
             # Unknown format: ITK's header read is cheap; check the claim before the voxels are allocated.
             reader.ReadImageInformation()
-            _check_claim(list(reader.GetSize()) + [reader.GetNumberOfComponents()], path)
+            check_size(list(reader.GetSize()) + [reader.GetNumberOfComponents()], path)
         itk_image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"cannot read as an image ({itk_message(error)})", path) from None

@@ -388,7 +388,7 @@ def _sniff_metaimage(path: Path) -> HeaderFacts:
         channels = int(fields.get("elementnumberofchannels", "1"))
         header_size = int(fields.get("headersize", "0"))
     except ValueError as error:
-        raise InputError(f"malformed MetaImage header ({error})", path) from None
+        raise InputError(f"malformed MetaImage header ({_first_line(error)})", path) from None
     if len(sizes) != ndims:
         raise InputError(f"malformed MetaImage header (NDims {ndims} but DimSize has {len(sizes)} values)", path)
     check_size(sizes + [channels], path)
@@ -401,7 +401,7 @@ def _sniff_metaimage(path: Path) -> HeaderFacts:
             try:
                 values = [float(v) for v in fields[key].split()]
             except ValueError:
-                raise InputError(f"malformed MetaImage {key} '{fields[key]}'", path) from None
+                raise InputError(f"malformed MetaImage header (field '{key}' is not numbers)", path) from None
             if not all(math.isfinite(v) for v in values):
                 raise InputError("image origin must be finite", path)
 
