@@ -249,7 +249,9 @@ def test_round_trip_volume_engine_segmentation_edit_correction(
     segmentation.GetSegmentation().SetSegmentIndex(ids["brain"], 0)
 
     # Correction labelmap file: equal to the edit voxel for voxel, on the volume's grid, values by name.
+    before = scene.GetNumberOfNodes()
     counts = nodes.export_correction_file(scene, seg_logic, segmentation, volume, labels, tmp_path / "fix.nrrd")
+    assert scene.GetNumberOfNodes() == before, "exporting must not leave temporary nodes in the user's scene"
     correction_image = sitk.ReadImage(str(tmp_path / "fix.nrrd"))
     expected = np.zeros(shape, dtype=np.uint8)
     expected[new_scalp] = 7
@@ -274,6 +276,9 @@ def test_round_trip_volume_engine_segmentation_edit_correction(
     segmentation.GetSegmentation().RemoveSegment(ids["scalp"])
     array, _ = nodes.segmentation_to_label_array(scene, seg_logic, segmentation, volume, labels)
     np.testing.assert_array_equal(array, np.where(new_brain, 2, 0))
+    # Segmenting again into the same node replaces its segments instead of piling up duplicates.
+    again = nodes.import_labelmap_file(scene, seg_logic, result["output"], volume, labels, segmentation)
+    assert again is segmentation and list(_segment_ids_by_name(again)) == ["scalp", "brain"]
     del slicer.modules
 
 

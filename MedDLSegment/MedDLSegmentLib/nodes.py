@@ -250,13 +250,13 @@ def import_labelmap_file(
         _remove_volume(scene, labelmap_node)
 
 
-def _remove_volume(scene, node) -> None:
+def _remove_volume(scene, node, with_color_table: bool = False) -> None:
+    """Remove a temporary volume node; ``with_color_table`` also removes the colour table an export created for it
+    (as ``slicer.util.arrayFromSegmentBinaryLabelmap`` does), so repeated exports leave nothing behind."""
     display = node.GetDisplayNode()
     color = display.GetColorNode() if display is not None else None
     scene.RemoveNode(node)
-    # Exports create a private colour table per labelmap; do not leave them behind. Shared default
-    # tables are singletons and are not ours to remove.
-    if color is not None and not color.GetSingletonTag() and color.GetName().startswith(node.GetName()):
+    if with_color_table and color is not None and not color.GetSingletonTag():
         scene.RemoveNode(color)
 
 
@@ -310,7 +310,7 @@ def segmentation_to_label_array(
                 lookup[position] = values[i]
             out[:] = lookup[exported]
         finally:
-            _remove_volume(scene, labelmap_node)
+            _remove_volume(scene, labelmap_node, with_color_table=True)
     counts = {label.name: int(np.count_nonzero(out == label.value)) for label in by_name.values()}
     return out, counts
 
