@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "meddl.cli.correct",
     "meddl.cli.update",
     "meddl.cli.audit",
+    "meddl.cli.classify",
 ]
 
 
