@@ -174,13 +174,31 @@ def _slice_from(dataset, path: Path) -> Optional[DicomSlice]:
     )
 
 
+def _checked_slice(dataset, file_path: Path, reported: Path) -> Optional[DicomSlice]:
+    """``_slice_from`` for a file that parsed as DICOM; a header whose values do not decode is an InputError.
+
+    pydicom decodes values lazily, so a corrupt element surfaces only when it is read, with any of a
+    dozen exception types; they all mean the same thing to the user.
+    """
+    try:
+        return _slice_from(dataset, file_path)
+    except Exception as error:  # noqa: BLE001 - see above
+        where = f"{file_path.name} has a" if file_path != reported else "a"
+        raise InputError(f"{where} malformed DICOM header ({_describe_error(error)})", reported) from None
+
+
+def _describe_error(error: BaseException) -> str:
+    detail = " ".join(str(error).split())[:120]
+    return type(error).__name__ + ": " + "".join(ch if ch.isprintable() else "?" for ch in detail)
+
+
 @_quiet
 def scan_dicom(path: PathLike) -> List[DicomSlice]:
     """Headers of every DICOM file in a folder (recursively), or of one file. Non-DICOM files are skipped."""
     path = Path(path)
     if path.is_file():
         dataset = _read_header(path) or _read_header(path, force=True)
-        found = _slice_from(dataset, path) if dataset is not None else None
+        found = _checked_slice(dataset, path, path) if dataset is not None else None
         if found is None:
             raise InputError("not a DICOM file (no DICOM header with a SOP class)", path)
         return [found]
@@ -195,7 +213,7 @@ def scan_dicom(path: PathLike) -> List[DicomSlice]:
             file_path = Path(root) / name
             dataset = _read_header(file_path)
             if dataset is not None:
-                found = _slice_from(dataset, file_path)
+                found = _checked_slice(dataset, file_path, path)
                 if found is not None:
                     slices.append(found)
     return slices
@@ -292,7 +310,12 @@ def _plan_series(path: Path, items: List[DicomSlice]) -> DicomPlan:
     if multi:
         if len(items) > 1:
             raise InputError("series mixes multi-frame and single-frame objects; cannot stack it", path)
-        return _plan_multiframe(path, first)
+        try:
+            return _plan_multiframe(path, first)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - lazily decoded functional groups fail in many ways
+            raise InputError(f"malformed multi-frame DICOM header ({_describe_error(error)})", path) from None
     if len(items) == 1:
         raise InputError(f"expected a 3D volume, got 2D (one DICOM slice of {first.columns}x{first.rows})", path)
     for item in items:
