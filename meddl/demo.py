@@ -57,13 +57,17 @@ def score_labelmap(
     return results
 
 
-def _save_overlay(image, labelmap, path: Path, colors: Dict[int, List[float]], title: str) -> Optional[Path]:
+def _save_overlay(
+    image, labelmap, path: Path, colors: Dict[int, List[float]], title: str, names: Dict[int, str], reference=None
+) -> Optional[Path]:
     try:
         from meddl.viz import save_overlay_png
     except ImportError:
         save_overlay_png = None
     if save_overlay_png is not None:
-        return Path(save_overlay_png(image, labelmap, path, colors=colors, title=title))
+        return Path(
+            save_overlay_png(image, labelmap, path, colors=colors, title=title, names=names, reference=reference)
+        )
     # Fallback until meddl.viz lands: three orthogonal slices through the label's centre of mass.
     import matplotlib
 
@@ -119,7 +123,7 @@ def run_demo(output: Path, model: Optional[Path] = None, device: Optional[str] =
     seconds = time.perf_counter() - started
     labelmap = read_image(summary["output"])
     image = read_image(input_path)
-    names = {lb.value: lb.name for lb in package.spec.labels}
+    names = {lb.value: lb.name for lb in package.spec.foreground_labels}
     metrics = score_labelmap(labelmap.array, pair.label.array, names, image.spacing)
     colors = {lb.value: lb.color for lb in package.spec.foreground_labels}
     brain = ", ".join(f"{n} Dice {m['dice']:.3f} HD95 {m['hd95_mm']:.2f} mm" for n, m in metrics.items())
@@ -128,7 +132,9 @@ def run_demo(output: Path, model: Optional[Path] = None, device: Optional[str] =
         labelmap,
         output / "icbm152_2009a_brain_overlay.png",
         colors,
-        f"{package.spec.name} on ICBM152 2009a (held out): {brain}",
+        f"{package.spec.name} on ICBM152 2009a (held out): {brain}; dashed: reference",
+        names,
+        pair.label,
     )
     return {
         "model": str(package.path),
