@@ -1,5 +1,8 @@
+"""``python -m meddl`` runs the CLI (the guard keeps spawned child processes from re-running it)."""
+
 import sys
 
 from meddl.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
