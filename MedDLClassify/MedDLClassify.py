@@ -50,10 +50,9 @@ def _addImportPaths() -> None:
 
 _addImportPaths()
 
-from MedDLSegmentLib import engine, models, nodes, session  # noqa: E402
+from MedDLSegmentLib import engine, jobs, models, nodes, session  # noqa: E402
 
 logger = logging.getLogger("MedDLClassify")
-FINISHED_STATES = ("done", "failed", "cancelled")
 
 
 #
@@ -104,8 +103,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._onJobFinished = None
+        self.runner = None
         self._pollTimer = None
         self._lastResult: Dict = {}
 
@@ -116,6 +114,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDLClassifyLogic()
+        self.runner = jobs.JobRunner(self.logic.session)
 
         self.ui.modelFolderPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.progressBar.setRange(0, 100)
@@ -231,7 +230,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- state ----------------------------------------------------------------------------------------------
     def _updateButtons(self, caller=None, event=None) -> None:
-        busy = self._job is not None
+        busy = self.runner.busy
         node = self._parameterNode
         ready = bool(node and node.inputVolume and node.modelPath) and not engine.python_too_old(sys.version_info[:2])
         self.ui.classifyButton.enabled = ready and not busy
@@ -243,84 +242,69 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(int(round(100 * fraction)))
         self.ui.statusLabel.text = message
 
-    def _ensureWorker(self) -> bool:
+    def _ensureDependencies(self) -> bool:
+        """Check once that the worker's Python has torch, MONAI and the rest; offer to install what is missing."""
         tooOld = engine.python_too_old(sys.version_info[:2])
         if tooOld:
             slicer.util.errorDisplay(tooOld)
             return False
-        if not self.logic.session.dependencies_ready:
-            with slicer.util.tryWithErrorDisplay("Cannot check the engine's dependencies.", waitCursor=True):
-                missing = self.logic.missingDependencies()
-            if missing:
-                if not slicer.util.confirmOkCancelDisplay(
-                    "MedDL needs these Python packages in Slicer's Python:\n\n  "
-                    + "\n  ".join(missing)
-                    + "\n\nInstall them now? This downloads about 1-3 GB. Slicer's own numpy is kept.",
-                    "MedDL: install dependencies",
-                ):
-                    return False
-                try:
-                    with slicer.util.WaitCursor():
-                        self.logic.installDependencies(missing)
-                except RuntimeError as error:
-                    slicer.util.errorDisplay(str(error), windowTitle="MedDL: installation failed")
-                    return False
-        if not self.logic.session.worker_running:
-            self._setStatus(0, "Starting the engine (first time only)...")
-            slicer.app.processEvents()
-            with slicer.util.tryWithErrorDisplay("Cannot start the MedDL engine.", waitCursor=True):
-                self.ui.deviceLabel.text = engine.describe_worker(self.logic.session.start_worker())
+        if self.logic.session.dependencies_ready:
+            return True
+        with slicer.util.tryWithErrorDisplay("Cannot check the engine's dependencies.", waitCursor=True):
+            missing = self.logic.missingDependencies()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            "MedDL needs these Python packages in Slicer's Python:\n\n  "
+            + "\n  ".join(missing)
+            + "\n\nInstall them now? This downloads about 1-3 GB. Slicer's own numpy is kept.",
+            "MedDL: install dependencies",
+        ):
+            return False
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installDependencies(missing)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="MedDL: installation failed")
+            return False
         return True
 
-    def _runJob(self, job, onFinished: Callable) -> None:
-        self._job = job
-        self._onJobFinished = onFinished
-        self._setStatus(0, job.message)
+    def _start(self, submit: Callable, onDone: Callable) -> None:
+        """Hand a job to the runner; the worker starts in the background if needed and the timer follows it."""
+        if not self._ensureDependencies():
+            return
+        try:
+            self.runner.begin(submit, onDone)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="MedDL")
+            return
+        self._setStatus(0, self.runner.message)
         self._pollTimer.start()
         self._updateButtons()
 
     def onPollWorker(self) -> None:
-        job = self._job
-        if job is None:
-            self._pollTimer.stop()
-            return
         try:
-            self.logic.session.poll()
+            state = self.runner.tick()
         except Exception as error:  # the timer must keep the GUI alive whatever happens
-            logger.exception("polling the worker failed")
-            self._setStatus(None, f"Polling the engine failed: {error}")
-        self._setStatus(job.progress, job.message)
-        if job.state not in FINISHED_STATES:
-            return
-        self._pollTimer.stop()
-        self._job = None
-        finished, self._onJobFinished = self._onJobFinished, None
-        try:
-            if job.state == "done":
-                finished(job)
-            elif job.state == "cancelled":
-                self._setStatus(0, "Cancelled.")
-            else:
-                self._setStatus(0, f"Failed: {job.error}")
-                slicer.util.errorDisplay(str(job.error), windowTitle="MedDL")
-        except Exception as error:
-            logger.exception("finishing job %s failed", job.id)
-            self._setStatus(0, f"Failed: {error}")
-            slicer.util.errorDisplay(str(error), windowTitle="MedDL")
-        finally:
+            logger.exception("following the MedDL job failed")
+            state, self.runner.error = None, error
+        self._setStatus(self.runner.progress, self.runner.message)
+        client = self.logic.session.client()
+        if client.alive and client.hello:
+            self.ui.deviceLabel.text = engine.describe_worker(client.hello)
+        if state == "failed":
+            slicer.util.errorDisplay(str(self.runner.error), windowTitle="MedDL")
+        if not self.runner.busy:
+            self._pollTimer.stop()
             self._updateButtons()
 
     # -- actions --------------------------------------------------------------------------------------------
     def onClassifyButton(self) -> None:
         node = self._parameterNode
-        if not self._ensureWorker():
-            return
         volume, model = node.inputVolume, node.modelPath
-        with slicer.util.tryWithErrorDisplay("Cannot start the classification.", waitCursor=True):
-            job = self.logic.startClassify(volume, model)
-            self._runJob(job, lambda finishedJob: self._onClassifyDone(finishedJob, volume))
+        self._start(lambda: self.logic.startClassify(volume, model), lambda job: self._onClassifyDone(job, volume))
 
-    def _onClassifyDone(self, job, volume) -> None:
+    def _onClassifyDone(self, job, volume) -> str:
         result, heatmap = self.logic.finishClassify(job, volume)
         self._lastResult = result
         self._showProbabilities(result.get("probabilities", {}))
@@ -332,7 +316,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.heatmapVolume = heatmap
         self._showHeatmap(volume, heatmap)
         probability = result.get("probabilities", {}).get(predicted)
-        self._setStatus(1.0, f"Predicted: {predicted}" + (f" ({probability:.1%})" if probability is not None else ""))
+        return f"Predicted: {predicted}" + (f" ({probability:.1%})" if probability is not None else "")
 
     def _showProbabilities(self, probabilities: Dict[str, float]) -> None:
         table = self.ui.probabilitiesTable
@@ -357,18 +341,17 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
     def onCancelButton(self) -> None:
-        if self._job is not None:
-            self.logic.session.cancel(self._job)
-            self._setStatus(None, "Cancelling...")
+        self.runner.cancel()
+        self._setStatus(None, self.runner.message)
 
     def onCorrectLabelButton(self) -> None:
         node = self._parameterNode
         className = self.ui.correctClassComboBox.currentText
-        if not self._ensureWorker():
-            return
-        with slicer.util.tryWithErrorDisplay("Cannot submit the corrected label.", waitCursor=True):
-            job = self.logic.startCorrectLabel(node.inputVolume, className, node.modelPath)
-            self._runJob(job, lambda finishedJob: self._setStatus(1.0, f"Saved: this volume is '{className}'."))
+        volume, model = node.inputVolume, node.modelPath
+        self._start(
+            lambda: self.logic.startCorrectLabel(volume, className, model),
+            lambda job: f"Saved: this volume is '{className}'.",
+        )
 
 
 MODEL_FOLDERS_SETTING = "MedDL/ModelFolders"

@@ -48,10 +48,9 @@ def _addImportPaths() -> None:
 
 _addImportPaths()
 
-from MedDLSegmentLib import batch, engine, models, nodes, session  # noqa: E402
+from MedDLSegmentLib import batch, engine, jobs, models, nodes, session  # noqa: E402
 
 logger = logging.getLogger("MedDLSegment")
-FINISHED_STATES = ("done", "failed", "cancelled")
 
 
 #
@@ -109,8 +108,8 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._onJobFinished = None
+        self.runner = None
+        self.teachRunner = None
         self._pollTimer = None
 
     def setup(self) -> None:
@@ -120,6 +119,8 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDLSegmentLogic()
+        self.runner = jobs.JobRunner(self.logic.session)
+        self.teachRunner = jobs.JobRunner(self.logic.session)
 
         self.ui.modelFolderPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.progressBar.setRange(0, 100)
@@ -228,7 +229,7 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- state ----------------------------------------------------------------------------------------------
     def _updateButtons(self, caller=None, event=None) -> None:
-        busy = self._job is not None
+        busy = self.runner.busy
         node = self._parameterNode
         ready = bool(node and node.inputVolume and node.modelPath) and not engine.python_too_old(sys.version_info[:2])
         self.ui.segmentButton.enabled = ready and not busy
@@ -239,103 +240,96 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasOutput = bool(node and node.outputSegmentation)
         self.ui.editButton.enabled = hasOutput and not busy
         self.ui.submitCorrectionButton.enabled = hasOutput and not busy
-        self.ui.teachButton.enabled = bool(node and node.modelPath) and not busy
+        # Updates run on the worker's own queue beside inference, so teaching does not block segmenting.
+        self.ui.teachButton.enabled = bool(node and node.modelPath) and not self.teachRunner.busy
 
     def _setStatus(self, fraction: Optional[float], message: str) -> None:
         if fraction is not None:
             self.ui.progressBar.setValue(int(round(100 * fraction)))
         self.ui.statusLabel.text = message
 
-    def _ensureWorker(self) -> bool:
-        """Check dependencies once, offer to install them, start the worker; False when it cannot run."""
+    def _ensureDependencies(self) -> bool:
+        """Check once that the worker's Python has torch, MONAI and the rest; offer to install what is missing."""
         tooOld = engine.python_too_old(sys.version_info[:2])
         if tooOld:
             slicer.util.errorDisplay(tooOld)
             return False
-        if not self.logic.dependenciesReady:
-            self._setStatus(0, "Checking torch and MONAI in Slicer's Python...")
-            slicer.app.processEvents()
-            with slicer.util.tryWithErrorDisplay("Cannot check the engine's dependencies.", waitCursor=True):
-                missing = self.logic.missingDependencies()
-            if missing:
-                question = (
-                    "MedDL needs these Python packages in Slicer's Python:\n\n  "
-                    + "\n  ".join(missing)
-                    + "\n\nInstall them now? This downloads about 1-3 GB and can take several minutes. "
-                    "Slicer's own numpy is kept."
-                )
-                if not slicer.util.confirmOkCancelDisplay(question, "MedDL: install dependencies"):
-                    self._setStatus(0, "The engine's dependencies are not installed.")
-                    return False
-                self._setStatus(0, "Installing dependencies (see the Python console for details)...")
-                slicer.app.processEvents()
-                try:
-                    with slicer.util.WaitCursor():
-                        self.logic.installDependencies(missing)
-                except RuntimeError as error:
-                    slicer.util.errorDisplay(str(error), windowTitle="MedDL: installation failed")
-                    self._setStatus(0, "Installation failed.")
-                    return False
-        if not self.logic.workerRunning:
-            self._setStatus(0, "Starting the engine (first time only)...")
-            slicer.app.processEvents()
-            with slicer.util.tryWithErrorDisplay("Cannot start the MedDL engine.", waitCursor=True):
-                hello = self.logic.startWorker()
-            self.ui.deviceLabel.text = engine.describe_worker(hello)
+        if self.logic.dependenciesReady:
+            return True
+        self._setStatus(0, "Checking torch and MONAI in Slicer's Python...")
+        slicer.app.processEvents()
+        with slicer.util.tryWithErrorDisplay("Cannot check the engine's dependencies.", waitCursor=True):
+            missing = self.logic.missingDependencies()
+        if not missing:
+            return True
+        question = (
+            "MedDL needs these Python packages in Slicer's Python:\n\n  "
+            + "\n  ".join(missing)
+            + "\n\nInstall them now? This downloads about 1-3 GB and can take several minutes. "
+            "Slicer's own numpy is kept."
+        )
+        if not slicer.util.confirmOkCancelDisplay(question, "MedDL: install dependencies"):
+            self._setStatus(0, "The engine's dependencies are not installed.")
+            return False
+        self._setStatus(0, "Installing dependencies (see the Python console for details)...")
+        slicer.app.processEvents()
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installDependencies(missing)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="MedDL: installation failed")
+            self._setStatus(0, "Installation failed.")
+            return False
         return True
 
     # -- running jobs ---------------------------------------------------------------------------------------
-    def _runJob(self, job, onFinished: Callable) -> None:
-        self._job = job
-        self._onJobFinished = onFinished
-        self._setStatus(0, job.message)
+    def _start(self, runner, submit: Callable, onDone: Callable) -> None:
+        """Hand a job to ``runner``; the worker starts in the background if needed and the timer follows it."""
+        if not self._ensureDependencies():
+            return
+        try:
+            runner.begin(submit, onDone)
+        except RuntimeError as error:
+            slicer.util.errorDisplay(str(error), windowTitle="MedDL")
+            return
+        if runner is self.runner:
+            self._setStatus(0, runner.message)
         self._pollTimer.start()
         self._updateButtons()
 
     def onPollWorker(self) -> None:
-        job = self._job
-        if job is None:
-            self._pollTimer.stop()
-            return
-        try:
-            self.logic.pollWorker()
-        except Exception as error:  # the timer must keep the GUI alive whatever happens
-            logger.exception("polling the worker failed")
-            self._setStatus(None, f"Polling the engine failed: {error}")
-        if job.state == "queued" and job.queue_position:
-            self._setStatus(job.progress, f"Waiting: {job.queue_position} job(s) ahead")
-        else:
-            self._setStatus(job.progress, job.message)
-        if job.state not in FINISHED_STATES:
-            return
-        self._pollTimer.stop()
-        self._job = None
-        finished, self._onJobFinished = self._onJobFinished, None
-        try:
-            if job.state == "done":
-                finished(job)
-            elif job.state == "cancelled":
-                self._setStatus(0, "Cancelled.")
+        for runner in (self.runner, self.teachRunner):
+            if not runner.busy:
+                continue
+            try:
+                state = runner.tick()
+            except Exception as error:  # the timer must keep the GUI alive whatever happens
+                logger.exception("following the MedDL job failed")
+                state, runner.error = None, error
+            if runner is self.runner:
+                self._setStatus(runner.progress, runner.message)
             else:
-                self._setStatus(0, f"Failed: {job.error}")
-                slicer.util.errorDisplay(str(job.error), windowTitle="MedDL")
-        except Exception as error:
-            logger.exception("finishing job %s failed", job.id)
-            self._setStatus(0, f"Failed: {error}")
-            slicer.util.errorDisplay(str(error), windowTitle="MedDL")
-        finally:
-            self._updateButtons()
+                self.ui.teachButton.text = f"Teaching... {runner.progress:.0%}" if runner.busy else "Teach the model"
+            if state == "failed":
+                slicer.util.errorDisplay(str(runner.error), windowTitle="MedDL")
+            if state is not None:
+                self._updateButtons()
+        client = self.logic.session.client()
+        if client.alive and client.hello:
+            self.ui.deviceLabel.text = engine.describe_worker(client.hello)
+        if not (self.runner.busy or self.teachRunner.busy):
+            self._pollTimer.stop()
 
     def onSegmentButton(self) -> None:
         node = self._parameterNode
-        if not self._ensureWorker():
-            return
-        volume, model = node.inputVolume, node.modelPath
-        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
-            job = self.logic.startSegment(volume, model, tta=node.useTTA)
-            self._runJob(job, lambda finishedJob: self._onSegmentDone(finishedJob, volume, model))
+        volume, model, tta = node.inputVolume, node.modelPath, node.useTTA
+        self._start(
+            self.runner,
+            lambda: self.logic.startSegment(volume, model, tta=tta),
+            lambda job: self._onSegmentDone(job, volume, model),
+        )
 
-    def _onSegmentDone(self, job, volume, model: str) -> None:
+    def _onSegmentDone(self, job, volume, model: str) -> str:
         node = self._parameterNode
         segmentation = self.logic.finishSegment(job, volume, model, node.outputSegmentation if node else None)
         if node:
@@ -344,12 +338,11 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seconds = job.result.get("timings_s", {}).get("total")
         volumes = job.result.get("label_volumes_ml", {})
         summary = ", ".join(f"{name} {ml:.1f} ml" for name, ml in volumes.items())
-        self._setStatus(1.0, f"Done{f' in {seconds:.1f} s' if seconds else ''}: {summary}")
+        return f"Done{f' in {seconds:.1f} s' if seconds else ''}: {summary}"
 
     def onCancelButton(self) -> None:
-        if self._job is not None:
-            self.logic.cancel(self._job)
-            self._setStatus(None, "Cancelling...")
+        self.runner.cancel()
+        self._setStatus(None, self.runner.message)
 
     def onEditButton(self) -> None:
         node = self._parameterNode
@@ -360,41 +353,39 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSubmitCorrectionButton(self) -> None:
         node = self._parameterNode
-        if not self._ensureWorker():
-            return
-        with slicer.util.tryWithErrorDisplay("Cannot submit the correction.", waitCursor=True):
-            job = self.logic.startSubmitCorrection(node.outputSegmentation, node.inputVolume, node.modelPath)
-            self._runJob(job, self._onCorrectionDone)
+        segmentation, volume, model = node.outputSegmentation, node.inputVolume, node.modelPath
+        self._start(
+            self.runner,
+            lambda: self.logic.startSubmitCorrection(segmentation, volume, model),
+            self._onCorrectionDone,
+        )
 
-    def _onCorrectionDone(self, job) -> None:
+    def _onCorrectionDone(self, job) -> str:
         result = job.result or {}
         changed = result.get("changed_voxels")
-        self._setStatus(
-            1.0,
-            f"Correction {result.get('id', '')} saved"
-            + (f" ({changed} voxels differ from the prediction)." if changed is not None else "."),
+        return f"Correction {result.get('id', '')} saved" + (
+            f" ({changed} voxels differ from the prediction)." if changed is not None else "."
         )
 
     def onTeachButton(self) -> None:
-        node = self._parameterNode
-        if not self._ensureWorker():
-            return
+        model = self._parameterNode.modelPath
         if not slicer.util.confirmOkCancelDisplay(
             "Fine-tune the model on the submitted corrections? The new version replaces the current one only if "
             "it passes its validation gate; this runs in the background and can take minutes.",
             "MedDL: teach the model",
         ):
             return
-        with slicer.util.tryWithErrorDisplay("Cannot start the model update.", waitCursor=True):
-            job = self.logic.startTeach(node.modelPath)
-            self._runJob(job, self._onTeachDone)
+        self._start(self.teachRunner, lambda: self.logic.startTeach(model), self._onTeachDone)
 
-    def _onTeachDone(self, job) -> None:
+    def _onTeachDone(self, job) -> str:
         result = job.result or {}
-        status = result.get("status", "finished")
         champion = result.get("champion")
-        self._setStatus(1.0, f"Model update {status}" + (f"; current version {champion}." if champion else "."))
+        message = f"Model update {result.get('status', 'finished')}" + (
+            f"; current version {champion}." if champion else "."
+        )
+        self._setStatus(None, message)
         self.refreshModels()
+        return message
 
 
 MODEL_FOLDERS_SETTING = "MedDL/ModelFolders"
@@ -498,9 +489,6 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
     def startWorker(self) -> Dict:
         """Start the shared worker (blocks until it is ready, a few seconds on first use); returns its hello."""
         return self.session.start_worker()
-
-    def pollWorker(self) -> None:
-        self.session.poll()
 
     def cancel(self, job) -> None:
         self.session.cancel(job)

@@ -93,14 +93,13 @@ def engine_session():
     from MedDLSegmentLib import engine, session
 
     work = session.EngineSession(REPO / "MedDLSegment", python=sys.executable)
-    work.start_worker()
-    yield work
+    yield work  # started by the first test that needs it (the job-runner test starts it in the background)
     engine.shutdown_shared_client()
 
 
 @pytest.fixture(scope="module")
 def worker(engine_session):
-    return engine_session.client()
+    return engine_session.started_client()
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +176,71 @@ def test_volume_node_geometry_matches_simpleitk(request, scene, which):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(node))
     scene.RemoveNode(copy)
     scene.RemoveNode(node)
+
+
+def test_job_runner_starts_the_worker_in_the_background(
+    scene, seg_logic, engine_session, model_dir, oblique_volume, tmp_path
+):
+    """The state machine behind the modules' buttons and QTimer: begin() returns at once even when the worker must
+    first start (seconds of importing torch), no tick blocks for long, the result lands in the scene, cancel and
+    failure end the job with a reason. It comes first in this file, so that its cold start is the only one."""
+    import time
+
+    from MedDLSegmentLib import engine, jobs, models, nodes
+
+    from meddl.errors import InputError
+
+    if engine_session.worker_running:  # run alone or after other tests: make the start cold again
+        engine.shutdown_shared_client()
+    runner = jobs.JobRunner(engine_session)
+    volume = nodes.read_volume_file(scene, oblique_volume, name="runner")
+    labels = models.read_model(model_dir).labels
+    made = {}
+
+    def submit(input_name="in.nrrd"):
+        path = nodes.write_volume_file(scene, volume, tmp_path / input_name)
+        if input_name == "gone.nrrd":
+            path.unlink()
+        params = {"model": str(model_dir), "input": str(path), "output": str(tmp_path / "out.nrrd")}
+        return engine_session.submit("segment", params)
+
+    def done(job):
+        made["segmentation"] = nodes.import_labelmap_file(scene, seg_logic, job.result["output"], volume, labels)
+        return "segmented"
+
+    started = time.perf_counter()
+    runner.begin(submit, done)
+    begin_seconds = time.perf_counter() - started
+    assert runner.busy and runner.message.startswith("Starting the engine")
+    ticks, slowest, state = 0, 0.0, None
+    while state is None:
+        assert time.perf_counter() - started < 120, "the job did not finish"
+        tick_started = time.perf_counter()
+        state = runner.tick()
+        slowest = max(slowest, time.perf_counter() - tick_started)
+        ticks += 1
+    total = time.perf_counter() - started
+    assert state == "done", runner.error
+    assert runner.message == "segmented" and runner.progress == 1.0 and not runner.busy
+    assert made["segmentation"].GetSegmentation().GetNumberOfSegments() == 2
+    # The cold start and the job took `total` seconds; the GUI thread was never held for more than a tick.
+    assert begin_seconds < 0.5 and slowest < 1.0 and slowest < total / 3, (begin_seconds, slowest, total, ticks)
+    print(
+        f"cold start + segment: {total:.2f} s over {ticks} ticks; begin {begin_seconds * 1000:.1f} ms, "
+        f"slowest tick {slowest * 1000:.0f} ms"
+    )
+
+    runner.begin(submit, done)
+    runner.cancel()  # before the first tick: the job is never sent
+    assert runner.tick() == "cancelled" and "before it started" in str(runner.error)
+    assert runner.tick() is None and not runner.busy
+
+    runner.begin(lambda: submit("gone.nrrd"), done)
+    state = None
+    while state is None:
+        state = runner.tick()
+    assert state == "failed" and isinstance(runner.error, InputError) and "gone.nrrd" in str(runner.error)
+    assert runner.message.startswith("Failed: ")
 
 
 def _segment_ids_by_name(segmentation_node) -> dict:
@@ -368,8 +432,8 @@ def test_session_waits_without_blocking_and_reports_errors(engine_session, model
 
     from meddl.errors import InputError
 
-    assert engine.describe_worker(engine_session.client().hello).startswith(("cpu", "cuda"))
-    assert "torch 2." in engine.describe_worker(engine_session.client().hello)
+    hello = engine_session.started_client().hello
+    assert engine.describe_worker(hello).startswith(("cpu", "cuda")) and "torch 2." in engine.describe_worker(hello)
     pumps, fractions = [], []
     job = engine_session.submit(
         "segment", {"model": str(model_dir), "input": str(oblique_volume), "output": str(tmp_path / "p.nrrd")}

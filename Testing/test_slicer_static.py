@@ -303,3 +303,16 @@ def test_model_discovery_skips_broken_packages_and_resolves_homes(tmp_path):
 
     with pytest.raises(ModelError, match="not a model package"):
         models.read_model(tmp_path)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cmake_lists_every_python_file_and_resource(module):
+    """slicerMacroBuildScriptedModule copies only what it is given: a file missing from SCRIPTS/RESOURCES works from
+    the source tree and breaks in the built extension."""
+    folder = REPO / module
+    cmake = (folder / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", module)
+    listed = {line.strip() for line in cmake.splitlines()}
+    python_files = {p.relative_to(folder).as_posix() for p in folder.rglob("*.py") if "Testing" not in p.parts}
+    resources = {p.relative_to(folder).as_posix() for p in (folder / "Resources").rglob("*") if p.is_file()}
+    missing = sorted((python_files | resources) - listed)
+    assert not missing, f"{module}/CMakeLists.txt does not list {missing}"

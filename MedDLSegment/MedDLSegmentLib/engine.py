@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ ENGINE_REQUIREMENTS: Dict[str, str] = {
     "safetensors": "safetensors>=0.4",
     "tqdm": "tqdm>=4.66",
     "matplotlib": "matplotlib>=3.8",
+    "sklearn": "scikit-learn>=1.3",
 }
 
 # Run in the worker's Python: which modules are importable, and their versions. find_spec is used rather than
@@ -56,7 +58,7 @@ _PROBE = """
 import importlib.util, json, sys
 names = json.loads(sys.argv[1])
 found = {}
-for name in names:
+for name, dist in names:
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
@@ -66,7 +68,6 @@ for name in names:
         continue
     try:
         from importlib import metadata
-        dist = {"nrrd": "pynrrd", "meddl": "meddl"}.get(name, name)
         found[name] = metadata.version(dist)
     except Exception:
         found[name] = "unknown"
@@ -136,7 +137,10 @@ def check_dependencies(python: str, engine_root: Optional[PathLike] = None, time
     Raises:
         RuntimeError: the interpreter cannot be started or does not answer (one line, naming it).
     """
-    names = ["meddl", "numpy", *ENGINE_REQUIREMENTS]
+    # (import name, distribution name): the distribution's version is what pip installed.
+    names = [("meddl", "meddl"), ("numpy", "numpy")] + [
+        (name, re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0]) for name, spec in ENGINE_REQUIREMENTS.items()
+    ]
     try:
         completed = subprocess.run(
             [python, "-c", _PROBE, json.dumps(names)],

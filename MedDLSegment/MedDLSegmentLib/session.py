@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -43,6 +44,8 @@ class EngineSession:
         self._python = python
         self.dependencies_ready = False
         self._work_directory: Optional[Path] = None
+        self._starter: Optional[threading.Thread] = None
+        self._start_error: Optional[BaseException] = None
 
     @property
     def python(self) -> str:
@@ -118,6 +121,42 @@ class EngineSession:
         """Start the shared worker if needed (blocks until it is ready); returns its hello."""
         client = self.client()
         return client.hello if client.alive and client.hello else client.start()
+
+    def start_worker_in_background(self) -> None:
+        """Begin starting the worker and return at once; :meth:`worker_starting` tells when it is ready.
+
+        The cold start (importing torch and MONAI in the worker) takes seconds; a GUI must not freeze for it.
+        """
+        client = self.client()
+        if client.alive or (self._starter is not None and self._starter.is_alive()):
+            return
+        self._start_error = None
+
+        def start() -> None:
+            try:
+                client.start()
+            except BaseException as error:  # reported to the GUI thread by worker_starting()
+                self._start_error = error
+
+        self._starter = threading.Thread(target=start, name="meddl-worker-start", daemon=True)
+        self._starter.start()
+
+    def worker_starting(self, timeout: float = 0.01) -> bool:
+        """True while a background start is under way (waits up to ``timeout``, releasing the GIL).
+
+        Raises:
+            The start's error (e.g. the worker's Python lacks torch), once.
+        """
+        if self._starter is None:
+            return False
+        self._starter.join(timeout)
+        if self._starter.is_alive():
+            return True
+        self._starter = None
+        error, self._start_error = self._start_error, None
+        if error is not None:
+            raise error
+        return False
 
     def started_client(self):
         client = self.client()
