@@ -471,6 +471,7 @@ class MedDLClassifyLogic(ScriptedLoadableModuleLogic):
     def classify(self, volumeNode, model: Optional[str] = None, progress=None) -> Dict:
         """Classify ``volumeNode``; returns the engine's result (``probabilities``, ``predicted``, ...) with
         ``heatmapNode`` added (the Grad-CAM map as a volume node, or None)."""
+        self.session.ensure_started(slicer.app.processEvents)
         job = self.startClassify(volumeNode, model)
         self.wait(job, progress)
         result, heatmap = self.finishClassify(job, volumeNode)
@@ -489,6 +490,7 @@ class MedDLClassifyLogic(ScriptedLoadableModuleLogic):
         )
 
     def correctLabel(self, volumeNode, className: str, model: Optional[str] = None, site: str = "default") -> Dict:
+        self.session.ensure_started(slicer.app.processEvents)
         return self.wait(self.startCorrectLabel(volumeNode, className, model, site))
 
 

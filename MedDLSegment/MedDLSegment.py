@@ -487,8 +487,9 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         return self.session.worker_running
 
     def startWorker(self) -> Dict:
-        """Start the shared worker (blocks until it is ready, a few seconds on first use); returns its hello."""
-        return self.session.start_worker()
+        """Start the shared worker (waits until it is ready, a few seconds on first use, while Slicer keeps
+        repainting); returns its hello: device, GPU, versions."""
+        return self.session.ensure_started(slicer.app.processEvents)
 
     def cancel(self, job) -> None:
         self.session.cancel(job)
@@ -537,6 +538,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
             segmentationNode: reuse this node (its segments are replaced); a new node when None.
             tta: test-time flips (None: the model's default).
         """
+        self.session.ensure_started(slicer.app.processEvents)
         job = self.startSegment(volumeNode, model, tta)
         self.wait(job, progress)
         return self.finishSegment(job, volumeNode, model, segmentationNode)
@@ -546,6 +548,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         ``outputFolder/<name>_seg.nrrd``; returns ``{"done": [...], "failed": [...], ...}``. Nothing is loaded into
         the scene: the worker reads and writes the files."""
         model = self.resolveModel(model)
+        self.session.ensure_started(slicer.app.processEvents)
 
         def segmentOne(inputPath: Path, outputPath: Path) -> Dict:
             job = self.session.submit("segment", {"model": model, "input": str(inputPath), "output": str(outputPath)})
@@ -584,6 +587,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         self, segmentationNode, volumeNode=None, model: Optional[str] = None, site: str = "default"
     ) -> Dict:
         """Blocking :meth:`startSubmitCorrection`; returns the engine's receipt."""
+        self.session.ensure_started(slicer.app.processEvents)
         return self.wait(self.startSubmitCorrection(segmentationNode, volumeNode, model, site))
 
     def startTeach(self, model: Optional[str] = None, maxSeconds: Optional[float] = None):
@@ -595,6 +599,7 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
 
     def teach(self, model: Optional[str] = None, progress=None, maxSeconds: Optional[float] = None) -> Dict:
         """Blocking :meth:`startTeach`; returns the update's decision."""
+        self.session.ensure_started(slicer.app.processEvents)
         return self.wait(self.startTeach(model, maxSeconds), progress)
 
     # -- GUI helpers usable from the console ------------------------------------------------------------

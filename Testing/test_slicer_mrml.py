@@ -432,7 +432,7 @@ def test_session_waits_without_blocking_and_reports_errors(engine_session, model
 
     from meddl.errors import InputError
 
-    hello = engine_session.started_client().hello
+    hello = engine_session.ensure_started()
     assert engine.describe_worker(hello).startswith(("cpu", "cuda")) and "torch 2." in engine.describe_worker(hello)
     pumps, fractions = [], []
     job = engine_session.submit(

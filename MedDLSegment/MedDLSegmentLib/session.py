@@ -158,6 +158,15 @@ class EngineSession:
             raise error
         return False
 
+    def ensure_started(self, process_events: Optional[Callable[[], object]] = None) -> Dict:
+        """Start the worker if needed, calling ``process_events`` while it starts (blocking for the caller, not for
+        the GUI); returns its hello."""
+        self.start_worker_in_background()
+        while self.worker_starting(0.05):
+            if process_events is not None:
+                process_events()
+        return self.client().hello or {}
+
     def started_client(self):
         client = self.client()
         if not client.alive:
