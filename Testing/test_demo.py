@@ -63,3 +63,14 @@ def test_demo_segments_the_held_out_brain(tmp_path, repo):
     colour = np.array(load_model(repo / "Resources" / "models" / "brain-t1").spec.labels[1].color)
     rgb = picture[..., :3].reshape(-1, 3)
     assert np.any(np.abs(rgb - colour).max(axis=1) < 0.25)
+
+
+def test_demo_reference_is_nilearns_own_brain_mask():
+    from nilearn.datasets import load_mni152_brain_mask
+
+    from meddl.data import icbm152_2009a_brain_pair
+
+    pair = icbm152_2009a_brain_pair()
+    theirs = np.asarray(load_mni152_brain_mask(resolution=1).dataobj)  # (x, y, z) voxel order of the same file
+    assert pair.label.same_grid(pair.image)
+    assert np.array_equal(pair.label.array.transpose(2, 1, 0) > 0, theirs > 0)

@@ -291,3 +291,29 @@ def test_train_cli_writes_a_package_and_json_summary(tmp_path, capsys, brain_4mm
     assert summary["complete"] is True and summary["steps_done"] == 4
     assert 0.0 <= summary["validation"]["dice"]["brain"] <= 1.0
     assert load_model(tmp_path / "pkg").spec.name == "tiny-brain"
+
+
+def test_cancel_keeps_the_steps_done_and_the_next_run_continues(tmp_path, brain_4mm):
+    from meddl.errors import Cancelled
+    from meddl.progress import CancelToken
+
+    spec = tiny_spec()
+    datalist = [{"image": str(brain_4mm["image"]), "label": str(brain_4mm["label"])}]
+    output = tmp_path / "cancelled"
+    token = CancelToken()
+
+    def cancel_after_two_steps(fraction: float, message: str) -> None:
+        if "step 2/" in message:
+            token.cancel()
+
+    options = dict(epochs=1, steps_per_epoch=3, seed=1, augment=False, device="cpu")
+    with pytest.raises(Cancelled):
+        train_segmentation(spec, datalist, output, progress=cancel_after_two_steps, cancel=token, **options)
+    assert not output.exists()  # no half-written package
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint_path(output)), framework="pt") as handle:
+        assert json.loads(handle.metadata()["loop"])["step"] == 2
+    result = json.loads((train_segmentation(spec, datalist, output, **options) / "model.json").read_text())
+    assert result["training"]["resumed_from"] == [{"epoch": 0, "step": 2}]
+    assert result["training"]["complete"] is True and result["training"]["steps_done"] == 3

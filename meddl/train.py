@@ -725,17 +725,18 @@ def train_segmentation(
         network.train()
         return np.mean(np.asarray(scores), axis=0).tolist()
 
-    def record_epoch(epoch: int, losses: List[float]) -> None:
+    def record_epoch(epoch: int, losses: List[float], partial: bool = False) -> None:
         dice = validate()
         mean = float(np.mean(dice)) if dice else 0.0
-        loop["history"].append(
-            {
-                "epoch": epoch + 1,
-                "loss": float(np.mean(losses)) if losses else None,
-                "val_dice": dice,
-                "val_mean_dice": mean,
-            }
-        )
+        entry = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)) if losses else None,
+            "val_dice": dice,
+            "val_mean_dice": mean,
+        }
+        if partial:
+            entry["partial"] = True  # validated mid-epoch, when a stopped run had nothing validated yet
+        loop["history"].append(entry)
         if mean > loop["best_dice"]:
             loop["best_dice"], loop["best_epoch"] = mean, epoch + 1
             best_state.update({k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
@@ -747,7 +748,11 @@ def train_segmentation(
         order = np.random.RandomState(seed + 7919 * epoch).permutation(steps * batch_size) % len(train_items)
         losses = loop.pop("epoch_losses", [])
         while loop["step"] < steps:
-            if cancel:
+            if cancel and cancel.cancelled:
+                # Keep what this epoch did so far, then stop as asked; the next run continues from here.
+                loop["epoch_losses"] = losses
+                loop["elapsed_s"] = elapsed_before + time.time() - started
+                _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
                 cancel.check()
             step = loop["step"]
             step_seed = (seed * 1_000_003 + epoch * 10_007 + step) % (2**31)
@@ -776,7 +781,7 @@ def train_segmentation(
         else:
             loop["epoch_losses"] = losses
             if not loop["history"]:  # nothing validated yet: the interim package still needs measured weights
-                record_epoch(epoch, losses)
+                record_epoch(epoch, losses, partial=True)
         loop["elapsed_s"] = elapsed_before + time.time() - started
         _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
 
