@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -316,3 +317,76 @@ def test_cmake_lists_every_python_file_and_resource(module):
     resources = {p.relative_to(folder).as_posix() for p in (folder / "Resources").rglob("*") if p.is_file()}
     missing = sorted((python_files | resources) - listed)
     assert not missing, f"{module}/CMakeLists.txt does not list {missing}"
+
+
+# Stand-in for Slicer's CMake package (Slicer cannot be installed here): the macro checks its arguments as the real
+# slicerMacroBuildScriptedModule does (only NAME/SCRIPTS/RESOURCES/WITH_GENERIC_TESTS/WITH_SUBDIR, listed files must
+# exist) and copies the files where ctkMacroCompilePythonScript puts them, beside each other in qt-scripted-modules.
+_SLICER_CMAKE_STUB = """
+set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+set(BUILD_TESTING ON)
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS;WITH_SUBDIR" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  if(MY_UNPARSED_ARGUMENTS OR NOT MY_NAME)
+    message(FATAL_ERROR "slicerMacroBuildScriptedModule: bad arguments ${MY_UNPARSED_ARGUMENTS}")
+  endif()
+  foreach(file IN LISTS MY_SCRIPTS MY_RESOURCES)
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+      message(FATAL_ERROR "slicerMacroBuildScriptedModule: ${file} does not exist")
+    endif()
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file} ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file}
+                   COPYONLY)
+  endforeach()
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(TEST "" "SCRIPT" "" ${ARGN})
+  if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${TEST_SCRIPT})
+    message(FATAL_ERROR "slicer_add_python_unittest: ${TEST_SCRIPT} does not exist")
+  endif()
+endmacro()
+"""
+
+
+def test_extension_configures_and_lays_out_a_working_module_folder(tmp_path):
+    """Configure the extension's CMake (Slicer's macros stubbed), then check that the built scripted-modules folder
+    holds both modules, the Qt-free lib and the engine side by side, and that the lib finds the engine there."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed (apt-get install cmake)")
+    stub = tmp_path / "slicer-stub"
+    stub.mkdir()
+    (stub / "SlicerConfig.cmake").write_text(_SLICER_CMAKE_STUB)
+    (stub / "empty.cmake").write_text("")
+    build = tmp_path / "build"
+    completed = subprocess.run(
+        [cmake, "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    modules = build / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+    for relative in (
+        "MedDLSegment.py",
+        "MedDLClassify.py",
+        "MedDLSegmentLib/nodes.py",
+        "MedDLSegmentLib/jobs.py",
+        "Resources/UI/MedDLSegment.ui",
+        "Resources/UI/MedDLClassify.ui",
+        "meddl/__init__.py",
+        "meddl/client.py",
+        "meddl/worker/__main__.py",
+    ):
+        assert (modules / relative).is_file(), f"the built extension lacks {relative}"
+    script = f"""
+import sys
+sys.path[:0] = [{str(modules)!r}]
+from MedDLSegmentLib import engine, models
+import meddl
+assert meddl.__file__.startswith({str(modules)!r}), meddl.__file__
+print(engine.find_engine_root({str(modules)!r}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == modules.resolve()
