@@ -262,7 +262,7 @@ class WorkerClient:
                 self._kill(reason=reason)
                 self.restarts += 1
                 if self.on_restart is not None:
-                    self.on_restart(reason)
+                    self._callback(self.on_restart, reason)
             # Without waiting: the request queues behind hello in the worker; poll() delivers both.
             self.start(wait=False)
         return self._send(method, params or {}, on_progress, on_done)
@@ -362,7 +362,7 @@ class WorkerClient:
             job.progress = float(message.get("fraction", job.progress))
             job.message = str(message.get("message", ""))
             if job.on_progress is not None:
-                job.on_progress(job.progress, job.message)
+                self._callback(job.on_progress, job.progress, job.message)
         elif event == RESULT:
             job.result = message.get("result") or {}
             job.progress = 1.0
@@ -391,16 +391,26 @@ class WorkerClient:
         job.finished = time.monotonic()
         self._jobs.pop(job.id, None)
         if job.on_done is not None:
-            job.on_done(job)
+            self._callback(job.on_done, job)
+
+    @staticmethod
+    def _callback(function: Callable, *args: Any) -> None:
+        # A failing GUI callback must not leave the client's bookkeeping half-updated or stop the timer.
+        try:
+            function(*args)
+        except Exception:  # noqa: BLE001
+            logger.exception("a meddl.client callback raised")
 
     # -- process plumbing -----------------------------------------------------------------------------
     def _worker_env(self) -> Dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
         # Run the engine this client belongs to, even from an interpreter where meddl is not installed.
-        package_root = str(Path(__file__).resolve().parent.parent)
+        # (A source checkout or a Slicer module folder; an installed site-packages is never put on another
+        # interpreter's path, whose compiled packages may not match.)
+        package_root = Path(__file__).resolve().parent.parent
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if package_root not in paths:
-            env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
+        if package_root.name not in ("site-packages", "dist-packages") and str(package_root) not in paths:
+            env["PYTHONPATH"] = os.pathsep.join([str(package_root), *paths])
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("PYTHONIOENCODING", "utf-8")
         return env

@@ -163,6 +163,8 @@ class JobQueue:
             waiting = list(self._waiting)
         for index, job in enumerate(waiting):
             ahead = index + offset
+            if ahead == 0:
+                continue  # about to start: its "started" progress follows at once
             job.message = f"queued: {ahead} job{'s' if ahead != 1 else ''} ahead"
             self._send(progress(job.id, 0.0, job.message, queue_position=ahead))
 
@@ -178,11 +180,16 @@ class JobQueue:
                 job = self._waiting.popleft()
                 self._running = job
             self._announce_positions()
+            final = None
             try:
-                self._run(job)
+                final = self._run(job)
             finally:
+                # Free the slot before the final reply goes out, so a request sent in answer to it is never
+                # told that this finished job is still ahead of it.
                 with self._condition:
                     self._running = None
+                if final is not None:
+                    self._send(final)
 
 
 def _lower_thread_priority(nice: int) -> None:
@@ -223,7 +230,10 @@ class Worker:
     # -- output ---------------------------------------------------------------------------------------
     def send(self, message: Dict[str, Any]) -> None:
         """Write one reply line; a closed stdout (client gone) is noted, not raised."""
-        line = encode(message)
+        try:
+            line = encode(message)
+        except (TypeError, ValueError, RecursionError) as problem:  # a result that is not JSON-able
+            line = encode(error(message.get("id"), self._internal(problem)))
         with self._write_lock:
             if self._stream_broken:
                 return
@@ -322,7 +332,8 @@ class Worker:
         logger.info("job %r (%s) accepted on the %s queue, %d ahead", request_id, method, queue.name, ahead)
 
     # -- jobs -----------------------------------------------------------------------------------------
-    def _run_job(self, job: WorkerJob) -> None:
+    def _run_job(self, job: WorkerJob) -> Dict[str, Any]:
+        """Run one job; returns its final reply (the queue sends it once the job has left the queue)."""
         job.state = "running"
         job.started = time.time()
         job.message = "started"
@@ -341,19 +352,19 @@ class Worker:
             job.cancel.check()
             value = self.handlers.run(job.method, job.params, report, job.cancel)
             job.state = "done"
-            self.send(result(job.id, value))
             logger.info("job %r (%s) done in %.3f s", job.id, job.method, time.time() - job.started)
+            return result(job.id, value)
         except Cancelled as problem:
             job.state = "cancelled"
-            self.send(error(job.id, problem))
             logger.info("job %r (%s) cancelled", job.id, job.method)
+            return error(job.id, problem)
         except MedDLError as problem:
             job.state = "failed"
-            self.send(error(job.id, problem))
             logger.warning("job %r (%s) failed: %s", job.id, job.method, problem)
+            return error(job.id, problem)
         except Exception as problem:  # noqa: BLE001 - one failing job must not stop the worker
             job.state = "failed"
-            self.send(error(job.id, self._internal(problem)))
+            return error(job.id, self._internal(problem))
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job.id, None)
