@@ -169,18 +169,30 @@ def test_an_anisotropic_1x1x3_volume_gets_a_labelmap_on_its_grid(brain_model, he
     assert dice_against(labelmap, reference) > 0.85
 
 
-def test_slab_wise_labels_equal_one_pass_labels_on_an_oblique_grid(brain_model, heads, monkeypatch):
+def brute_force_labels(probabilities, model_image, target, values):
+    """Every class resampled over the whole target, then the arg-max: the slow, obvious way."""
+    scores = [resample_to_grid(model_image.with_array(p), target, "linear").array for p in probabilities]
+    return np.asarray(values, np.uint8)[np.argmax(np.stack(scores), axis=0)]
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_fast_labels_equal_brute_force_labels_on_an_oblique_grid(brain_model, heads, monkeypatch, classes):
     t1, _ = heads
     target = resample_to_grid(t1, rotated_grid(t1, (0.1, 0.2, -0.3)), "linear")
     model_image = to_model_grid(target, brain_model.spec.target_spacing)
     probabilities = infer.predict_probabilities(model_image, brain_model)
-    whole = probabilities_to_labels(probabilities, model_image, target, [0, 1])
-    monkeypatch.setattr(infer, "SLAB_VOXELS", 7 * target.array.shape[1] * target.array.shape[2])  # 7 slices
-    slabs = probabilities_to_labels(probabilities, model_image, target, [0, 1])
-    assert np.array_equal(whole, slabs)
-    # And the arg-max equals thresholding the interpolated brain probability at 1/2 (two classes sum to 1).
-    brain = resample_to_grid(model_image.with_array(probabilities[1]), target, "linear").array
-    assert np.mean(whole == (brain > 0.5)) > 0.999
+    values = [0, 1]
+    if classes == 3:  # split the brain into a left and a right class
+        left = np.zeros_like(probabilities[1])
+        left[..., left.shape[-1] // 2 :] = probabilities[1][..., left.shape[-1] // 2 :]
+        probabilities = np.stack([probabilities[0], probabilities[1] - left, left])
+        values = [0, 1, 2]
+    expected = brute_force_labels(probabilities, model_image, target, values)
+    # Slabs of 7 slices, so the bounding box and the slab loop both matter.
+    monkeypatch.setattr(infer, "SLAB_VOXELS", 7 * target.array.shape[1] * target.array.shape[2])
+    fast = probabilities_to_labels(probabilities, model_image, target, values)
+    assert np.unique(fast).tolist() == values
+    assert np.mean(fast == expected) > 0.99999  # float rounding may flip an exact tie
 
 
 def test_flip_tta_runs_four_passes_and_still_segments(brain_model, heads):
@@ -234,3 +246,18 @@ def test_bad_inputs_are_refused_naming_the_file_and_write_nothing(brain_model, h
     assert message.startswith(str(path)) and "\n" not in message
     assert {"nan": "NaN", "2d": "2D", "4d": "4D"}[problem] in message
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_postprocessing_keeps_the_largest_component_and_fills_holes_like_scipy(heads):
+    from scipy import ndimage
+
+    _, reference = heads
+    rng = np.random.default_rng(0)
+    mask = reference.array.astype(bool) & (rng.random(reference.array.shape) > 0.05)  # pepper holes inside
+    mask[2:5, 2:5, 2:5] = True  # a stray island
+    labels = mask.astype(np.uint8)
+    result = infer.postprocess_labelmap(labels.copy(), {"largest_component": True, "fill_holes": True})
+    components, _ = ndimage.label(mask)
+    largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
+    assert np.array_equal(result.astype(bool), ndimage.binary_fill_holes(largest))
+    assert not result[3, 3, 3]

@@ -193,56 +193,93 @@ def probabilities_to_labels(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> np.ndarray:
-    """Arg-max labels on ``target``'s grid from class probabilities on ``model_grid``.
+    """Arg-max labels on ``target``'s grid from class probabilities ``[C, k, j, i]`` on ``model_grid``.
 
     Each class's probability is linearly interpolated onto the target voxels before the arg-max, so the
     boundary follows the interpolated probability (smooth on anisotropic or oblique targets, no voxel
-    staircase). The target is processed in slabs of whole slices; only one slab of floats per class
-    exists at a time.
+    staircase). Three things keep this cheap on a large target, none of which changes a single label:
+
+    * Only the target's index box that can see a non-background model voxel is resampled. Elsewhere every
+      interpolation neighbour has class 0 as its arg-max, and a weighted mean of such voxels keeps
+      class 0 on top (ties go to the first class, as ``np.argmax`` does), so those voxels are class 0.
+    * The box is processed in slabs of whole slices (``SLAB_VOXELS``): one slab of floats per class at a time.
+    * With two classes, ``p1 > 1/2`` replaces the arg-max (interpolation keeps ``p0 + p1 = 1``): one resample.
     """
     import SimpleITK as sitk
 
     progress = progress or no_progress
     dtype = np.uint8 if max(label_values) < 256 else np.uint16
     values = np.asarray(label_values, dtype=dtype)
-    nk, nj, ni = target.array.shape
-    labels = np.empty((nk, nj, ni), dtype=dtype)
+    labels = np.full(target.array.shape, values[0], dtype=dtype)
+    box = _foreground_box(np.argmax(probabilities, axis=0))
+    if box is None:
+        progress(1.0, "no foreground")
+        return labels
+    (k0, k1), (j0, j1), (i0, i1) = _target_box(box, model_grid, target)
+    channels = [1] if len(values) == 2 else list(range(len(values)))
     sources = []
-    for channel in range(probabilities.shape[0]):
-        source = sitk.GetImageFromArray(probabilities[channel])
+    for channel in channels:
+        source = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[channel]))
         source.SetSpacing(model_grid.spacing)
         source.SetOrigin(model_grid.origin)
         source.SetDirection(model_grid.direction.flatten().tolist())
         sources.append(source)
-    slab = max(1, min(nk, SLAB_VOXELS // max(1, nj * ni)))
-    slice_step = target.direction[:, 2] * target.spacing[2]
+    axes = target.direction * np.asarray(target.spacing)  # columns: one voxel step along i, j, k in mm
+    slab = max(1, min(k1 - k0, SLAB_VOXELS // max(1, (j1 - j0) * (i1 - i0))))
     identity = sitk.Transform()
-    for start in range(0, nk, slab):
+    for start in range(k0, k1, slab):
         if cancel:
             cancel.check()
-        stop = min(nk, start + slab)
-        reference = sitk.Image([ni, nj, stop - start], sitk.sitkUInt8)
+        stop = min(k1, start + slab)
+        reference = sitk.Image([i1 - i0, j1 - j0, stop - start], sitk.sitkUInt8)
         reference.SetSpacing(target.spacing)
-        reference.SetOrigin(tuple(np.asarray(target.origin) + start * slice_step))
+        reference.SetOrigin(tuple(np.asarray(target.origin) + axes @ np.array([i0, j0, start], dtype=np.float64)))
         reference.SetDirection(target.direction.flatten().tolist())
-        # Outside the model grid (it covers the input, so only rounding at the very edge) counts as background.
-        best = None
-        best_index = np.zeros((stop - start, nj, ni), dtype=np.uint8)
-        for channel, source in enumerate(sources):
-            default = 1.0 if values[channel] == 0 else 0.0
-            score = sitk.GetArrayFromImage(
-                sitk.Resample(source, reference, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+        region = labels[start:stop, j0:j1, i0:i1]
+        if len(sources) == 1:
+            brain = sitk.GetArrayViewFromImage(
+                sitk.Resample(sources[0], reference, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             )
-            if best is None:
-                best = score
-            else:
+            region[brain > 0.5] = values[1]
+        else:
+            best = best_index = None
+            for channel, source in enumerate(sources):
+                # Outside the model grid (only rounding at its very edge: it covers the target) is background.
+                default = 1.0 if channel == 0 else 0.0
+                score = sitk.GetArrayFromImage(
+                    sitk.Resample(source, reference, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+                )
+                if best is None:
+                    best, best_index = score, np.zeros(score.shape, dtype=np.uint8)
+                    continue
                 better = score > best
                 best_index[better] = channel
                 np.maximum(best, score, out=best)
-            del score
-        labels[start:stop] = values[best_index]
-        progress(stop / nk, f"labels for slices {start}-{stop - 1} of {nk}")
+            region[...] = values[best_index]
+        progress((stop - k0) / (k1 - k0), f"labels for slices {start}-{stop - 1}")
     return labels
+
+
+def _target_box(box: Tuple[slice, ...], model_grid: Image, target: Image) -> List[Tuple[int, int]]:
+    """``(start, stop)`` per target array axis (k, j, i) covering every target voxel whose position lies in
+    the model-grid index box ``box`` (a (k, j, i) slice tuple; corners at voxel centres)."""
+    corners_kji = np.array(
+        [
+            [k, j, i]
+            for k in (box[0].start, box[0].stop - 1)
+            for j in (box[1].start, box[1].stop - 1)
+            for i in (box[2].start, box[2].stop - 1)
+        ],
+        dtype=np.float64,
+    )
+    physical = (model_grid.affine[:3, :3] @ corners_kji[:, ::-1].T).T + np.asarray(model_grid.origin)
+    to_index = np.linalg.inv(target.affine[:3, :3])
+    index_ijk = (to_index @ (physical - np.asarray(target.origin)).T).T
+    low = np.floor(index_ijk.min(axis=0) - 1e-6).astype(int)
+    high = np.ceil(index_ijk.max(axis=0) + 1e-6).astype(int) + 1
+    size_ijk = np.asarray(target.size)
+    low, high = np.clip(low, 0, size_ijk), np.clip(high, 0, size_ijk)
+    return [(int(low[a]), int(max(low[a], high[a]))) for a in (2, 1, 0)]
 
 
 def _foreground_box(labels: np.ndarray) -> Optional[Tuple[slice, ...]]:
@@ -287,9 +324,27 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
                 mask = keep
             del components
         if fill:
-            filled = ndimage.binary_fill_holes(mask)
-            view[filled & (view == 0)] = value
+            view[_holes(mask) & (view == 0)] = value
     return labels
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Background voxels not connected (6-connectivity) to the array's border: what
+    ``scipy.ndimage.binary_fill_holes`` adds, found with one labelling pass instead of its iterated
+    dilation (about 4x faster on a brain-sized mask)."""
+    from scipy import ndimage
+
+    background, _ = ndimage.label(~mask)
+    faces = [
+        background[0],
+        background[-1],
+        background[:, 0],
+        background[:, -1],
+        background[:, :, 0],
+        background[:, :, -1],
+    ]
+    outside = np.unique(np.concatenate([face.ravel() for face in faces]))
+    return (background > 0) & ~np.isin(background, outside)
 
 
 def segment_image(
