@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from meddl.errors import InputError
+from meddl.errors import InputError, ModelError
 from MedDLSegmentLib.geometry import lps_geometry_from_ijk_to_ras
 from MedDLSegmentLib.models import ModelLabel
 
@@ -168,8 +168,13 @@ def labelmap_to_segmentation(
 
     Raises:
         InputError: the labelmap holds values that are not model labels.
+        ModelError: two model labels share a name.
     """
     foreground = [label for label in labels if label.value != 0]
+    names = [label.name for label in foreground]
+    if len(set(names)) != len(names):
+        # Segments are matched to label values by name, so two labels with one name would be ambiguous.
+        raise ModelError(f"the model's label names are not distinct ({', '.join(names)})")
     values = np.unique(_array(labelmap_node))
     unknown = sorted(int(v) for v in values if v != 0 and int(v) not in {label.value for label in foreground})
     if unknown:
