@@ -77,10 +77,18 @@ def _as_image(value: Union[PathLike, Image], what: str, pair: str) -> Image:
     return read_image(path)
 
 
+def _case_name(value: Union[PathLike, Image]) -> str:
+    if isinstance(value, Image):
+        source = value.metadata.get("source")
+        return Path(str(source)).name if source else "in-memory image"
+    return Path(value).name
+
+
 def load_training_volume(
     item: Mapping[str, Any], spec: ModelSpec, name: Optional[str] = None, extra_keys: Sequence[str] = ()
 ) -> TrainingVolume:
-    """Read one datalist entry (``image`` and ``label``: paths or :class:`Image`) onto the model grid.
+    """Read one datalist entry (``image`` and ``label``: paths or :class:`Image`; optional ``name``) onto the
+    model grid.
 
     Raises:
         InputError: a file is missing/unreadable, the label does not lie on the image's grid, or the label
@@ -88,7 +96,8 @@ def load_training_volume(
     """
     if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
         raise InputError(f"datalist entry {name or item!r} needs 'image' and 'label'")
-    pair = name or f"({item['image']}, {item['label']})"
+    name = name or item.get("name") or _case_name(item["image"])
+    pair = name if "name" in item or isinstance(item["image"], Image) else f"({item['image']}, {item['label']})"
     image = _as_image(item["image"], "image", pair)
     label = _as_image(item["label"], "label", pair)
     label_source = label.metadata.get("source")
@@ -123,8 +132,8 @@ def load_training_volume(
         if key in item:
             extra_image = _as_image(item[key], key, pair)
             extra[key] = resample_to_grid(extra_image, model_image, "nearest").array
-    model_image.metadata["name"] = name or str(item["image"])
-    return TrainingVolume(name or Path(str(item["image"])).name, model_image, index, extra)
+    model_image.metadata["name"] = name
+    return TrainingVolume(name, model_image, index, extra)
 
 
 def load_datalist(path: PathLike) -> List[Dict[str, str]]:

@@ -284,7 +284,10 @@ def main(argv: List[str] = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     pairs = fsl_mni152_brain_pairs()
-    datalist = [{"image": p.image, "label": p.label, "tissues": intensity_classes(p.image, p.label)} for p in pairs]
+    datalist = [
+        {"name": p.name, "image": p.image, "label": p.label, "tissues": intensity_classes(p.image, p.label)}
+        for p in pairs
+    ]
     validation = validation_pairs(pairs)
     held_out = icbm152_2009a_brain_pair()
     output = args.output
@@ -313,7 +316,7 @@ def main(argv: List[str] = None) -> int:
         seed=args.seed,
         batch_size=1,
         patches_per_volume=2,
-        val_datalist=[{"image": p.image, "label": p.label} for p in validation],
+        val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
         pre_transforms=[RandSynthesizeFromTissuesd(prob=args.synthetic_fraction), RandBrainOnlyd(prob=0.15)],
         extra_keys=("tissues",),
         provenance=provenance,
