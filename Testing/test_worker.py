@@ -188,6 +188,45 @@ def test_status_lists_the_loaded_model_and_memory(worker, model_4mm):
     assert status["jobs"] == []
 
 
+def test_a_segmentation_does_not_wait_behind_a_continual_update(
+    worker, model_4mm, fsl_t1_2mm, fsl_brain_mask_2mm, tmp_path
+):
+    from meddl.continual import init_home
+
+    home = tmp_path / "home"
+    init_home(model_4mm, home, regression=[(fsl_t1_2mm, fsl_brain_mask_2mm, "A")])
+    stored = worker.call(
+        "c1",
+        "submit_correction",
+        {"model": str(home), "image": str(fsl_t1_2mm), "labelmap": str(fsl_brain_mask_2mm), "site": "B"},
+    )
+    assert stored["event"] == "result", stored
+    assert stored["result"]["split"] == "train"
+
+    worker.send("u1", "update", {"model": str(home), "max_steps": 100000, "max_seconds": 120})
+    update_messages = []
+    while not any(m.get("event") == "progress" and m.get("fraction", 0) > 0 for m in update_messages):
+        message = worker.next()
+        assert message.get("id") == "u1" and message["event"] != "error", message
+        update_messages.append(message)
+    assert update_messages[0]["event"] == "accepted" and update_messages[0]["queue"] == "long"
+
+    # The update is training now; a segmentation of the same model home runs at once beside it.
+    worker.send("s9", "segment", {"model": str(home), "input": str(fsl_t1_2mm), "output": str(tmp_path / "l.nrrd")})
+    finals = {}  # id -> final message, in arrival order
+    while not {"s9", "u1"} <= set(finals):
+        message = worker.next()
+        if message.get("id") == "s9" and message["event"] == "accepted":
+            assert (message["queue"], message["queue_position"]) == ("inference", 0)
+        if message.get("event") in ("result", "error"):
+            finals[message["id"]] = message
+            if message["id"] == "s9":
+                worker.send("x1", "cancel", {"id": "u1"})  # done with the update: stop it
+    assert list(finals)[0] == "s9" and finals["s9"]["event"] == "result", finals["s9"]
+    assert finals["u1"]["event"] == "error" and finals["u1"]["error"]["kind"] == "cancelled", finals["u1"]
+    assert finals["x1"]["result"]["state"] == "cancelling"
+
+
 def test_library_prints_stay_off_the_protocol_stream_and_end_of_input_stops_cleanly(
     worker, model_4mm, fsl_t1_2mm, tmp_path
 ):
