@@ -188,6 +188,30 @@ def test_status_lists_the_loaded_model_and_memory(worker, model_4mm):
     assert status["jobs"] == []
 
 
+def test_classify_runs_the_engine_classifier_and_refuses_a_segmentation_model(worker, model_4mm, fsl_t1_2mm, tmp_path):
+    import torch
+
+    from meddl.classify import default_classifier_spec
+    from meddl.models import build_network, save_model
+
+    spec = default_classifier_spec(
+        ["control", "patient"], spatial_dims=3, patch_size=(32, 32, 32), spacing=(8.0, 8.0, 8.0), widths=(4, 8, 16, 32)
+    )
+    torch.manual_seed(0)
+    classifier = save_model(spec, build_network(spec), tmp_path / "classifier")
+    heatmap = tmp_path / "heat.nii.gz"
+    reply = worker.call(
+        "k1", "classify", {"model": str(classifier), "input": str(fsl_t1_2mm), "heatmap_output": str(heatmap)}
+    )
+    assert reply["event"] == "result", reply
+    probabilities = reply["result"]["probabilities"]
+    assert set(probabilities) == {"control", "patient"}
+    assert abs(sum(probabilities.values()) - 1.0) < 1e-3
+    assert read_image(heatmap).same_grid(read_image(fsl_t1_2mm))
+    wrong = worker.call("k2", "classify", {"model": str(model_4mm), "input": str(fsl_t1_2mm)})
+    assert wrong["event"] == "error" and wrong["error"]["kind"] == "bad_model", wrong
+
+
 def test_a_segmentation_does_not_wait_behind_a_continual_update(
     worker, model_4mm, fsl_t1_2mm, fsl_brain_mask_2mm, tmp_path
 ):
