@@ -237,10 +237,10 @@ def probabilities_to_labels(
         reference.SetDirection(target.direction.flatten().tolist())
         region = labels[start:stop, j0:j1, i0:i1]
         if len(sources) == 1:
-            brain = sitk.GetArrayViewFromImage(
-                sitk.Resample(sources[0], reference, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-            )
-            region[brain > 0.5] = values[1]
+            resampled = sitk.Resample(sources[0], reference, identity, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            # A view, not a copy: `resampled` must stay referenced while it is read.
+            region[sitk.GetArrayViewFromImage(resampled) > 0.5] = values[1]
+            del resampled
         else:
             best = best_index = None
             for channel, source in enumerate(sources):
@@ -298,7 +298,9 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
     """Keep each label's largest connected component and/or fill its holes, as the package asks.
 
     Works in place on the bounding box of the foreground (grown by one voxel, so background surrounds
-    every label there exactly as in the whole volume); returns ``labels``.
+    every label there exactly as in the whole volume); returns ``labels``. Memory stays a few bytes per
+    box voxel: components are numbered in uint16 when they fit, and holes are filled with scipy's
+    boolean ``binary_fill_holes``.
     """
     from scipy import ndimage
 
@@ -315,36 +317,34 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
             continue
         mask = view == value
         if largest:
-            components, count = ndimage.label(mask)
+            components, count = _components(mask)
             if count > 1:
                 sizes = np.bincount(components.ravel())
                 sizes[0] = 0
-                keep = components == int(np.argmax(sizes))
-                view[mask & ~keep] = 0
-                mask = keep
-            del components
+                np.equal(components, int(np.argmax(sizes)), out=mask)  # mask := the largest component
+                del components
+                view[(view == value) & ~mask] = 0
+            else:
+                del components
         if fill:
-            view[_holes(mask) & (view == 0)] = value
+            filled = ndimage.binary_fill_holes(mask)
+            filled &= view == 0
+            view[filled] = value
+            del filled
     return labels
 
 
-def _holes(mask: np.ndarray) -> np.ndarray:
-    """Background voxels not connected (6-connectivity) to the array's border: what
-    ``scipy.ndimage.binary_fill_holes`` adds, found with one labelling pass instead of its iterated
-    dilation (about 4x faster on a brain-sized mask)."""
+def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Connected components of ``mask`` (6-connectivity), numbered in uint16 when they fit, else int32."""
     from scipy import ndimage
 
-    background, _ = ndimage.label(~mask)
-    faces = [
-        background[0],
-        background[-1],
-        background[:, 0],
-        background[:, -1],
-        background[:, :, 0],
-        background[:, :, -1],
-    ]
-    outside = np.unique(np.concatenate([face.ravel() for face in faces]))
-    return (background > 0) & ~np.isin(background, outside)
+    try:
+        output = np.empty(mask.shape, dtype=np.uint16)
+        count = ndimage.label(mask, output=output)
+        return output, int(count)
+    except RuntimeError:  # more than 65535 components: scipy refuses the narrow type
+        components, count = ndimage.label(mask)
+        return components, int(count)
 
 
 def segment_image(
