@@ -381,3 +381,22 @@ def test_overlay_views_follow_the_radiological_convention_for_any_storage_order(
         assert panels["axial"]["pixel_mm"] == pytest.approx(2.0)
     path = save_overlay_png(ras, ras_labels, tmp_path / "o.png", title="marker", names={1: "marker"})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, capsys):
+    from meddl.continual import init_home
+
+    init_home(model, tmp_path / "home")
+    code, out, err = run_cli(
+        capsys,
+        "--json",
+        "segment",
+        "--model",
+        tmp_path / "home",
+        "--input",
+        fsl_t1_2mm,
+        "--output",
+        tmp_path / "seg.nii.gz",
+    )
+    assert code == 0, err
+    assert json.loads(out)["model"] == "tiny-untrained"
