@@ -433,7 +433,7 @@ def _claim_protocol_streams() -> tuple:
     """
     sys.stdout.flush()
     protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8", newline="\n")
-    protocol_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    protocol_in = os.fdopen(os.dup(0), "rb")  # buffered: readline returns as soon as a line is complete
     os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
