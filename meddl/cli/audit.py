@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     status = f"audit log {home.audit_log.path}: {report.entries} entries, chain " + (
         "intact" if report.ok else "BROKEN"
     )
-    lines = [status] + report.problems
+    lines = [status] + report.problems + report.notes
     result = {"verify": report.to_dict()}
     if not args.verify:
         entries = home.audit_log.entries()

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         close()
-    if result["status"] == "nothing_to_do":
+    if result["status"] in ("nothing_to_do", "already_decided"):
         emit(args, result, result["message"])
         return 0
     gate = result["gate"]

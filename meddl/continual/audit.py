@@ -49,9 +49,16 @@ class AuditReport:
     entries: int
     head: str
     problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"ok": self.ok, "entries": self.entries, "head": self.head, "problems": self.problems}
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "head": self.head,
+            "problems": self.problems,
+            "notes": self.notes,
+        }
 
 
 class AuditLog:
@@ -111,7 +118,8 @@ class AuditLog:
         if not self.path.exists():
             return []
         result = []
-        for line in self.path.read_bytes().split(b"\n"):
+        lines = self.path.read_bytes().split(b"\n")
+        for line in lines[:-1]:  # the part after the last newline is a torn, unacknowledged write
             if line.strip():
                 try:
                     result.append(json.loads(line))
@@ -122,6 +130,7 @@ class AuditLog:
     def verify(self, anchor: Optional[Tuple[int, str]] = None) -> AuditReport:
         """Recompute the chain; ``anchor`` = (seq, hash) that must still be in the log (catches truncation)."""
         problems: List[str] = []
+        notes: List[str] = []
         previous = GENESIS
         head = GENESIS
         count = 0
@@ -129,8 +138,12 @@ class AuditLog:
         if self.path.exists():
             data = self.path.read_bytes()
             lines = data.split(b"\n")
-            if lines and lines[-1] == b"":
-                lines = lines[:-1]
+            torn = lines.pop()  # b"" when the file ends with a newline
+            if torn:
+                notes.append(
+                    f"{self.path}: last line is incomplete ({len(torn)} bytes of an interrupted write, "
+                    "never acknowledged; the next append drops it)"
+                )
             for number, line in enumerate(lines, start=1):
                 where = f"{self.path}:{number}"
                 try:
@@ -158,4 +171,4 @@ class AuditLog:
                 problems.append(f"{self.path}: entry {seq} recorded in the registry is missing (log truncated)")
             elif by_seq[seq] != expected:
                 problems.append(f"{self.path}: entry {seq} differs from the hash recorded in the registry")
-        return AuditReport(ok=not problems, entries=count, head=head, problems=problems)
+        return AuditReport(ok=not problems, entries=count, head=head, problems=problems, notes=notes)

@@ -304,6 +304,7 @@ def run_update(
         removed_versions = _clean_unregistered_versions(model_home)
         if removed_versions:
             model_home.audit("unregistered_versions_removed", versions=removed_versions)
+        finished = _finish_interrupted(model_home)
         champion = model_home.champion()
         package = load_model(model_home.version_dir(champion), device)
         spec = package.spec
@@ -329,6 +330,21 @@ def run_update(
         key = _plan_key(champion, new_ids, [r["id"] for r in replay_items], options, max_steps, seed)
         work = model_home.updates_dir / "current"
         work.mkdir(parents=True, exist_ok=True)
+        decided = [
+            v for v in model_home.versions() if (model_home.version(v["version"])["report"] or {}).get("key") == key
+        ]
+        if decided:  # this exact update already ran to a decision (a kill hit only its clean-up)
+            (work / CHECKPOINT).unlink(missing_ok=True)
+            row = model_home.version(decided[-1]["version"])
+            return {
+                "status": "already_decided",
+                "candidate": row["version"],
+                "champion": champion,
+                "decision": row["report"]["decision"],
+                "gate": row["report"],
+                "recovered": recovered,
+                "message": f"this update already produced {row['version']} ({row['report']['decision']})",
+            }
 
         # -- data on the model grid ----------------------------------------------------------------------
         progress(0.01, "preparing corrections and replay data on the model grid")
@@ -490,21 +506,15 @@ def run_update(
             "final_loss": losses[-1] if losses else None,
         }
         spec.raw["metrics"] = {"gate": report}
+        report["key"] = key
         save_model(spec, network, model_home.version_dir(version))
-        model_home.register_version(version, champion, "candidate", report)
-        model_home.audit("candidate_written", version=version, parent=champion, corrections=new_ids, steps=step)
-        model_home.audit(
-            "gate_decision",
-            version=version,
-            decision=report["decision"],
-            reasons=report["reasons"],
-            regression=report["regression"],
-            corrections=report["corrections"],
+        # One row carries the decision; a kill after it is finished by _finish_interrupted on the next run.
+        model_home.register_version(
+            version, champion, "candidate" if report["decision"] == "promoted" else "rejected", report
         )
+        _audit_decision(model_home, version, champion, report)
         if report["decision"] == "promoted":
             model_home.promote(version, reason="passed the validation gate", by="update")
-        else:
-            model_home.set_version_status(version, "rejected")
         checkpoint_path.unlink(missing_ok=True)
         progress(1.0, f"{report['decision']}: {version}")
         timings["total"] = time.perf_counter() - started
@@ -519,9 +529,46 @@ def run_update(
             "stopped_by": stopped_by,
             "resumed_from_step": resumed_from,
             "gate": report,
-            "recovered": recovered,
+            "recovered": {**recovered, "finished": finished},
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
+
+
+def _audit_decision(home: ModelHome, version: str, parent: str, report: Dict[str, Any], **extra: Any) -> None:
+    home.audit("candidate_written", version=version, parent=parent, **extra)
+    home.audit(
+        "gate_decision",
+        version=version,
+        decision=report["decision"],
+        reasons=report["reasons"],
+        regression=report["regression"],
+        corrections=report["corrections"],
+        **extra,
+    )
+
+
+def _finish_interrupted(home: ModelHome) -> List[str]:
+    """Complete decisions a kill interrupted: audit registered candidates whose decision is not in the log, and
+    promote a candidate that passed its gate when its parent is still the champion."""
+    decided = {e.get("version") for e in home.audit_log.entries() if e.get("event") == "gate_decision"}
+    finished = []
+    for summary in home.versions():
+        row = home.version(summary["version"])
+        report = row["report"]
+        if not report:
+            continue
+        if row["version"] not in decided:
+            _audit_decision(home, row["version"], row["parent"], report, completed_after_interruption=True)
+            finished.append(row["version"])
+        if row["status"] == "candidate" and report["decision"] == "promoted":
+            if row["parent"] == home.champion():
+                home.promote(
+                    row["version"], reason="passed the validation gate (completed after an interruption)", by="update"
+                )
+            else:  # the champion changed meanwhile (a manual promotion or rollback): do not override a person
+                home.set_version_status(row["version"], "passed-not-promoted")
+            finished.append(row["version"])
+    return finished
 
 
 def _ewc_penalty(network, volumes: List[_Volume], patch: List[int], options: UpdateOptions, seed: int):
