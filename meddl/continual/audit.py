@@ -13,14 +13,14 @@ drops it and records that it did.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from meddl.continual.locks import file_lock
 
 __all__ = ["AuditLog", "AuditReport", "GENESIS", "entry_hash"]
 
@@ -67,15 +67,8 @@ class AuditLog:
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    def _locked(self):
+        return file_lock(self.path.with_name(self.path.name + ".lock"))
 
     def _tail(self) -> Tuple[int, str, int]:
         """(last seq, last hash, byte length of the intact part) of the file."""

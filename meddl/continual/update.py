@@ -19,7 +19,6 @@ One update:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import numpy as np
 
 from meddl.continual.gate import decide, score_cases
+from meddl.continual.locks import LockBusy, file_lock
 from meddl.continual.registry import ModelHome, fsync_dir
 from meddl.continual.store import StoredCase, load_case, load_correction, recover
 from meddl.errors import Cancelled, ModelError
@@ -93,16 +93,11 @@ class _Volume:
 
 @contextmanager
 def _update_lock(home: ModelHome) -> Iterator[None]:
-    home.updates_dir.mkdir(parents=True, exist_ok=True)
-    with open(home.updates_dir / "update.lock", "a") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ModelError("another update is running on this model home", home.path) from None
-        try:
+    try:
+        with file_lock(home.updates_dir / "update.lock", blocking=False):
             yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    except LockBusy:
+        raise ModelError("another update is running on this model home", home.path) from None
 
 
 def _clean_unregistered_versions(home: ModelHome) -> List[str]:
