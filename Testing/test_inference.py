@@ -261,3 +261,12 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes_like_scipy(h
     largest = components == np.argmax(np.bincount(components.ravel())[1:]) + 1
     assert np.array_equal(result.astype(bool), ndimage.binary_fill_holes(largest))
     assert not result[3, 3, 3]
+
+
+def test_float32_header_spacing_does_not_add_a_model_grid_slice():
+    from meddl.transforms import model_grid
+
+    # 160 slices of 1.2 mm as a NIfTI header stores it (float32): 192.0000076 mm, still 96 slices of 2 mm,
+    # so a 96-voxel patch covers it in one window instead of two.
+    image = Image(np.zeros((160, 8, 8), np.int16), (1.0, 1.0, float(np.float32(1.2))), (0.0, 0.0, 0.0))
+    assert model_grid(image, (2.0, 2.0, 2.0)).array.shape[0] == 96

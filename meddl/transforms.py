@@ -32,7 +32,9 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
     )
     corners = (image.direction @ (corners_index * np.asarray(image.spacing)).T).T + np.asarray(image.origin)
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = np.maximum(1, np.ceil((high - low) / spacing - 1e-6)).astype(int)
+    # Extents come from float32 headers (NIfTI): 160 x 1.2 mm reads as 192.0000076 mm. Without a tolerance
+    # that is 97 voxels at 2 mm instead of 96, and one voxel past the patch size doubles the sliding windows.
+    size = np.maximum(1, np.ceil((high - low) / spacing - 1e-3)).astype(int)
     origin = low + spacing / 2.0
     return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), np.eye(3))
 
