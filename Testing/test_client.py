@@ -89,7 +89,7 @@ def test_queued_jobs_report_their_place_and_status_answers_while_a_job_runs(clie
     third = client.submit(
         "segment", {"model": str(models["heavy"]), "input": str(fsl_t1_2mm), "output": str(tmp_path / "c.nrrd")}
     )
-    wait_until(client, lambda: third.queue_position is not None)
+    wait_until(client, lambda: third.queue_position is not None and running.state == "running")
     assert (running.queue_position, second.queue_position, third.queue_position) == (0, 1, 2)
     assert second.state == "queued" and second.message == "queued: 1 job ahead"
 
@@ -179,6 +179,23 @@ def test_a_killed_worker_fails_its_jobs_clearly_and_is_restarted(client, models,
     assert client.alive and client.pid != old_pid
     assert len(restarts) == 1 and "exited unexpectedly" in restarts[0]
     assert client.hello["pid"] == client.pid
+
+
+def test_an_interpreter_without_the_engine_dependencies_fails_with_one_clear_line(tmp_path):
+    import subprocess
+
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not base.exists() or subprocess.run([str(base), "-c", "import monai"], capture_output=True).returncode == 0:
+        pytest.skip("needs a base interpreter without MONAI (the venv's base Python)")
+    client = WorkerClient(python_executable=str(base), log_path=tmp_path / "worker.log")
+    with pytest.raises(WorkerExited) as caught:
+        client.start()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("worker process exited unexpectedly (code 3): ")
+    assert "cannot import the engine's dependencies (No module named" in message
+    assert message.endswith(f"see log {tmp_path / 'worker.log'}")
+    assert not client.alive
 
 
 def test_shutdown_stops_the_worker(client):

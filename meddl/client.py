@@ -150,6 +150,7 @@ class WorkerClient:
         self._log_handle = None
         self._stopping = False
         self._exit_seen = False
+        self._log_offset = 0
 
     # -- life cycle -----------------------------------------------------------------------------------
     @property
@@ -384,7 +385,35 @@ class WorkerClient:
     def _exit_problem(self, code: Optional[int]) -> str:
         if self._stopping:
             return "the worker was shut down"
-        return f"worker process exited unexpectedly (code {code}); see log {self.log_path}"
+        cause = self._last_error_line()
+        cause = f": {cause}" if cause else ""
+        return f"worker process exited unexpectedly (code {code}){cause}; see log {self.log_path}"
+
+    def _last_error_line(self) -> str:
+        """The last error this worker wrote to the log (a missing torch, a Python exception), if any."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(self._log_offset, os.path.getsize(self.log_path) - 8192))
+                lines = log.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        # After start-up only a fatal error is quoted: a job's earlier, handled error is not why the process died.
+        started = any(" ready (pid " in line for line in lines)
+        for line in reversed(lines):
+            text = line.strip()
+            if text.startswith("Fatal Python error"):
+                return text[:300]
+            if started:
+                continue
+            if " ERROR " in text or " CRITICAL " in text:
+                return text.split(": ", 1)[-1][:300]  # drop the time stamp and logger name
+            if (
+                text
+                and text.split(":", 1)[0].replace(".", "").isidentifier()
+                and text.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt", "Exit"))
+            ):
+                return text[:300]
+        return ""
 
     def _finish(self, job: Job, state: str) -> None:
         job.state = state
@@ -418,6 +447,7 @@ class WorkerClient:
     def _spawn(self) -> None:
         self._kill(reason="the worker was replaced")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # this worker's part
         self._log_handle = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in _kill
         command = [self.python_executable, "-m", "meddl.worker", "--log-file", str(self.log_path), *self.worker_args]
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform.startswith("win") else 0

@@ -44,10 +44,12 @@ from meddl.protocol import (
 from meddl.worker.cache import ModelCache
 from meddl.worker.handlers import Handlers, capabilities, memory_usage
 
-__all__ = ["Worker", "JobQueue", "WorkerJob", "main", "default_num_threads"]
+__all__ = ["Worker", "JobQueue", "WorkerJob", "main", "default_num_threads", "EXIT_MISSING_DEPENDENCY"]
 
 logger = logging.getLogger("meddl.worker")
 RequestId = Union[str, int]
+# Exit code when torch/MONAI cannot be imported (distinct from a crash, so a client can offer to install them).
+EXIT_MISSING_DEPENDENCY = 3
 # Progress events of one job are sent at most this often (the last one of a message always goes out).
 PROGRESS_INTERVAL_S = 0.1
 
@@ -178,6 +180,8 @@ class JobQueue:
                 if self._stopping:
                     return
                 job = self._waiting.popleft()
+                job.state = "running"  # under the lock: status never shows the running job as queued
+                job.started = time.time()
                 self._running = job
             self._announce_positions()
             final = None
@@ -334,8 +338,6 @@ class Worker:
     # -- jobs -----------------------------------------------------------------------------------------
     def _run_job(self, job: WorkerJob) -> Dict[str, Any]:
         """Run one job; returns its final reply (the queue sends it once the job has left the queue)."""
-        job.state = "running"
-        job.started = time.time()
         job.message = "started"
 
         def report(fraction: float, message: str) -> None:
@@ -510,7 +512,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     _configure_logging(log_file, args.debug)
     num_threads = default_num_threads()
     started = time.perf_counter()
-    _warm_up_imports(num_threads)
+    try:
+        _warm_up_imports(num_threads)
+    except ImportError as problem:
+        # The usual first-run problem inside Slicer: torch or MONAI not installed in this interpreter. One line
+        # (the client quotes it in its error), then exit.
+        logger.error(
+            "%s: cannot import the engine's dependencies (%s); install torch and MONAI into this Python",
+            sys.executable,
+            problem,
+        )
+        return EXIT_MISSING_DEPENDENCY
     logger.info("engine imported in %.2f s", time.perf_counter() - started)
     worker = Worker(protocol_in, protocol_out, log_file=log_file, num_threads=num_threads, cache_size=args.cache_size)
     code = worker.serve()
