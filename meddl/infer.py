@@ -10,6 +10,7 @@ the labels' bounding box only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -151,16 +152,20 @@ def predict_probabilities(
     overlap = float(spec.inference.get("overlap", 0.25))
     batch = int(spec.inference.get("sw_batch_size", 1))
     counter = counter if counter is not None else [0]
+    total = len(flips) * _window_count(model_image.array.shape, spec.patch_size, overlap)
+    first = counter[0]
 
     def forward(window):
         if cancel:
             cancel.check()
         counter[0] += int(window.shape[0])
+        done = counter[0] - first
+        progress(min(1.0, done / total), f"window {min(done, total)}/{total}")
         return network(window)
 
     with torch.inference_mode(), autocast:
         summed = None
-        for index, axes in enumerate(flips):
+        for axes in flips:
             flipped = torch.flip(tensor, axes) if axes else tensor
             logits = sliding_window_inference(
                 flipped,
@@ -178,11 +183,20 @@ def predict_probabilities(
                 probabilities = torch.flip(probabilities, axes)
             summed = probabilities if summed is None else summed.add_(probabilities)
             del probabilities
-            progress((index + 1) / len(flips), f"forward pass {index + 1}/{len(flips)}")
         if len(flips) > 1:
             summed /= len(flips)
         result = summed[0].float().cpu().numpy()
     return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def _window_count(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits on ``shape`` (for progress reporting only)."""
+    count = 1
+    for size, roi in zip(shape, patch):
+        if size > roi:
+            step = max(1, int(roi * (1 - overlap)))
+            count *= math.ceil((size - roi) / step) + 1
+    return max(1, count)
 
 
 def probabilities_to_labels(
