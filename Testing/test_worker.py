@@ -212,6 +212,24 @@ def test_classify_runs_the_engine_classifier_and_refuses_a_segmentation_model(wo
     assert wrong["event"] == "error" and wrong["error"]["kind"] == "bad_model", wrong
 
 
+def test_model_cache_reloads_a_rewritten_package_and_keeps_only_a_few(model_4mm, tmp_path):
+    from meddl.worker import ModelCache
+
+    cache = ModelCache(capacity=1)
+    first, hit, _ = cache.get(model_4mm, "cpu")
+    assert not hit
+    again, hit, seconds = cache.get(model_4mm / "model.json", "cpu")  # the json path names the same package
+    assert hit and again is first and seconds == 0.0
+    stamp = (model_4mm / "weights.safetensors").stat().st_mtime_ns + 1_000_000_000
+    os.utime(model_4mm / "weights.safetensors", ns=(stamp, stamp))  # new weights written in place
+    reloaded, hit, _ = cache.get(model_4mm, "cpu")
+    assert not hit and reloaded is not first
+    assert len(cache.describe()) == 1
+    other = make_unet_package(tmp_path / "other", spacing=4.0)
+    cache.get(other, "cpu")
+    assert [entry["path"] for entry in cache.describe()] == [str(other.resolve())]  # capacity 1: oldest evicted
+
+
 def test_a_segmentation_does_not_wait_behind_a_continual_update(
     worker, model_4mm, fsl_t1_2mm, fsl_brain_mask_2mm, tmp_path
 ):
