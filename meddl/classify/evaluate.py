@@ -155,7 +155,8 @@ def _figures(labels: np.ndarray, probabilities: np.ndarray, metrics: Dict[str, A
         if positive.any() and (~positive).any():
             fpr, tpr, _ = roc_curve(positive, probabilities[:, c])
             auc = metrics["per_class"][name]["auc"]
-            axes.plot(fpr, tpr, lw=2, label=f"{name} vs rest (AUC {auc:.3f})")
+            style = ("-", "--", ":", "-.")[c % 4]  # binary curves coincide; the styles keep both visible
+            axes.plot(fpr, tpr, lw=2, ls=style, label=f"{name} vs rest (AUC {auc:.3f})")
     axes.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     axes.set(
         xlabel="1 - specificity (false-positive rate)",

@@ -194,6 +194,7 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
         RandBiasField,
         RandFlip,
         RandGaussianNoise,
+        RandHistogramShift,
         RandScaleIntensity,
         RandShiftIntensity,
     )
@@ -210,6 +211,9 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
         *[RandFlip(prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
         RandBiasField(prob=0.3, coeff_range=(0.0, 0.3)),
         RandAdjustContrast(prob=0.5, gamma=(0.6, 1.6)),
+        # A random monotone remapping of the intensity histogram: a model cannot lean on where a scanner puts
+        # background, air or padding (e.g. CT padding below -1024 HU lifts air to mid-grey after percentiles).
+        RandHistogramShift(prob=0.3, num_control_points=(4, 8)),
         RandScaleIntensity(prob=0.5, factors=0.25),
         RandShiftIntensity(prob=0.5, offsets=0.15),
         RandGaussianNoise(prob=0.3, std=0.05),
@@ -289,7 +293,7 @@ def train_classifier(
         loss: ``ce``, ``weighted_ce`` (inverse class frequency) or ``focal`` (MONAI FocalLoss, same weights).
         balanced_sampler: draw training batches with equal probability per class (with replacement).
         mixup_alpha: Beta(alpha, alpha) mixing of pairs of images and their one-hot targets; 0 turns it off.
-        augment: MONAI random affine, flips, bias field, gamma, intensity scale/shift and noise.
+        augment: MONAI random affine, flips, bias field, gamma, histogram shift, intensity scale/shift and noise.
 
     Returns:
         The package folder.
