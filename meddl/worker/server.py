@@ -196,6 +196,14 @@ class JobQueue:
                     self._send(final)
 
 
+def _release_cached_gpu_memory() -> None:
+    """Hand the blocks a finished job cached back to the driver (Slicer's renderer shares the GPU); the loaded
+    models stay."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _lower_thread_priority(nice: int) -> None:
     """Lower this thread's CPU priority (Linux schedules threads individually); elsewhere a no-op."""
     if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
@@ -370,6 +378,7 @@ class Worker:
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job.id, None)
+            _release_cached_gpu_memory()
 
     def _internal(self, problem: BaseException) -> MedDLError:
         logger.error(
