@@ -163,7 +163,7 @@ def test_a_killed_worker_fails_its_jobs_clearly_and_is_restarted(client, models,
     wait_until(client, lambda: running.done and queued.done)
     for job in (running, queued):
         assert job.state == "failed"
-        assert isinstance(job.error, WorkerExited)
+        assert isinstance(job.error, WorkerExited) and job.error.returncode == -signal.SIGKILL
         assert f"worker process exited unexpectedly (code {-signal.SIGKILL}); see log {client.log_path}" == str(
             job.error
         )
@@ -193,6 +193,7 @@ def test_an_interpreter_without_the_engine_dependencies_fails_with_one_clear_lin
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("worker process exited unexpectedly (code 3): ")
+    assert caught.value.returncode == 3  # what a GUI checks to offer installing torch and MONAI
     assert "cannot import the engine's dependencies (No module named" in message
     assert message.endswith(f"see log {tmp_path / 'worker.log'}")
     assert not client.alive

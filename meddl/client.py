@@ -379,7 +379,7 @@ class WorkerClient:
             logger.error(problem)
         for job in list(self._jobs.values()):
             if not job.done:
-                job.error = WorkerExited(problem)
+                job.error = self._exited(problem, code)
                 self._finish(job, "failed")
 
     def _exit_problem(self, code: Optional[int]) -> str:
@@ -388,6 +388,13 @@ class WorkerClient:
         cause = self._last_error_line()
         cause = f": {cause}" if cause else ""
         return f"worker process exited unexpectedly (code {code}){cause}; see log {self.log_path}"
+
+    @staticmethod
+    def _exited(problem: str, code: Optional[int]) -> WorkerExited:
+        """The error pending jobs get; ``returncode`` 3 means torch/MONAI are missing (offer to install them)."""
+        error = WorkerExited(problem)
+        error.returncode = code
+        return error
 
     def _last_error_line(self) -> str:
         """The last error this worker wrote to the log (a missing torch, a Python exception), if any."""
@@ -513,9 +520,11 @@ class WorkerClient:
 
     def _kill(self, reason: str = "the worker was stopped") -> None:
         process = self._process
+        code: Optional[int] = None
         if process is not None:
             if process.poll() is not None and not self._stopping:
-                reason = self._exit_problem(process.returncode)  # it died on its own: say so
+                code = process.returncode
+                reason = self._exit_problem(code)  # it died on its own: say so
             elif process.poll() is None:
                 process.kill()
                 try:
@@ -532,7 +541,7 @@ class WorkerClient:
         self._generation += 1  # replies still queued from the old worker are ignored
         for job in list(self._jobs.values()):
             if not job.done:
-                job.error = WorkerExited(reason)
+                job.error = self._exited(reason, code)
                 self._finish(job, "failed")
         self._jobs.clear()
         self._close_log()

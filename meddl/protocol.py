@@ -91,9 +91,14 @@ class NotAvailable(MedDLError):
 
 
 class WorkerExited(MedDLError):
-    """The worker process ended while jobs were pending (crash, kill, out of memory)."""
+    """The worker process ended while jobs were pending (crash, kill, out of memory).
+
+    ``returncode`` is the process's exit code when known (3: torch or MONAI could not be imported; negative:
+    killed by that signal on POSIX).
+    """
 
     kind = "worker_exited"
+    returncode: Optional[int] = None
 
 
 _ERROR_KINDS = {
