@@ -20,7 +20,7 @@ import numpy as np
 
 from meddl.classify.calibration import expected_calibration_error, reliability_bins, softmax_with_temperature
 from meddl.classify.infer import load_classifier, predict_logits, temperature_of
-from meddl.classify.preprocess import prepare_input, read_classification_input
+from meddl.classify.preprocess import class_value, prepare_input, read_classification_input
 from meddl.errors import InputError
 from meddl.io import Image
 from meddl.models import ModelPackage
@@ -393,8 +393,7 @@ def evaluate_classifier(
             raise InputError(f"datalist item {index} needs 'image' and 'label'")
         image_value = item["image"]
         where = image_value.metadata.get("source") if isinstance(image_value, Image) else image_value
-        if str(item["label"]) not in classes:
-            raise InputError(f"unknown class name '{item['label']}' (model classes: {', '.join(names)})", where)
+        class_value(spec, item["label"], where)
         image = image_value if isinstance(image_value, Image) else read_classification_input(image_value)
         prepared = prepare_input(image, spec, slice_policy)
         logits = predict_logits(network, prepared.array[None], device)

@@ -46,6 +46,7 @@ __all__ = [
     "single_slice_axis",
     "network_grid",
     "map_to_input",
+    "class_value",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -165,6 +166,16 @@ def check_classifier_spec(spec: ModelSpec, path: Optional[PathLike] = None) -> N
     policy = spec.input.get("volume_slice", "refuse")
     if policy not in VOLUME_SLICE_POLICIES:
         raise ModelError(f"input.volume_slice must be one of {', '.join(VOLUME_SLICE_POLICIES)}", path)
+
+
+def class_value(spec: ModelSpec, name: str, path: Optional[PathLike] = None) -> int:
+    """The label value of class ``name``; an unknown name (e.g. in a datalist or a correction) is an InputError
+    naming ``path`` and the model's classes."""
+    for label in spec.labels:
+        if label.name == str(name):
+            return label.value
+    classes = ", ".join(label.name for label in sorted(spec.labels, key=lambda label: label.value))
+    raise InputError(f"unknown class name '{name}' (model '{spec.name}' classes: {classes})", path)
 
 
 def channel_count(image: Image) -> int:

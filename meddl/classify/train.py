@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from meddl.classify.calibration import expected_calibration_error, fit_temperature, softmax_with_temperature
-from meddl.classify.preprocess import check_classifier_spec, prepare_input, read_classification_input
+from meddl.classify.preprocess import check_classifier_spec, class_value, prepare_input, read_classification_input
 from meddl.errors import InputError, ModelError
 from meddl.io import Image
 from meddl.models import ModelSpec, build_network, save_model
@@ -175,8 +175,7 @@ def prepare_datalist(
         source = item["image"] if isinstance(item["image"], Image) else None
         name = str(item["label"])
         where = source.metadata.get("source") if source is not None else item["image"]
-        if name not in classes:
-            raise InputError(f"unknown class name '{name}' (model classes: {', '.join(classes)})", where)
+        class_value(spec, name, where)
         image = source if source is not None else read_classification_input(item["image"])
         arrays.append(prepare_input(image, spec, slice_policy).array)
         labels.append(classes[name])
