@@ -184,6 +184,42 @@ def prepare_datalist(
     return np.stack(arrays), np.asarray(labels, dtype=np.int64)
 
 
+def _field_of_view_padding():
+    """A MONAI transform that imitates a scanner's circular field of view with padding below the minimum.
+
+    CT stores voxels outside the reconstruction circle at -2000 or -3024 HU; after per-image percentile
+    normalisation that padding becomes black and everything inside, air included, is lifted to grey. Applied to
+    every class alike, it teaches the model that such a frame says nothing about the class.
+    """
+    from monai.transforms import RandomizableTransform
+
+    class RandFieldOfViewPadding(RandomizableTransform):
+        def __init__(self, prob: float = 0.25, radius=(0.35, 0.6), lift=(0.1, 0.4)) -> None:
+            RandomizableTransform.__init__(self, prob)
+            self.radius_range, self.lift_range = radius, lift
+
+        def randomize(self, data=None) -> None:
+            super().randomize(None)
+            self.radius = self.R.uniform(*self.radius_range)
+            self.lift = self.R.uniform(*self.lift_range)
+
+        def __call__(self, image):
+            import torch
+
+            self.randomize()
+            if not self._do_transform:
+                return image
+            array = torch.as_tensor(image)
+            spatial = array.shape[1:]
+            grids = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in spatial], indexing="ij")
+            inside = (sum(g**2 for g in grids) <= self.radius**2 * 2)[None]
+            low, high = array.min(), array.max()
+            lifted = low + self.lift * (high - low) + (array - low) * (1 - self.lift)
+            return torch.where(inside, lifted, low)
+
+    return RandFieldOfViewPadding()
+
+
 def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
     """MONAI intensity and spatial augmentation on one ``[C, *patch]`` array, seeded."""
     from monai.transforms import (
@@ -196,6 +232,8 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
         RandHistogramShift,
         RandScaleIntensity,
         RandShiftIntensity,
+        RandSimulateLowResolution,
+        RandZoom,
     )
 
     rotate = (np.pi / 12,) if spatial_dims == 2 else (np.pi / 12,) * 3
@@ -207,11 +245,17 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
             translate_range=[0.08 * p for p in patch_size],
             padding_mode="zeros",
         ),
+        # Tighter fields of view: crops that cut the anatomy, as other scanners and protocols do.
+        RandZoom(prob=0.3, min_zoom=1.0, max_zoom=1.8, keep_size=True),
         *[RandFlip(prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)],
+        RandSimulateLowResolution(
+            prob=0.2, zoom_range=(0.4, 0.9), upsample_mode="bilinear" if spatial_dims == 2 else "trilinear"
+        ),
+        _field_of_view_padding(),
         RandBiasField(prob=0.3, coeff_range=(0.0, 0.3)),
         RandAdjustContrast(prob=0.5, gamma=(0.6, 1.6)),
         # A random monotone remapping of the intensity histogram: a model cannot lean on where a scanner puts
-        # background, air or padding (e.g. CT padding below -1024 HU lifts air to mid-grey after percentiles).
+        # background, air or padding.
         RandHistogramShift(prob=0.3, num_control_points=(4, 8)),
         RandScaleIntensity(prob=0.5, factors=0.25),
         RandShiftIntensity(prob=0.5, offsets=0.15),
