@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--ks", default="1,5,10")
     parser.add_argument("--methods", default="naive,replay,full")
     parser.add_argument("--base", help="reuse a base package trained by an earlier run (its output/base folder)")
+    parser.add_argument("--base", help="reuse the base package of an earlier run with the same seed (OUTPUT/base)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -184,17 +185,20 @@ def main() -> None:
 
     spec = ModelSpec.from_json(SPEC)
     train_started = time.perf_counter()
-    package_dir = train_segmentation(
-        spec,
-        files["a_train"][:5],
-        out / "base",
-        epochs=args.base_epochs,
-        val_datalist=files["a_train"][5:],
-        seed=args.seed,
-        learning_rate=5e-3,
-        steps_per_epoch=10,
-        device=args.device,
-    )
+    if args.base:  # a base package from an earlier run with the same seed (the cases are drawn identically)
+        package_dir = Path(shutil.copytree(args.base, out / "base"))
+    else:  # with meddl.train's acquisition-simulating augmentation (rotations, bias field, gamma, low resolution…)
+        package_dir = train_segmentation(
+            spec,
+            files["a_train"][:5],
+            out / "base",
+            epochs=args.base_epochs,
+            val_datalist=files["a_train"][5:],
+            seed=args.seed,
+            learning_rate=5e-3,
+            steps_per_epoch=10,
+            device=args.device,
+        )
     base = load_model(package_dir)
     base_time = time.perf_counter() - train_started
     base_a, base_b = score(base, a_test), score(base, b_test)
@@ -264,8 +268,10 @@ def main() -> None:
             shutil.rmtree(home / "versions", ignore_errors=True)  # keep the output folder small
 
     lines = [
-        f"Base model (trained on site A in {base_time:.0f} s): site A Dice {base_a:.4f}, site B Dice {base_b:.4f}. "
-        f"Update: {args.steps} steps, batch 2, {args.threads} CPU threads ({args.device}).",
+        f"Base model ({'reused' if args.base else 'trained on site A'} in {base_time:.0f} s): "
+        f"site A Dice {base_a:.4f}, site B Dice {base_b:.4f}. "
+        f"Update: {args.steps} steps of 2 correction patches (+2 replay patches for replay and full), "
+        f"{args.threads} CPU threads ({args.device}).",
         "",
         "| method | k | site B Dice | gain on B (points) | site A Dice | forgetting on A (points) "
         "| update wall time (s) | gate |",

@@ -54,7 +54,7 @@ class UpdateOptions:
     learning_rate: float = 5e-4
     batch_size: int = 2
     changed_voxel_weight: float = 5.0
-    replay_fraction: float = 0.5
+    replay_ratio: float = 1.0  # replay patches per correction patch, added to the batch (not replacing)
     replay_buffer_size: int = 16
     distill_weight: float = 1.0
     temperature: float = 2.0
@@ -407,8 +407,10 @@ def run_update(
                 stopped_by = "time"
                 break
             rng = np.random.default_rng([seed, step])
-            n_replay = int(round(options.batch_size * options.replay_fraction)) if replay_volumes else 0
-            n_new = max(1, options.batch_size - n_replay)
+            # Every method sees the same correction patches per step; replay is added, so learning the new site
+            # is not slowed down by remembering the old one.
+            n_new = max(1, options.batch_size)
+            n_replay = int(round(options.batch_size * options.replay_ratio)) if replay_volumes else 0
             batch = []
             for role, count, pool in (("new", n_new, new_volumes), ("replay", n_replay, replay_volumes)):
                 for _ in range(count):
