@@ -21,7 +21,7 @@ from meddl.continual import (
     run_update,
     submit_correction,
 )
-from meddl.errors import Cancelled, InputError
+from meddl.errors import Cancelled, InputError, ModelError
 from meddl.infer import segment_file
 from meddl.io import read_image, write_image
 from meddl.progress import CancelToken
@@ -240,3 +240,14 @@ def test_init_refuses_a_used_folder_and_a_bad_package(setup, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["models", "init", "--from", str(tmp_path / "nope"), "--home", str(tmp_path / "new")]) == 4
     assert not (tmp_path / "new").exists()
+
+
+def test_only_one_update_at_a_time(setup):
+    from meddl.continual.locks import file_lock
+
+    home = setup["home"]
+    submit_correction(home, setup["b_image"], setup["label"], site="B")
+    with file_lock(home / "updates" / "update.lock"):  # what a running update holds
+        with pytest.raises(ModelError, match="another update is running"):
+            run_update(home, max_steps=2)
+    assert ModelHome(home).champion() == "v1"
