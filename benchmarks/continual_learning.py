@@ -153,7 +153,6 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=20, help="base training: epochs of 10 steps")
     parser.add_argument("--ks", default="1,5,10")
     parser.add_argument("--methods", default="naive,replay,full")
-    parser.add_argument("--base", help="reuse a base package trained by an earlier run (its output/base folder)")
     parser.add_argument("--base", help="reuse the base package of an earlier run with the same seed (OUTPUT/base)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
