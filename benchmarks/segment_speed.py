@@ -4,7 +4,8 @@ the same windows and (b) a plain hand-written MONAI pipeline on the same model. 
     nice .venv/bin/python benchmarks/segment_speed.py [--model DIR] [--threads 2] [--repeats 3]
 
 The volume is the FSL MNI152 1 mm T1 with skull (nimare) resampled to 256x256x160 at 1x1x1.2 mm. Every
-figure printed is measured in this run; each timing is the best of ``--repeats`` runs after one warm-up.
+figure printed is measured in this run; each timing is the best of ``--repeats`` runs after one warm-up, the
+three pipelines taking turns.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -69,34 +70,29 @@ def t1_on_grid(size_ijk=(256, 256, 160), spacing=(1.0, 1.0, 1.2)) -> Image:
     return moved.with_array(np.rint(moved.array).astype(np.int16))
 
 
-def best_of(repeats: int, function):
-    """Run ``function`` once to warm up, then ``repeats`` times; return (best seconds, last result)."""
-    result = function()
-    best = float("inf")
+def interleaved(repeats: int, runners: Dict[str, Callable[[], object]]) -> Dict[str, Tuple[float, object]]:
+    """Warm each runner up once, then run them in turn ``repeats`` times (so that a busy spell on the machine
+    hits all of them alike); returns ``{name: (best seconds, result of that run)}``."""
+    for run in runners.values():
+        run()
+    best: Dict[str, Tuple[float, object]] = {name: (float("inf"), None) for name in runners}
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - started)
-    return best, result
+        for name, run in runners.items():
+            started = time.perf_counter()
+            result = run()
+            seconds = time.perf_counter() - started
+            if seconds < best[name][0]:
+                best[name] = (seconds, result)
+    return best
 
 
-def ours(model_dir: Path, volume: Path, output: Path, repeats: int) -> Tuple[float, Dict]:
+def ours(model_dir: Path, volume: Path, output: Path) -> Callable[[], Dict]:
     """meddl's engine in-process, read to write (the model loaded once, as a batch or the worker does)."""
     from meddl.infer import segment_file
     from meddl.models import load_model
 
     package = load_model(model_dir, "cpu")
-    runs = []
-
-    def once():
-        summary = segment_file(package, volume, output, device="cpu")
-        runs.append(summary["timings_s"])
-        return summary
-
-    seconds, summary = best_of(repeats, once)
-    best_split = min(runs[1:], key=lambda t: sum(v for k, v in t.items() if k != "load_model"))
-    summary["timings_s"] = best_split
-    return seconds, summary
+    return lambda: segment_file(package, volume, output, device="cpu")
 
 
 def cli_wall_time(model_dir: Path, volume: Path, output: Path, threads: int) -> float:
@@ -121,7 +117,7 @@ def cli_wall_time(model_dir: Path, volume: Path, output: Path, threads: int) -> 
     return time.perf_counter() - started
 
 
-def pure_forward(model_dir: Path, windows: int, repeats: int) -> float:
+def pure_forward(model_dir: Path, windows: int) -> Callable[[], None]:
     """The network alone on ``windows`` patches of the package's patch size (the same count as our run)."""
     import torch
 
@@ -137,11 +133,10 @@ def pure_forward(model_dir: Path, windows: int, repeats: int) -> float:
             for _ in range(0, windows, batch):
                 package.network(patch)
 
-    seconds, _ = best_of(repeats, once)
-    return seconds
+    return once
 
 
-def plain_monai(model_dir: Path, volume: Path, output_dir: Path, repeats: int) -> Tuple[float, Dict[str, float], Path]:
+def plain_monai(model_dir: Path, volume: Path, output_dir: Path) -> Callable[[], Dict]:
     """A hand-written MONAI pipeline, as its tutorials do it, on the same model and settings.
 
     LoadImaged → EnsureChannelFirstd → Orientationd → Spacingd → ScaleIntensityRangePercentilesd →
@@ -193,7 +188,6 @@ def plain_monai(model_dir: Path, volume: Path, output_dir: Path, repeats: int) -
         resample=False,
         output_dtype=np.uint8,
     )
-    split: Dict[str, float] = {}
     windows = [0]
 
     def predictor(window):
@@ -206,6 +200,7 @@ def plain_monai(model_dir: Path, volume: Path, output_dir: Path, repeats: int) -
         data = pre({"image": str(volume)})
         times["read+preprocess"] = time.perf_counter() - started
         started = time.perf_counter()
+        windows[0] = 0
         with torch.inference_mode():
             logits = sliding_window_inference(
                 data["image"][None],
@@ -228,15 +223,11 @@ def plain_monai(model_dir: Path, volume: Path, output_dir: Path, repeats: int) -
         started = time.perf_counter()
         saver(labels, meta_data=data["image"].meta if hasattr(data["image"], "meta") else None)
         times["write"] = time.perf_counter() - started
-        split.clear()
-        split.update(times)
-        split["windows"] = windows[0]
-        split["model_grid"] = list(data["image"].shape[1:])
-        return labels
+        times["windows"] = windows[0]
+        times["model_grid"] = list(data["image"].shape[1:])
+        return times
 
-    seconds, _ = best_of(repeats, once)
-    written = next(output_dir.glob("*_monai.nii.gz"))
-    return seconds, dict(split), written
+    return once
 
 
 def main() -> int:
@@ -272,9 +263,18 @@ def main() -> int:
         )
     )
 
-    ours_s, summary = ours(model_dir, volume, scratch / "ours.nii.gz", args.repeats)
-    forward_s = pure_forward(model_dir, summary["windows"], args.repeats)
-    plain_s, plain_split, plain_output = plain_monai(model_dir, volume, scratch, args.repeats)
+    run_ours = ours(model_dir, volume, scratch / "ours.nii.gz")
+    windows = run_ours()["windows"]
+    best = interleaved(
+        args.repeats,
+        {
+            "ours": run_ours,
+            "pure": pure_forward(model_dir, windows),
+            "plain": plain_monai(model_dir, volume, scratch),
+        },
+    )
+    (ours_s, summary), (forward_s, _), (plain_s, plain_split) = best["ours"], best["pure"], best["plain"]
+    plain_output = next(scratch.glob("*_monai.nii.gz"))
     cli_s = cli_wall_time(model_dir, volume, scratch / "cli.nii.gz", args.threads)
 
     ours_labels = read_image(scratch / "ours.nii.gz")
@@ -302,7 +302,7 @@ def main() -> int:
         "outputs_on_same_grid": same_grid,
         "cli_wall_s_fresh_process": cli_s,
     }
-    print(f"windows: {summary['windows']} of {summary['geometry']['size']} voxels' model grid")
+    print(f"sliding windows per run: {summary['windows']} (input size {summary['geometry']['size']})")
     print(
         "ours, in-process, read→write: {:.2f} s   split: {}".format(
             ours_s, ", ".join(f"{k} {v:.2f}" for k, v in split.items())
