@@ -188,6 +188,13 @@ def write_model_card(package: Path) -> Path:
         return "\n".join(lines)
 
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
+    cases = {**metrics.get("validation_full_pipeline", {}), **metrics.get("held_out_test", {})}
+    missed = [name for name, v in cases.items() if v["dice"] < 0.95 or v["hd95_mm"] > 5.0]
+    targets = (
+        f"not met on {len(missed)} of {len(cases)} cases ({', '.join(missed)})."
+        if missed
+        else f"met on all {len(cases)} cases."
+    )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
@@ -250,6 +257,8 @@ Held-out test (never seen in training or validation):
 
 ## Limits
 
+* Targets of the robustness issue (Dice >= 0.95 and HD95 <= 5 mm on every case): {targets}
+
 * Trained on one average head: real single-subject scans (other scanners, pathology, children, strong
   motion) are harder than these figures suggest; check the result.
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
@@ -265,11 +274,13 @@ def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.brain_t1", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("Resources/models/brain-t1"))
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps-per-epoch", type=int, default=25)
+    parser.add_argument("--steps-per-epoch", type=int, default=35)
     parser.add_argument("--seed", type=int, default=20261129)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
     parser.add_argument("--synthetic-fraction", type=float, default=0.5)
+    parser.add_argument("--brain-only-fraction", type=float, default=0.3)
+    parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
     parser.add_argument("--card-only", action="store_true", help="only (re)write MODEL_CARD.md of --output")
     args = parser.parse_args(argv)
@@ -279,7 +290,13 @@ def main(argv: List[str] = None) -> int:
 
     import torch
 
-    from meddl.train import RandBrainOnlyd, RandSynthesizeFromTissuesd, intensity_classes, train_segmentation
+    from meddl.train import (
+        RandBrainOnlyd,
+        RandSmoothDeformd,
+        RandSynthesizeFromTissuesd,
+        intensity_classes,
+        train_segmentation,
+    )
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -303,7 +320,8 @@ def main(argv: List[str] = None) -> int:
         "data_note": "FSL MNI152 is an average of many heads in MNI space (one 'subject'); the held-out ICBM152 "
         "2009a is another average, already skull-stripped. Neither is a single real scan.",
         "augmentation": "tissue-class synthesis (random intensity per class) with probability "
-        f"{args.synthetic_fraction}, brain-only input 0.15, RandAffined ±30° / ±15 % scale, thick slices, "
+        f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
+        "to 12 mm (0.5), RandAffined ±30° / ±15 % scale, thick slices, "
         "low resolution, field-of-view cuts, bias field, gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
@@ -315,9 +333,14 @@ def main(argv: List[str] = None) -> int:
         steps_per_epoch=args.steps_per_epoch,
         seed=args.seed,
         batch_size=1,
-        patches_per_volume=2,
+        patches_per_volume=args.patches_per_volume,
         val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
-        pre_transforms=[RandSynthesizeFromTissuesd(prob=args.synthetic_fraction), RandBrainOnlyd(prob=0.15)],
+        pre_transforms=[
+            RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
+            RandBrainOnlyd(prob=args.brain_only_fraction),
+            # Other head shapes than the one template: the brain-only inputs above need it most.
+            RandSmoothDeformd(("image", "label"), prob=0.5, max_voxels=6.0),
+        ],
         extra_keys=("tissues",),
         provenance=provenance,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
