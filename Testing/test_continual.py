@@ -240,6 +240,23 @@ def test_init_refuses_a_used_folder_and_a_bad_package(setup, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["models", "init", "--from", str(tmp_path / "nope"), "--home", str(tmp_path / "new")]) == 4
     assert not (tmp_path / "new").exists()
+    # a refused regression case leaves no half-made home behind
+    missing = tmp_path / "missing.nii.gz"
+    argv = [
+        "models",
+        "init",
+        "--from",
+        str(setup["package"]),
+        "--home",
+        str(tmp_path / "new"),
+        "--regression",
+        str(missing),
+        str(setup["label"]),
+        "A",
+    ]
+    assert main(argv) == 3
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_only_one_update_at_a_time(setup):

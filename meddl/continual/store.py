@@ -351,26 +351,39 @@ def init_home(
     source = load_model(package)
     if source.spec.task != "segmentation":
         raise ModelError("continual learning supports segmentation models only", package)
-    model_home = ModelHome(home, create=True)
-    spec = source.spec
-    spec.raw["imported_from"] = {
-        "path": str(Path(package).resolve()),
-        "version": spec.version,
-        "weights_sha256": sha256_file(Path(package) / "weights.safetensors"),
-    }
-    spec.raw["gate"] = {**DEFAULT_GATE, **dict(spec.raw.get("gate") or {}), **dict(gate or {})}
-    spec.raw["parent"] = None
-    spec.raw.setdefault("training_data", [])
-    spec.version = "v1"
-    save_model(spec, source.network, model_home.version_dir("v1"))
-    model_home.register_version("v1", None, "champion")
-    model_home.audit("home_created", package=str(package), version="v1", gate=spec.raw["gate"])
-    model_home._set_champion("v1", "initial version")
-    model_home.audit("promoted", version="v1", previous=None, reason="initial version", by="init")
-    for image, label, site in regression:
-        add_case(model_home, image, label, "regression", site)
-    for image, label, site in replay:
-        add_case(model_home, image, label, "replay", site)
+    existed = home.exists()
+    try:
+        model_home = ModelHome(home, create=True)
+        spec = source.spec
+        spec.raw["imported_from"] = {
+            "path": str(Path(package).resolve()),
+            "version": spec.version,
+            "weights_sha256": sha256_file(Path(package) / "weights.safetensors"),
+        }
+        spec.raw["gate"] = {**DEFAULT_GATE, **dict(spec.raw.get("gate") or {}), **dict(gate or {})}
+        spec.raw["parent"] = None
+        spec.raw.setdefault("training_data", [])
+        spec.version = "v1"
+        save_model(spec, source.network, model_home.version_dir("v1"))
+        model_home.register_version("v1", None, "champion")
+        model_home.audit("home_created", package=str(package), version="v1", gate=spec.raw["gate"])
+        model_home._set_champion("v1", "initial version")
+        model_home.audit("promoted", version="v1", previous=None, reason="initial version", by="init")
+        for image, label, site in regression:
+            add_case(model_home, image, label, "regression", site)
+        for image, label, site in replay:
+            add_case(model_home, image, label, "replay", site)
+    except BaseException:
+        # A home is created whole or not at all: a refused case must not leave a half-made home behind.
+        if existed:
+            for child in home.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+        raise
     return {"home": str(home), "champion": "v1", "regression_cases": len(regression), "replay_cases": len(replay)}
 
 
