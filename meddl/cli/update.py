@@ -89,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
             f"{corrections['candidate_dice']:.4f}"
         )
     lines += [f"  rejected because {reason}" for reason in gate["reasons"]]
+    lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
     emit(args, result, "\n".join(lines))
     return 0

@@ -527,6 +527,14 @@ def run_update(
             "resumed_from_step": resumed_from,
             "gate": report,
             "recovered": {**recovered, "finished": finished},
+            "warnings": (
+                [
+                    "no replay data (add replay cases with `meddl models add-case --kind replay`): this update had no "
+                    "replay or distillation against forgetting"
+                ]
+                if options.uses_replay and not replay_items
+                else []
+            ),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
 
