@@ -118,6 +118,7 @@ def test_kills_lose_nothing_and_the_next_update_runs(tmp_path):
         _assert_intact(home, acknowledged, data["b_image"])
         if when == "prepared correction":
             correct()  # a correction submitted between two interrupted updates is kept too
+    print("\n".join(f"killed at {when!r}: exit {code}, last line {line!r}" for when, code, line in killed_at))
     assert all(code == -signal.SIGKILL for _, code, _ in killed_at[1:]), killed_at
 
     done = subprocess.run(
@@ -129,6 +130,7 @@ def test_kills_lose_nothing_and_the_next_update_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["status"] in ("promoted", "rejected", "already_decided"), result
+    print(f"final update: {result['status']}, resumed from step {result.get('resumed_from_step')}")
     _assert_intact(home, acknowledged, data["b_image"])
     versions = ModelHome(home).versions()
     assert all(v["status"] in ("champion", "rejected", "candidate", "passed-not-promoted") for v in versions)
