@@ -229,6 +229,7 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
         RandBiasField,
         RandFlip,
         RandGaussianNoise,
+        RandGaussianSmooth,
         RandHistogramShift,
         RandScaleIntensity,
         RandShiftIntensity,
@@ -259,7 +260,10 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
         RandHistogramShift(prob=0.3, num_control_points=(4, 8)),
         RandScaleIntensity(prob=0.5, factors=0.25),
         RandShiftIntensity(prob=0.5, offsets=0.15),
-        RandGaussianNoise(prob=0.3, std=0.05),
+        # Noise and smoothing for every class: averaged templates are smoother than any scan, and a model must
+        # not learn "smooth" or "noisy" as a class.
+        RandGaussianSmooth(prob=0.3, sigma_x=(0.4, 1.2), sigma_y=(0.4, 1.2), sigma_z=(0.4, 1.2)),
+        RandGaussianNoise(prob=0.5, std=0.08),
     ]
     return Compose(transforms).set_random_state(seed=seed)
 
