@@ -270,3 +270,23 @@ def test_temperature_scaling_recovers_a_known_temperature():
     before = expected_calibration_error(softmax_with_temperature(logits, 1.0), labels)
     after = expected_calibration_error(softmax_with_temperature(logits, fitted), labels)
     assert after < before / 3
+
+
+def test_cli_train_classifier_from_a_datalist(test_images, workspace, capsys):
+    datalist = workspace / "train-datalist.json"
+    entries = [{"image": str(test_images["folder"] / e["image"]), "label": e["label"]} for e in test_images["entries"]]
+    datalist.write_text(json.dumps({"training": entries}))
+    output = workspace / "cli-trained"
+    code = main(["--json", "train-classifier", "--datalist", str(datalist), "--output", str(output), "--epochs", "1",
+                 "--patch-size", "16", "16", "--classes", "none", "blob", "--loss", "focal",
+                 "--balanced-sampler"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["package"] == str(output) and summary["calibration"]["temperature"] > 0
+    assert load_model(output).spec.patch_size == [16, 16]
+
+    code = main(["train-classifier", "--datalist", str(datalist), "--output", str(workspace / "never"),
+                 "--classes", "none", "tumour"])  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert code == 3 and len(error.splitlines()) == 1 and "unknown class name 'blob'" in error, error
+    assert not (workspace / "never").exists()
