@@ -268,6 +268,19 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
     return Compose(transforms).set_random_state(seed=seed)
 
 
+def _as_array(value) -> np.ndarray:
+    """An owned float32 copy of a transform's output (a MONAI MetaTensor, a tensor or an array).
+
+    ``np.asarray`` on a transform's output can return a view of memory the tensor no longer keeps alive;
+    training on such views was not reproducible between runs, an explicit copy is.
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().as_subclass(torch.Tensor).numpy().astype(np.float32, copy=True)
+    return np.array(value, dtype=np.float32, copy=True)
+
+
 def _loss(kind: str, class_weights):
     import torch
     from monai.losses import FocalLoss
@@ -406,7 +419,9 @@ def train_classifier(
             index = order[start : start + batch_size]
             if len(index) < 2 and len(order) > 1:
                 continue  # BatchNorm needs two samples; the last lone sample is seen next epoch
-            images = np.stack([np.asarray(augmentation(x_train[i])) if augmentation else x_train[i] for i in index])
+            images = np.stack(
+                [_as_array(augmentation(x_train[i])) if augmentation is not None else x_train[i] for i in index]
+            )
             batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
             targets = torch.nn.functional.one_hot(torch.from_numpy(y_train[index]), n_classes).float()
             if mixup_alpha > 0:
