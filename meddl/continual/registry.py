@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 from meddl.continual.audit import AuditLog, utc_now
 from meddl.errors import InputError, ModelError
+from meddl.fsutil import fsync_dir
 
 __all__ = [
     "DEFAULT_GATE",
@@ -70,15 +71,6 @@ def sha256_file(path: PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_dir(path: PathLike) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    descriptor = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def is_home(path: PathLike) -> bool:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from meddl.continual.audit import utc_now
 from meddl.continual.registry import (
@@ -30,7 +29,7 @@ from meddl.continual.registry import (
     sha256_file,
 )
 from meddl.errors import InputError, ModelError
-from meddl.io import Image, image_to_sitk, read_image
+from meddl.io import Image, read_image, write_image
 from meddl.models import load_model, load_spec, save_model
 
 __all__ = [
@@ -96,12 +95,6 @@ def _validate(
     return array.astype(dtype)
 
 
-def _write_volume(image: Image, path: Path) -> None:
-    sitk.WriteImage(image_to_sitk(image), str(path), useCompression=True)
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _write_json(data: Dict[str, Any], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -123,10 +116,10 @@ def _store_folder(
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        _write_volume(image.with_array(image.array), staging / "image.nii.gz")
-        _write_volume(image.with_array(label), staging / "label.nii.gz")
+        write_image(image, staging / "image.nii.gz")
+        write_image(image.with_array(label), staging / "label.nii.gz", labelmap=True)
         if prediction is not None:
-            _write_volume(image.with_array(prediction), staging / "prediction.nii.gz")
+            write_image(image.with_array(prediction), staging / "prediction.nii.gz", labelmap=True)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         _write_json({**record, "files": files}, staging / CORRECTION_JSON)
         files[CORRECTION_JSON] = sha256_file(staging / CORRECTION_JSON)

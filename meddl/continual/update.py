@@ -32,9 +32,10 @@ import numpy as np
 
 from meddl.continual.gate import decide, score_cases
 from meddl.continual.locks import LockBusy, file_lock
-from meddl.continual.registry import ModelHome, fsync_dir
+from meddl.continual.registry import ModelHome
 from meddl.continual.store import StoredCase, load_case, load_correction, recover
 from meddl.errors import Cancelled, ModelError
+from meddl.fsutil import publish
 from meddl.models import ModelPackage, load_model, save_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
@@ -212,10 +213,7 @@ def _save_checkpoint(path: Path, network, optimizer, meta: Dict[str, Any]) -> No
     metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(state["param_groups"])}
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+    publish(temporary, path)
 
 
 def _load_checkpoint(path: Path, network, optimizer) -> Optional[Dict[str, Any]]:

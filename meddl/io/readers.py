@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from meddl.errors import InputError
+from meddl.fsutil import publish
 from meddl.io.image import Image
 from meddl.io.safety import check_dimensions, check_size, check_spacing, detect_format, itk_message, sniff_header
 
@@ -251,9 +252,7 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
         writer.SetFileName(temporary)
         writer.SetUseCompression(bool(compress) and suffix != ".nii")
         writer.Execute(itk_image)
-        _fsync(temporary)
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
+        publish(temporary, path)
     except RuntimeError as error:
         raise InputError(f"cannot write the image ({itk_message(error)})", path) from None
     except OSError as error:
@@ -262,22 +261,3 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
-
-
-def _fsync(file_path: str) -> None:
-    with open(file_path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder entry is on disk; not every platform allows this.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from meddl.errors import ModelError
+from meddl.fsutil import publish
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -125,7 +126,7 @@ class ModelSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: Any, path: Optional[PathLike] = None) -> "ModelSpec":
+    def from_json(cls, data: Any, path: Optional[PathLike] = None) -> ModelSpec:
         """Validate ``data`` (a parsed model.json); raise ModelError naming ``path`` and the field."""
 
         def need(condition: bool, problem: str) -> None:
@@ -305,10 +306,7 @@ def save_model(spec: ModelSpec, network, folder: PathLike) -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "name": spec.name})
         (staging / MODEL_JSON).write_text(json.dumps(spec.to_json(), indent=2) + "\n", encoding="utf-8")
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(staging, folder)
+        publish(staging, folder)
     finally:
         if staging.exists():
             for file in staging.iterdir():
