@@ -66,7 +66,7 @@ REQUIRED_PARAMS = {
     "load_model": ("model",),
     "segment": ("model", "input", "output"),
     "classify": ("model", "input"),
-    "submit_correction": ("model", "image", "labelmap"),
+    "submit_correction": ("model", "image"),  # plus 'labelmap' (segmentation) or 'label' (a class name)
     "update": ("model",),
 }
 

@@ -1,4 +1,5 @@
-"""``meddl correct``: submit a corrected labelmap to a model home (or list / exclude / delete corrections)."""
+"""``meddl correct``: submit a corrected labelmap or class label to a model home (or list / exclude / delete
+corrections)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ __all__ = ["register", "run"]
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "correct",
-        help="submit a corrected labelmap so the model can learn from it",
+        help="submit a corrected labelmap (or the right class) so the model can learn from it",
         description="Store a correction durably (checksummed, indexed, audited) in a model home. "
         "With --exclude or --delete, take a correction out of future updates (audited).",
     )
     parser.add_argument("--model", "--home", dest="home", required=True, help="model home folder")
-    parser.add_argument("image", nargs="?", help="the volume that was segmented")
+    parser.add_argument("image", nargs="?", help="the volume that was segmented or classified")
     parser.add_argument("labelmap", nargs="?", help="the corrected labelmap (on the image's grid)")
+    parser.add_argument("--image", dest="image_option", metavar="IMAGE", help="the image (instead of IMAGE)")
+    parser.add_argument("--label", metavar="CLASS", help="classifier homes: the right class name for the image")
+    parser.add_argument("--predicted", metavar="CLASS", help="classifier homes: the class the model predicted")
     parser.add_argument("--prediction", help="the labelmap the model produced (lets the update weight the changes)")
     parser.add_argument("--site", default="default", help="site or scanner tag (default: default)")
     parser.add_argument("--model-version", help="version that made the prediction (default: the champion)")
@@ -47,9 +51,31 @@ def run(args: argparse.Namespace) -> int:
         result = exclude_correction(args.home, args.exclude or args.delete, args.reason, delete=bool(args.delete))
         emit(args, result, f"{result['status']} correction {result['id']}")
         return 0
-    if not (args.image and args.labelmap):
-        raise InputError("give IMAGE and LABELMAP (or --list, --exclude ID, --delete ID)")
-    result = submit_correction(args.home, args.image, args.labelmap, args.prediction, args.site, args.model_version)
+    if args.image and args.image_option:
+        raise InputError("give the image once: IMAGE or --image IMAGE")
+    image = args.image_option or args.image
+    if args.label is not None:
+        if not image or args.labelmap or args.prediction:
+            raise InputError("a class correction is --image IMAGE --label CLASS (no labelmap or --prediction)")
+        result = submit_correction(
+            args.home,
+            image,
+            site=args.site,
+            model_version=args.model_version,
+            label=args.label,
+            predicted=args.predicted,
+        )
+        emit(
+            args,
+            result,
+            f"stored correction {result['id']}: class {result['label']} (site {result['site']}, {result['split']})",
+        )
+        return 0
+    if not (image and args.labelmap):
+        raise InputError(
+            "give IMAGE and LABELMAP, or --image IMAGE --label CLASS (or --list, --exclude ID, --delete ID)"
+        )
+    result = submit_correction(args.home, image, args.labelmap, args.prediction, args.site, args.model_version)
     changed = f", {result['changed_voxels']} voxels changed" if result["changed_voxels"] is not None else ""
     emit(args, result, f"stored correction {result['id']} (site {result['site']}, {result['split']}{changed})")
     return 0

@@ -30,7 +30,7 @@ from meddl.continual.registry import (
 )
 from meddl.errors import InputError, ModelError
 from meddl.io import Image, read_image, write_image
-from meddl.models import load_model, load_spec, save_model
+from meddl.models import ModelSpec, load_model, load_spec, save_model
 
 __all__ = [
     "StoredCase",
@@ -57,7 +57,7 @@ class StoredCase:
     id: str
     site: str
     image: Image
-    label: Image
+    label: Optional[Image]  # None for a classification correction: the class is in ``meta["label"]``
     prediction: Optional[Image]
     meta: Dict[str, Any]
 
@@ -105,11 +105,13 @@ def _write_json(data: Dict[str, Any], path: Path) -> None:
 def _store_folder(
     final: Path,
     image: Image,
-    label: np.ndarray,
+    label: Optional[np.ndarray],
     prediction: Optional[np.ndarray],
     record: Dict[str, Any],
 ) -> Dict[str, str]:
-    """Write image/label/prediction and the record into ``final`` atomically; returns name → sha256."""
+    """Write image/label/prediction and the record into ``final`` atomically; returns name → sha256.
+
+    A classification correction has no label volume (``label`` None): its class is in ``record``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".tmp-{final.name}"
     if staging.exists():
@@ -117,7 +119,8 @@ def _store_folder(
     staging.mkdir()
     try:
         write_image(image, staging / "image.nii.gz")
-        write_image(image.with_array(label), staging / "label.nii.gz", labelmap=True)
+        if label is not None:
+            write_image(image.with_array(label), staging / "label.nii.gz", labelmap=True)
         if prediction is not None:
             write_image(image.with_array(prediction), staging / "prediction.nii.gz", labelmap=True)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
@@ -143,36 +146,178 @@ def _model_label_values(home: ModelHome, version: Optional[str] = None) -> Tuple
     return [label.value for label in spec.labels], version
 
 
+def _split_for(model_home: ModelHome, version: str, site: str) -> str:
+    """Every ``holdout_every``-th correction of a site is held out for the gate, never trained on."""
+    every = int(model_home.gate_rules(version).get("holdout_every") or 0)
+    earlier = model_home.query("SELECT COUNT(*) AS n FROM corrections WHERE site = ?", (site,))[0]["n"]
+    return "holdout" if every > 1 and earlier % every == every - 1 else "train"
+
+
+def _register_correction(
+    model_home: ModelHome,
+    folder: Path,
+    files: Dict[str, str],
+    record: Dict[str, Any],
+    audit_fields: Dict[str, Any],
+) -> None:
+    """Index row (one transaction), then the audit entry: the correction is on disk before either."""
+    try:
+        with model_home.transaction() as db:
+            db.execute(
+                "INSERT INTO corrections (id, site, model_version, created, status, split, files) "
+                "VALUES (?, ?, ?, ?, 'active', ?, ?)",
+                (
+                    record["id"],
+                    record["site"],
+                    record["model_version"],
+                    record["created"],
+                    record["split"],
+                    json.dumps(files),
+                ),
+            )
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)  # not acknowledged: leave nothing half-registered
+        raise
+    model_home.audit(
+        "correction_submitted",
+        id=record["id"],
+        site=record["site"],
+        split=record["split"],
+        model_version=record["model_version"],
+        files=files,
+        **audit_fields,
+    )
+
+
+def _probabilities(spec: ModelSpec, probabilities: Dict[str, Any], where: str) -> Dict[str, float]:
+    classes = [label.name for label in sorted(spec.labels, key=lambda label: label.value)]
+    if not isinstance(probabilities, dict) or set(probabilities) != set(classes):
+        raise InputError(f"probabilities must give one value for each class ({', '.join(classes)})", where)
+    values = {name: probabilities[name] for name in classes}
+    if not all(isinstance(v, (int, float)) and np.isfinite(v) and 0.0 <= v <= 1.0 for v in values.values()):
+        raise InputError("probabilities must be numbers between 0 and 1", where)
+    return {name: float(v) for name, v in values.items()}
+
+
+def _submit_class_label(
+    model_home: ModelHome,
+    spec: ModelSpec,
+    version: str,
+    image: ImageLike,
+    label: str,
+    site: str,
+    predicted: Optional[str],
+    probabilities: Optional[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """A classification correction: the image and the right class name (see :func:`submit_correction`)."""
+    from meddl.classify import class_value, read_classification_input
+    from meddl.classify.preprocess import check_classification_input
+
+    where = str(model_home.path)
+    value = class_value(spec, label, where)  # unknown name: one line listing the model's classes
+    if predicted is not None:
+        class_value(spec, predicted, where)
+    probabilities = _probabilities(spec, probabilities, where) if probabilities is not None else None
+    if isinstance(image, Image):
+        source_image, image_name = image, str(image.metadata.get("source") or "<image array>")
+    else:
+        source_image, image_name = read_classification_input(image), str(image)
+    # Dimensions, channels, NaN, constant: the same checks as classification, so a stored pair is usable.
+    check_classification_input(source_image, spec)
+    record = {
+        "id": _new_id("c"),
+        "kind": "correction",
+        "task": "classification",
+        "site": site,
+        "split": _split_for(model_home, version, site),
+        "model_version": version,
+        "created": utc_now(),
+        "label": {"name": str(label), "value": value},
+        "prediction": {"predicted": predicted, "probabilities": probabilities},
+        "sources": {
+            "image": image_name,
+            "image_sha256": sha256_file(image_name) if Path(image_name).is_file() else None,
+        },
+        "geometry": source_image.geometry(),
+    }
+    folder = model_home.corrections_dir / record["id"]
+    files = _store_folder(folder, source_image, None, None, record)
+    _register_correction(
+        model_home, folder, files, record, {"image": image_name, "label": str(label), "predicted": predicted}
+    )
+    return {
+        "id": record["id"],
+        "task": "classification",
+        "site": site,
+        "split": record["split"],
+        "model_version": version,
+        "folder": str(folder),
+        "files": files,
+        "label": str(label),
+        "label_value": value,
+        "predicted": predicted,
+        "changed_voxels": None,
+    }
+
+
 def submit_correction(
     home: PathLike,
     image: ImageLike,
-    labelmap: ImageLike,
+    labelmap: Optional[ImageLike] = None,
     prediction: Optional[ImageLike] = None,
     site: str = "default",
     model_version: Optional[str] = None,
+    label: Optional[str] = None,
+    predicted: Optional[str] = None,
+    probabilities: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
-    """Store a user's corrected labelmap for ``image`` (and the prediction it corrects) in the model home.
+    """Store a user's correction for ``image`` in the model home.
+
+    A segmentation home takes a corrected ``labelmap`` (and the ``prediction`` it corrects); a classifier
+    home takes the right class name ``label`` (and the model's ``predicted`` class and ``probabilities``).
 
     Args:
         home: model home folder.
-        image: the volume (path or :class:`Image`).
-        labelmap: the corrected labelmap, on the image's grid, with the model's label values only.
-        prediction: the labelmap the model produced (same rules); lets the update weight changed voxels.
+        image: the volume or 2D image (path or :class:`Image`).
+        labelmap: segmentation: the corrected labelmap, on the image's grid, with the model's label values only.
+        prediction: segmentation: the labelmap the model produced (same rules); lets the update weight changed
+            voxels.
         site: site or source tag (scanner, hospital); the replay buffer and the gate balance over it.
         model_version: version that made the prediction (default: the current champion).
+        label: classification: the right class name (one of the model's classes).
+        predicted: classification: the class the model predicted, if known.
+        probabilities: classification: the model's class probabilities (class name → value), if known.
 
     Returns:
-        ``{"id", "site", "split", "model_version", "folder", "files", "changed_voxels"}``.
+        ``{"id", "site", "split", "model_version", "folder", "files", "changed_voxels"}`` (classification adds
+        ``task``, ``label``, ``label_value``, ``predicted``).
 
     Raises:
-        InputError: unreadable file, geometry mismatch (naming both files), label values not the model's.
+        InputError: unreadable file, geometry mismatch (naming both files), label values or class name not the
+            model's, an image the classifier cannot take, a labelmap for a classifier or a class for a segmenter.
         ModelError: ``home`` is not a model home or ``model_version`` is unknown.
     """
     model_home = ModelHome(home)
     if model_version is not None:
         model_home.version(model_version)
-    allowed, version = _model_label_values(model_home, model_version)
+    version = model_version or model_home.champion()
+    spec = load_spec(model_home.version_dir(version))
     site = str(site or "default").strip() or "default"
+    if spec.task == "classification":
+        if labelmap is not None or prediction is not None:
+            raise InputError(
+                f"model '{spec.name}' is a classifier: give the right class name (label), not a labelmap", home
+            )
+        if label is None:
+            raise InputError(f"model '{spec.name}' is a classifier: give the right class name (label)", home)
+        return _submit_class_label(model_home, spec, version, image, label, site, predicted, probabilities)
+    if label is not None or predicted is not None or probabilities is not None:
+        raise InputError(
+            f"model '{spec.name}' is a {spec.task} model: give a corrected labelmap, not a class name", home
+        )
+    if labelmap is None:
+        raise InputError(f"model '{spec.name}' is a {spec.task} model: give the corrected labelmap", home)
+    allowed = [entry.value for entry in spec.labels]
     source_image, image_name = _read(image, "image")
     if source_image.array.ndim != 3:
         raise InputError("expected a 3D volume", image_name)
@@ -183,10 +328,7 @@ def submit_correction(
     if prediction is not None:
         predicted, prediction_name = _read(prediction, "prediction")
         prediction_array = _validate(source_image, image_name, predicted, prediction_name, allowed, "the prediction")
-    rules = model_home.gate_rules(version)
-    every = int(rules.get("holdout_every") or 0)
-    earlier = model_home.query("SELECT COUNT(*) AS n FROM corrections WHERE site = ?", (site,))[0]["n"]
-    split = "holdout" if every > 1 and earlier % every == every - 1 else "train"
+    split = _split_for(model_home, version, site)
     correction_id = _new_id("c")
     changed = int((label_array != prediction_array).sum()) if prediction_array is not None else None
     record = {
@@ -207,26 +349,8 @@ def submit_correction(
     }
     folder = model_home.corrections_dir / correction_id
     files = _store_folder(folder, source_image, label_array, prediction_array, record)
-    try:
-        with model_home.transaction() as db:
-            db.execute(
-                "INSERT INTO corrections (id, site, model_version, created, status, split, files) "
-                "VALUES (?, ?, ?, ?, 'active', ?, ?)",
-                (correction_id, site, version, record["created"], split, json.dumps(files)),
-            )
-    except Exception:
-        shutil.rmtree(folder, ignore_errors=True)  # not acknowledged: leave nothing half-registered
-        raise
-    model_home.audit(
-        "correction_submitted",
-        id=correction_id,
-        site=site,
-        split=split,
-        model_version=version,
-        image=image_name,
-        labelmap=label_name,
-        files=files,
-        changed_voxels=changed,
+    _register_correction(
+        model_home, folder, files, record, {"image": image_name, "labelmap": label_name, "changed_voxels": changed}
     )
     return {
         "id": correction_id,
@@ -277,7 +401,7 @@ def _load_folder(folder: Path, files: Dict[str, str], case_id: str, site: str) -
     check_case_files(folder, files)
     meta = load_json(folder / CORRECTION_JSON)
     image = read_image(folder / "image.nii.gz")
-    label = read_image(folder / "label.nii.gz")
+    label = read_image(folder / "label.nii.gz") if (folder / "label.nii.gz").is_file() else None
     prediction = read_image(folder / "prediction.nii.gz") if (folder / "prediction.nii.gz").is_file() else None
     return StoredCase(case_id, site, image, label, prediction, meta)
 
@@ -302,7 +426,12 @@ def add_case(home: PathLike, image: ImageLike, label: ImageLike, kind: str, site
     if kind not in ("regression", "replay"):
         raise InputError(f"case kind must be 'regression' or 'replay', not '{kind}'")
     model_home = home if isinstance(home, ModelHome) else ModelHome(home)
-    allowed, _ = _model_label_values(model_home)
+    allowed, version = _model_label_values(model_home)
+    if load_spec(model_home.version_dir(version)).task != "segmentation":
+        raise InputError(
+            "locked regression and replay cases are labelmaps; a classifier home does not take them yet",
+            model_home.path,
+        )
     source_image, image_name = _read(image, "image")
     reference, label_name = _read(label, "label")
     label_array = _validate(source_image, image_name, reference, label_name, allowed, f"the {kind} label")
@@ -342,8 +471,17 @@ def init_home(
     if home.exists() and any(home.iterdir()):
         raise ModelError("folder is not empty; a model home needs a new or empty folder", home)
     source = load_model(package)
-    if source.spec.task != "segmentation":
-        raise ModelError("continual learning supports segmentation models only", package)
+    if source.spec.task == "classification":
+        from meddl.classify import load_classifier
+
+        load_classifier(source)  # refuses a package that is not a usable classifier, naming it
+        if regression or replay:
+            raise ModelError(
+                "locked regression and replay cases are labelmaps; a classifier home does not take them yet",
+                package,
+            )
+    elif source.spec.task != "segmentation":
+        raise ModelError(f"continual learning does not support '{source.spec.task}' models", package)
     existed = home.exists()
     try:
         model_home = ModelHome(home, create=True)
@@ -353,7 +491,9 @@ def init_home(
             "version": spec.version,
             "weights_sha256": sha256_file(Path(package) / "weights.safetensors"),
         }
-        spec.raw["gate"] = {**DEFAULT_GATE, **dict(spec.raw.get("gate") or {}), **dict(gate or {})}
+        # A classifier's gate is planned in accuracy points (classifier updates are not run yet).
+        task_gate = {"metric": "accuracy"} if spec.task == "classification" else {}
+        spec.raw["gate"] = {**DEFAULT_GATE, **task_gate, **dict(spec.raw.get("gate") or {}), **dict(gate or {})}
         spec.raw["parent"] = None
         spec.raw.setdefault("training_data", [])
         spec.version = "v1"

@@ -36,7 +36,7 @@ from meddl.continual.registry import ModelHome
 from meddl.continual.store import StoredCase, load_case, load_correction, recover
 from meddl.errors import Cancelled, ModelError
 from meddl.fsutil import publish
-from meddl.models import ModelPackage, load_model, save_model
+from meddl.models import ModelPackage, load_model, load_spec, save_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
 
@@ -293,7 +293,9 @@ def run_update(
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     with _update_lock(model_home):
-        recovered = recover(model_home)
+        recovered = recover(model_home)  # a classifier home's corrections are recovered too, then refused below
+        if load_spec(model_home.champion_dir()).task == "classification":
+            raise ModelError("classifier updates are not supported yet; the corrections stay stored", model_home.path)
         removed_versions = _clean_unregistered_versions(model_home)
         if removed_versions:
             model_home.audit("unregistered_versions_removed", versions=removed_versions)

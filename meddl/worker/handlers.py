@@ -216,13 +216,32 @@ class Handlers:
         return summary
 
     def submit_correction(self, params: Dict[str, Any], progress: ProgressCallback, cancel: CancelToken) -> Dict:
+        """A segmentation correction (``labelmap``, ``prediction``) or a classification one (``label``: the
+        right class name, with the model's ``predicted`` class and ``probabilities`` if known); the store
+        refuses the kind that does not match the model's task."""
         submit = _optional("meddl.continual", "submit_correction", "continual learning")
-        home = _text_param(params, "model", "submit_correction")
-        image = _existing_input(_text_param(params, "image", "submit_correction"))
-        labelmap = _existing_input(_text_param(params, "labelmap", "submit_correction"))
-        prediction = _text_param(params, "prediction", "submit_correction", required=False)
+        method = "submit_correction"
+        home = _text_param(params, "model", method)
+        image = _existing_input(_text_param(params, "image", method))
+        label = _text_param(params, "label", method, required=False)
+        labelmap = _text_param(params, "labelmap", method, required=label is None)
+        if label is not None and labelmap is not None:
+            raise ProtocolError(f"'{method}' takes either 'labelmap' (segmentation) or 'label' (a class), not both")
+        if labelmap is not None:
+            _existing_input(labelmap)
+        prediction = _text_param(params, "prediction", method, required=False)
         if prediction:
             _existing_input(prediction)
+        probabilities = params.get("probabilities")
+        if probabilities is not None and not isinstance(probabilities, dict):
+            raise ProtocolError(f"parameter 'probabilities' of '{method}' must be an object (class name -> value)")
+        extra = {}
+        if label is not None:
+            extra = {
+                "label": label,
+                "predicted": _text_param(params, "predicted", method, required=False),
+                "probabilities": probabilities,
+            }
         return _call_supported(
             submit,
             home,
@@ -231,6 +250,7 @@ class Handlers:
             prediction=prediction,
             site=params.get("site") or "default",
             model_version=params.get("model_version"),
+            **extra,
         )
 
     def update(self, params: Dict[str, Any], progress: ProgressCallback, cancel: CancelToken) -> Dict:
