@@ -273,8 +273,8 @@ Held-out test (never seen in training or validation):
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.brain_t1", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("Resources/models/brain-t1"))
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps-per-epoch", type=int, default=35)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps-per-epoch", type=int, default=40)
     parser.add_argument("--seed", type=int, default=20261129)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
