@@ -15,35 +15,23 @@ import numpy as np
 
 from meddl.data import fsl_mni152_brain_pairs
 from meddl.io import Image, write_image
-from meddl.models import ModelSpec
+from meddl.models import unet_segmentation_spec
 
-TINY_SPEC = {
-    "schema_version": 1,
-    "name": "tiny-brain",
-    "version": "0",
-    "task": "segmentation",
-    "architecture": {
-        "name": "UNet",
-        "args": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [4, 8, 16],
-            "strides": [2, 2],
-            "num_res_units": 0,
-        },
-    },
-    "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "brain"}],
-    "input": {
-        "channels": 1,
-        "modality": "MR",
-        "spacing": [4, 4, 4],
-        "patch_size": [32, 32, 32],
-        "normalization": {"kind": "percentile"},
-    },
-    "postprocess": {},
-    "inference": {"overlap": 0.25},
-}
+BRAIN_LABELS = [{"value": 0, "name": "background"}, {"value": 1, "name": "brain"}]
+
+TINY_SPEC = unet_segmentation_spec(
+    "tiny-brain",
+    BRAIN_LABELS,
+    spacing=(4, 4, 4),
+    patch_size=(32, 32, 32),
+    channels=(4, 8, 16),
+    num_res_units=0,
+    modality="MR",
+    normalization={"kind": "percentile"},
+    version="0",
+    postprocess={},
+    inference={"overlap": 0.25},
+)
 
 
 def site_b(image: Image, strength: float = 1.0) -> Image:
@@ -75,7 +63,7 @@ def train_tiny_package(folder: Path, data: Dict[str, Path], epochs: int = 40) ->
     """A real tiny model trained on site A (a few seconds on one core)."""
     from meddl.train import train_segmentation
 
-    spec = ModelSpec.from_json(TINY_SPEC)
+    spec = TINY_SPEC
     return train_segmentation(
         spec,
         [{"image": str(data["a_image"]), "label": str(data["label"])}],

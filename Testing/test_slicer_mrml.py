@@ -50,39 +50,22 @@ def model_dir(tmp_path_factory) -> Path:
     to values by position instead of by name gets it wrong."""
     import torch
 
-    from meddl.models import ModelSpec, build_network, save_model
+    from meddl.models import build_network, save_model, unet_segmentation_spec
 
     torch.manual_seed(0)
-    spec = ModelSpec.from_json(
-        {
-            "format": "meddl-model",
-            "schema_version": 1,
-            "name": "tiny-head",
-            "version": "1",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {
-                    "spatial_dims": 3,
-                    "in_channels": 1,
-                    "out_channels": 3,
-                    "channels": [4, 8],
-                    "strides": [2],
-                    "num_res_units": 0,
-                },
-            },
-            "labels": [
-                {"value": 0, "name": "background", "color": [0, 0, 0]},
-                {"value": 7, "name": "scalp", "color": [0.9, 0.6, 0.5]},
-                {"value": 2, "name": "brain", "color": [0.2, 0.4, 0.9]},
-            ],
-            "input": {
-                "channels": 1,
-                "spacing": [4, 4, 4],
-                "patch_size": [32, 32, 32],
-                "normalization": {"kind": "percentile", "lower": 1, "upper": 99},
-            },
-        }
+    spec = unet_segmentation_spec(
+        "tiny-head",
+        [
+            {"value": 0, "name": "background", "color": [0, 0, 0]},
+            {"value": 7, "name": "scalp", "color": [0.9, 0.6, 0.5]},
+            {"value": 2, "name": "brain", "color": [0.2, 0.4, 0.9]},
+        ],
+        spacing=(4, 4, 4),
+        patch_size=(32, 32, 32),
+        channels=(4, 8),
+        num_res_units=0,
+        normalization={"kind": "percentile", "lower": 1, "upper": 99},
+        version="1",
     )
     return save_model(spec, build_network(spec), tmp_path_factory.mktemp("models") / "tiny-head")
 

@@ -14,38 +14,21 @@ def make_unet_package(
     """An untrained 2-label (background, brain) MONAI UNet package with a 64^3 patch at ``spacing`` mm."""
     import torch
 
-    from meddl.models import ModelSpec, build_network, save_model
+    from meddl.models import build_network, save_model, unet_segmentation_spec
 
-    spec = ModelSpec.from_json(
-        {
-            "format": "meddl-model",
-            "schema_version": 1,
-            "name": "test-brain",
-            "version": "1",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {
-                    "spatial_dims": 3,
-                    "in_channels": 1,
-                    "out_channels": 2,
-                    "channels": list(channels),
-                    "strides": [2] * (len(channels) - 1),
-                    "num_res_units": num_res_units,
-                },
-            },
-            "labels": [
-                {"value": 0, "name": "background", "color": [0, 0, 0]},
-                {"value": 1, "name": "brain", "color": [0.9, 0.6, 0.3]},
-            ],
-            "input": {
-                "channels": 1,
-                "modality": "MR",
-                "spacing": [spacing] * 3,
-                "patch_size": [64, 64, 64],
-                "normalization": {"kind": "zscore"},
-            },
-        }
+    spec = unet_segmentation_spec(
+        "test-brain",
+        [
+            {"value": 0, "name": "background", "color": [0, 0, 0]},
+            {"value": 1, "name": "brain", "color": [0.9, 0.6, 0.3]},
+        ],
+        spacing=[spacing] * 3,
+        patch_size=(64, 64, 64),
+        channels=channels,
+        num_res_units=num_res_units,
+        modality="MR",
+        normalization={"kind": "zscore"},
+        version="1",
     )
     torch.manual_seed(seed)
     return save_model(spec, build_network(spec), folder)

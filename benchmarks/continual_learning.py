@@ -41,35 +41,21 @@ from meddl.continual.gate import mean_foreground_dice
 from meddl.data import fsl_mni152_brain_pairs
 from meddl.infer import segment_image
 from meddl.io import Image, image_from_sitk, image_to_sitk, write_image
-from meddl.models import ModelSpec, load_model
+from meddl.models import load_model, unet_segmentation_spec
 
-SPEC = {
-    "schema_version": 1,
-    "name": "bench-brain",
-    "version": "0",
-    "task": "segmentation",
-    "architecture": {
-        "name": "UNet",
-        "args": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [8, 16, 32],
-            "strides": [2, 2],
-            "num_res_units": 1,
-        },
-    },
-    "labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "brain"}],
-    "input": {
-        "channels": 1,
-        "modality": "MR",
-        "spacing": [4, 4, 4],
-        "patch_size": [32, 32, 32],
-        "normalization": {"kind": "percentile"},
-    },
-    "postprocess": {"largest_component": True},
-    "inference": {"overlap": 0.25},
-}
+SPEC = unet_segmentation_spec(
+    "bench-brain",
+    [{"value": 0, "name": "background"}, {"value": 1, "name": "brain"}],
+    spacing=(4, 4, 4),
+    patch_size=(32, 32, 32),
+    channels=(8, 16, 32),
+    num_res_units=1,
+    modality="MR",
+    normalization={"kind": "percentile"},
+    version="0",
+    postprocess={"largest_component": True},
+    inference={"overlap": 0.25},
+)
 
 
 def random_pose(image: Image, label: Image, rng: np.random.Generator) -> Tuple[Image, Image]:
@@ -182,7 +168,7 @@ def main() -> None:
 
     from meddl.train import train_segmentation
 
-    spec = ModelSpec.from_json(SPEC)
+    spec = SPEC
     train_started = time.perf_counter()
     if args.base:  # a base package from an earlier run with the same seed (the cases are drawn identically)
         package_dir = Path(shutil.copytree(args.base, out / "base"))

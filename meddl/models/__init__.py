@@ -10,6 +10,7 @@ from meddl.models.package import (
     load_model,
     load_spec,
     save_model,
+    unet_segmentation_spec,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "load_model",
     "load_spec",
     "save_model",
+    "unet_segmentation_spec",
 ]

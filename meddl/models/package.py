@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from meddl.errors import ModelError
 from meddl.fsutil import publish
@@ -28,6 +28,7 @@ __all__ = [
     "load_model",
     "save_model",
     "build_network",
+    "unet_segmentation_spec",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -197,6 +198,64 @@ class ModelSpec:
             inference=dict(data.get("inference", {})),
             raw=copy.deepcopy(data),
         )
+
+
+def unet_segmentation_spec(
+    name: str,
+    labels: Sequence[Dict[str, Any]],
+    spacing: Sequence[float],
+    patch_size: Sequence[int],
+    channels: Sequence[int] = (8, 16, 32, 64),
+    num_res_units: int = 1,
+    modality: Optional[str] = None,
+    normalization: Optional[Dict[str, Any]] = None,
+    version: str = "1.0.0",
+    **fields: Any,
+) -> ModelSpec:
+    """A validated spec for a 3D MONAI ``UNet`` segmenter, the project's default architecture.
+
+    Args:
+        name: model name.
+        labels: ``{"value", "name", "color"}`` entries, background (value 0) included; one output channel each.
+        spacing: target spacing in mm, ``(i, j, k)``.
+        patch_size: sliding-window size in voxels, array order.
+        channels: features per level; each level after the first halves the resolution.
+        num_res_units: residual units per level.
+        modality: DICOM modality the model expects (``"MR"``, ``"CT"``), or None for any.
+        normalization: intensity normalisation (default: 0.5-99.5 percentile).
+        version: package version.
+        **fields: further top-level ``model.json`` fields (postprocess, inference, provenance, metrics, gate, ...).
+    """
+    spec_input: Dict[str, Any] = {
+        "channels": 1,
+        "spacing": [float(s) for s in spacing],
+        "patch_size": [int(p) for p in patch_size],
+        "normalization": normalization or {"kind": "percentile", "lower": 0.5, "upper": 99.5},
+    }
+    if modality:
+        spec_input["modality"] = modality
+    data = {
+        "format": "meddl-model",
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "task": "segmentation",
+        "architecture": {
+            "name": "UNet",
+            "args": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": len(labels),
+                "channels": [int(c) for c in channels],
+                "strides": [2] * (len(channels) - 1),
+                "num_res_units": int(num_res_units),
+            },
+        },
+        "labels": [dict(label) for label in labels],
+        "input": spec_input,
+        **fields,
+    }
+    return ModelSpec.from_json(data)
 
 
 def _is_plain_json(value: Any) -> bool:
