@@ -18,7 +18,7 @@ from meddl.cli import main as meddl_main  # noqa: E402
 from meddl.errors import InputError  # noqa: E402
 from meddl.infer import segment_image  # noqa: E402
 from meddl.io import read_image, write_image  # noqa: E402
-from meddl.models import ModelSpec, load_model  # noqa: E402
+from meddl.models import ModelSpec, load_model, unet_segmentation_spec  # noqa: E402
 from meddl.train import (  # noqa: E402
     RandAnisotropicLowResd,
     RandBrainOnlyd,
@@ -35,37 +35,16 @@ from meddl.transforms import to_model_grid  # noqa: E402
 
 
 def tiny_spec(patch: int = 32) -> ModelSpec:
-    return ModelSpec.from_json(
-        {
-            "format": "meddl-model",
-            "schema_version": 1,
-            "name": "tiny-brain",
-            "version": "0.1",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {
-                    "spatial_dims": 3,
-                    "in_channels": 1,
-                    "out_channels": 2,
-                    "channels": [4, 8, 16],
-                    "strides": [2, 2],
-                    "num_res_units": 0,
-                },
-            },
-            "labels": [
-                {"value": 0, "name": "background", "color": [0, 0, 0]},
-                {"value": 1, "name": "brain", "color": [1, 0.6, 0.1]},
-            ],
-            "input": {
-                "channels": 1,
-                "spacing": [4.0, 4.0, 4.0],
-                "patch_size": [patch] * 3,
-                "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5},
-            },
-            "postprocess": {"largest_component": True, "fill_holes": True},
-            "inference": {"overlap": 0.25},
-        }
+    return unet_segmentation_spec(
+        "tiny-brain",
+        [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 1, "name": "brain", "color": [1, 0.6, 0.1]}],
+        spacing=(4, 4, 4),
+        patch_size=[patch] * 3,
+        channels=(4, 8, 16),
+        num_res_units=0,
+        version="0.1",
+        postprocess={"largest_component": True, "fill_holes": True},
+        inference={"overlap": 0.25},
     )
 
 

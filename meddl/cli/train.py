@@ -77,7 +77,7 @@ def default_spec(datalist: List[Dict[str, str]], name: str):
     import numpy as np
 
     from meddl.io import read_image
-    from meddl.models import ModelSpec
+    from meddl.models import unet_segmentation_spec
 
     first_image = read_image(datalist[0]["image"])
     first_label = read_image(datalist[0]["label"])
@@ -87,34 +87,15 @@ def default_spec(datalist: List[Dict[str, str]], name: str):
         {"value": v, "name": "background" if v == 0 else f"label_{v}", "color": palette[i % len(palette)]}
         for i, v in enumerate(values)
     ]
-    return ModelSpec.from_json(
-        {
-            "format": "meddl-model",
-            "schema_version": 1,
-            "name": name,
-            "version": "1.0.0",
-            "task": "segmentation",
-            "architecture": {
-                "name": "UNet",
-                "args": {
-                    "spatial_dims": 3,
-                    "in_channels": 1,
-                    "out_channels": len(labels),
-                    "channels": [8, 16, 32, 64],
-                    "strides": [2, 2, 2],
-                    "num_res_units": 1,
-                },
-            },
-            "labels": labels,
-            "input": {
-                "channels": 1,
-                "spacing": [round(float(s), 4) for s in first_image.spacing],
-                "patch_size": [64, 64, 64],
-                "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5},
-            },
-            "postprocess": {"largest_component": False, "fill_holes": False},
-            "inference": {"overlap": 0.25, "tta_flips": False, "sw_batch_size": 1},
-        }
+    return unet_segmentation_spec(
+        name,
+        labels,
+        spacing=[round(float(s), 4) for s in first_image.spacing],
+        patch_size=(64, 64, 64),
+        channels=(8, 16, 32, 64),
+        num_res_units=1,
+        postprocess={"largest_component": False, "fill_holes": False},
+        inference={"overlap": 0.25, "tta_flips": False, "sw_batch_size": 1},
     )
 
 
