@@ -269,11 +269,9 @@ def _augmentation(spatial_dims: int, patch_size: Sequence[int], seed: int):
 
 
 def _as_array(value) -> np.ndarray:
-    """An owned float32 copy of a transform's output (a MONAI MetaTensor, a tensor or an array).
+    """An owned float32 copy of a transform's output (a MONAI MetaTensor, a tensor or an array), so a batch
+    never holds views into memory a transform may reuse."""
 
-    ``np.asarray`` on a transform's output can return a view of memory the tensor no longer keeps alive;
-    training on such views was not reproducible between runs, an explicit copy is.
-    """
     import torch
 
     if isinstance(value, torch.Tensor):
