@@ -306,7 +306,7 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onClassifyDone(self, job, volume) -> str:
         result, heatmap = self.logic.finishClassify(job, volume)
-        self._lastResult = result
+        self._lastResult = dict(result, volumeID=volume.GetID())
         self._showProbabilities(result.get("probabilities", {}))
         predicted = result.get("predicted")
         index = self.ui.correctClassComboBox.findText(str(predicted))
@@ -349,7 +349,13 @@ class MedDLClassifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         className = self.ui.correctClassComboBox.currentText
         volume, model = node.inputVolume, node.modelPath
         self._start(
-            lambda: self.logic.startCorrectLabel(volume, className, model),
+            # what the model said about this volume, if it was the last one classified
+            lambda: self.logic.startCorrectLabel(
+                volume,
+                className,
+                model,
+                lastResult=self._lastResult if self._lastResult.get("volumeID") == volume.GetID() else None,
+            ),
             lambda job: f"Saved: this volume is '{className}'.",
         )
 
@@ -477,17 +483,26 @@ class MedDLClassifyLogic(ScriptedLoadableModuleLogic):
         result, heatmap = self.finishClassify(job, volumeNode)
         return dict(result, heatmapNode=heatmap)
 
-    def startCorrectLabel(self, volumeNode, className: str, model: Optional[str] = None, site: str = "default"):
-        """Submit (volume, right class) as a correction to the model home's corrections store."""
+    def startCorrectLabel(
+        self,
+        volumeNode,
+        className: str,
+        model: Optional[str] = None,
+        site: str = "default",
+        lastResult: Optional[Dict] = None,
+    ):
+        """Submit (volume, right class) as a correction to the model home's corrections store; ``lastResult``
+        (the classification the user corrects) is stored with it, so the update knows what the model said."""
         model = self.resolveModel(model)
         if className not in self.classNames(model):
             raise ValueError(f"'{className}' is not a class of {model} ({', '.join(self.classNames(model))})")
         folder = self.session.work_directory() / "corrections" / time.strftime("%Y%m%d-%H%M%S")
         folder.mkdir(parents=True, exist_ok=True)
         imagePath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "image.nrrd", compress=True)
-        return self.session.submit(
-            "submit_correction", {"model": model, "image": str(imagePath), "label": className, "site": site}
-        )
+        params = {"model": model, "image": str(imagePath), "label": className, "site": site}
+        if lastResult and lastResult.get("predicted") is not None:
+            params.update(predicted=lastResult["predicted"], probabilities=lastResult.get("probabilities"))
+        return self.session.submit("submit_correction", params)
 
     def correctLabel(self, volumeNode, className: str, model: Optional[str] = None, site: str = "default") -> Dict:
         self.session.ensure_started(slicer.app.processEvents)
