@@ -24,7 +24,7 @@ from meddl.errors import InputError, ModelError
 from meddl.io import Image, read_image, write_image
 from meddl.models import ModelPackage, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
-from meddl.transforms import normalize_intensity, to_model_grid
+from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, to_model_grid
 
 __all__ = [
     "SegmentationResult",
@@ -225,7 +225,7 @@ def probabilities_to_labels(
     dtype = np.uint8 if max(label_values) < 256 else np.uint16
     values = np.asarray(label_values, dtype=dtype)
     labels = np.full(target.array.shape, values[0], dtype=dtype)
-    box = _foreground_box(np.argmax(probabilities, axis=0))
+    box = bounding_box(np.argmax(probabilities, axis=0))
     if box is None:
         progress(1.0, "no foreground")
         return labels
@@ -296,18 +296,6 @@ def _target_box(box: Tuple[slice, ...], model_grid: Image, target: Image) -> Lis
     return [(int(low[a]), int(max(low[a], high[a]))) for a in (2, 1, 0)]
 
 
-def _foreground_box(labels: np.ndarray) -> Optional[Tuple[slice, ...]]:
-    """The bounding box of the non-zero voxels grown by one voxel, or None when there are none."""
-    box = []
-    for axis in range(labels.ndim):
-        others = tuple(a for a in range(labels.ndim) if a != axis)
-        present = np.flatnonzero(labels.any(axis=others))
-        if present.size == 0:
-            return None
-        box.append(slice(max(0, int(present[0]) - 1), min(labels.shape[axis], int(present[-1]) + 2)))
-    return tuple(box)
-
-
 def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
     """Keep each label's largest connected component and/or fill its holes, as the package asks.
 
@@ -321,7 +309,7 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
     fill = bool(options.get("fill_holes", False))
     if not (largest or fill):
         return labels
-    box = _foreground_box(labels)
+    box = bounding_box(labels)
     if box is None:
         return labels
     view = labels[box]  # a view: edits land in `labels`
@@ -390,6 +378,11 @@ def segment_image(
     progress(0.02, "resampling to the model grid")
     model_image = to_model_grid(image, spec.target_spacing)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
+    crop = spec.input.get("crop_foreground")
+    if crop:
+        model_image = crop_to_foreground(
+            model_image, float(crop.get("threshold", 0.1)), float(crop.get("margin_mm", 10))
+        )
     timings["preprocess"] = time.perf_counter() - started
     if cancel:
         cancel.check()
