@@ -233,7 +233,8 @@ Labels: {", ".join(f"{lb['value']} = {lb['name']}" for lb in spec["labels"])} (b
 {spec["labels"][1]["color"]}). Network: MONAI `{arch["name"]}` channels {args["channels"]}, strides
 {args["strides"]}, {args.get("num_res_units", 0)} residual unit(s), {args.get("norm", "INSTANCE")} norm; input
 resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
-({spec["input"]["normalization"]}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
+({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
+{spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, largest connected component, hole filling.
 
 ## Data
