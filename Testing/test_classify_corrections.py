@@ -73,12 +73,45 @@ def test_cli_stores_a_class_label_durably_lists_and_audits_it(homes, ct_slice, c
     assert "correction_submitted" in audit and result["id"] in audit
     assert main(["audit", "--model", str(home), "--verify"]) == 0
 
-    # An update is refused with one line; the correction stays stored with a valid checksum.
+
+def test_cli_update_of_a_classifier_home_is_gated_recorded_and_audited(tmp_path, ct_slice, pydicom_test_files, capsys):
+    home = tmp_path / "home"
+    assert main(["models", "init", "--from", str(_tiny_classifier(tmp_path / "tiny")), "--home", str(home)]) == 0
+    corrections = [(ct_slice, "CT"), (pydicom_test_files / "MR_small.dcm", "MR")]
+    for image, label in corrections:
+        assert main(["correct", "--model", str(home), "--image", str(image), "--label", label]) == 0
     capsys.readouterr()
-    assert main(["update", "--model", str(home), "--max-steps", "2"]) == 4
-    assert "classifier updates are not supported yet" in _one_line_error(capsys)
-    assert result["id"] in [row["id"] for row in list_corrections(home)]
+
+    assert main(["--json", "update", "--model", str(home), "--max-steps", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] in ("promoted", "rejected") and result["steps"] == 5 and result["candidate"] == "v2"
+    gate = result["gate"]["corrections"]
+    assert gate["cases"] == len(corrections) and gate["basis"].startswith("training corrections")
+    for key in ("champion_dice", "candidate_dice", "champion_accuracy", "candidate_accuracy"):
+        assert 0.0 <= gate[key] <= 1.0, key  # true-class probability and accuracy, measured on both models
+    promoted = (
+        gate["candidate_dice"] > gate["champion_dice"] and gate["candidate_accuracy"] >= gate["champion_accuracy"]
+    )
+    assert result["status"] == ("promoted" if promoted else "rejected")
+
+    assert main(["--json", "models", "list", str(home)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["champion"] == ("v2" if promoted else "v1")
+    v2 = [v for v in listing["versions"] if v["version"] == "v2"][0]
+    assert v2["parent"] == "v1" and v2["status"] == ("champion" if promoted else "rejected")
+    assert main(["audit", "--model", str(home), "--verify"]) == 0
+    assert main(["audit", "--model", str(home)]) == 0
+    audit = capsys.readouterr().out
+    assert "gate_decision" in audit and "update_started" in audit
     assert check_home(home)["ok"]
+
+    # The champion (whichever it is) still classifies through the home.
+    assert main(["--json", "classify", "--model", str(home), "--input", str(ct_slice)]) == 0
+    classified = json.loads(capsys.readouterr().out)
+    assert classified["predicted"] in ("CT", "MR")
+    # Nothing new: a second update says so.
+    assert main(["--json", "update", "--model", str(home), "--max-steps", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "nothing_to_do"
 
 
 def test_cli_refuses_unknown_classes_and_wrong_inputs_with_one_line(homes, ct_slice, fsl_t1_2mm, capsys):

@@ -110,8 +110,8 @@ def _report_lines(report: Dict[str, Any]) -> List[str]:
     corrections = report["corrections"]
     if corrections["cases"]:
         lines.append(
-            f"  corrections ({corrections['basis']}): Dice {corrections['champion_dice']:.4f} -> "
-            f"{corrections['candidate_dice']:.4f} ({corrections['cases']} cases)"
+            f"  corrections ({corrections['basis']}): {corrections.get('metric', 'Dice')} "
+            f"{corrections['champion_dice']:.4f} -> {corrections['candidate_dice']:.4f} ({corrections['cases']} cases)"
         )
     return lines
 

@@ -85,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
     corrections = gate["corrections"]
     if corrections["cases"]:
         lines.append(
-            f"  corrections ({corrections['basis']}): Dice {corrections['champion_dice']:.4f} -> "
-            f"{corrections['candidate_dice']:.4f}"
+            f"  corrections ({corrections['basis']}): {corrections.get('metric', 'Dice')} "
+            f"{corrections['champion_dice']:.4f} -> {corrections['candidate_dice']:.4f}"
         )
+        if corrections.get("candidate_accuracy") is not None:  # a classifier's gate also weighs accuracy
+            lines.append(
+                f"  corrections accuracy {corrections['champion_accuracy']:.3f} -> "
+                f"{corrections['candidate_accuracy']:.3f}"
+            )
     lines += [f"  rejected because {reason}" for reason in gate["reasons"]]
     lines += [f"  warning: {warning}" for warning in result.get("warnings", [])]
     emit(args, result, "\n".join(lines))

@@ -9,13 +9,18 @@ labelmap on each case's own grid) on
   the candidate was trained on, which the report says): the candidate must gain more than
   ``min_correction_gain``.
 
+A classifier home is gated the same way on its class-label corrections (:func:`decide_classification`): the
+score of a case is the probability the model gives its true class (through :func:`meddl.classify.classify_image`,
+calibration included), and the candidate must also not lose accuracy. A classifier home holds no locked
+regression cases (they are labelmaps), so no regression set is required of it.
+
 The rules come from the champion package's ``gate`` field (see ``DEFAULT_GATE``), so the change-control
 plan is part of the model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,7 +28,7 @@ from meddl.continual.store import StoredCase
 from meddl.models import ModelPackage
 from meddl.progress import CancelToken, ProgressCallback, no_progress
 
-__all__ = ["mean_foreground_dice", "score_cases", "decide"]
+__all__ = ["mean_foreground_dice", "score_cases", "score_classification_cases", "decide", "decide_classification"]
 
 
 def mean_foreground_dice(prediction: np.ndarray, reference: np.ndarray, values: Sequence[int]) -> float:
@@ -61,6 +66,30 @@ def score_cases(
     return scores
 
 
+def score_classification_cases(
+    package: ModelPackage,
+    cases: Sequence[StoredCase],
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    device: Optional[str] = None,
+) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Probability of the true class, and correctness (1.0 or 0.0), of ``package`` on each class-label correction
+    (case id → value), classified exactly as ``meddl classify`` does."""
+    from meddl.classify import classify_image
+
+    progress = progress or no_progress
+    probability, correct = {}, {}
+    for index, case in enumerate(cases):
+        if cancel:
+            cancel.check()
+        result = classify_image(case.image, package, heatmap=False, device=device)
+        truth = case.meta["label"]["name"]
+        probability[case.id] = float(result.probabilities[truth])
+        correct[case.id] = float(result.predicted == truth)
+        progress((index + 1) / max(1, len(cases)), f"scored {index + 1}/{len(cases)}")
+    return probability, correct
+
+
 def _mean(scores: Dict[str, float], ids: List[str]) -> Optional[float]:
     return float(np.mean([scores[i] for i in ids])) if ids else None
 
@@ -72,6 +101,7 @@ def decide(
     corrections_basis: str,
     champion_scores: Dict[str, float],
     candidate_scores: Dict[str, float],
+    unit: str = "Dice",
 ) -> Dict[str, Any]:
     """Apply the gate's rules to measured scores; returns the report (``decision``, ``reasons``, per-site figures)."""
     reasons: List[str] = []
@@ -93,7 +123,7 @@ def decide(
     if not corrections:
         reasons.append("no corrections to score the candidate on")
     elif not corrections_ok:
-        reasons.append(f"corrections gain {gain * 100:.2f} Dice points (must exceed {min_gain * 100:.2f})")
+        reasons.append(f"corrections gain {gain * 100:.2f} {unit} points (must exceed {min_gain * 100:.2f})")
     return {
         "rules": dict(rules),
         "regression": sites,
@@ -104,7 +134,36 @@ def decide(
             "candidate_dice": after,
             "gain": gain,
             "pass": corrections_ok,
+            "metric": unit,
         },
         "decision": "rejected" if reasons else "promoted",
         "reasons": reasons,
     }
+
+
+def decide_classification(
+    rules: Dict[str, Any],
+    corrections: List[str],
+    corrections_basis: str,
+    champion_scores: Tuple[Dict[str, float], Dict[str, float]],
+    candidate_scores: Tuple[Dict[str, float], Dict[str, float]],
+) -> Dict[str, Any]:
+    """:func:`decide` for a classifier: the mean true-class probability must gain more than
+    ``min_correction_gain`` and the accuracy must not drop (``score_classification_cases`` gives both)."""
+    # Regression cases are labelmaps, which a classifier home refuses: there is no regression set to require.
+    report = decide(
+        {**rules, "require_regression_set": False},
+        {},
+        corrections,
+        corrections_basis,
+        champion_scores[0],
+        candidate_scores[0],
+        unit="true-class probability",
+    )
+    before, after = _mean(champion_scores[1], corrections), _mean(candidate_scores[1], corrections)
+    report["corrections"].update(champion_accuracy=before, candidate_accuracy=after)
+    if corrections and after < before - 1e-9:
+        report["corrections"]["pass"] = False
+        report["reasons"].append(f"accuracy on the corrections drops from {before:.3f} to {after:.3f}")
+        report["decision"] = "rejected"
+    return report

@@ -491,7 +491,7 @@ def init_home(
             "version": spec.version,
             "weights_sha256": sha256_file(Path(package) / "weights.safetensors"),
         }
-        # A classifier's gate is planned in accuracy points (classifier updates are not run yet).
+        # A classifier home is gated on its corrections by true-class probability and accuracy.
         task_gate = {"metric": "accuracy"} if spec.task == "classification" else {}
         spec.raw["gate"] = {**DEFAULT_GATE, **task_gate, **dict(spec.raw.get("gate") or {}), **dict(gate or {})}
         spec.raw["parent"] = None

@@ -15,6 +15,12 @@ One update:
 5. scores candidate and champion through the validation gate (:mod:`meddl.continual.gate`), writes the
    candidate as a new immutable version with its measured metrics, and promotes it or keeps it as a
    rejected candidate. Every step is in the audit log.
+
+A classifier home (class-label corrections) follows the same steps with whole images instead of patches: each
+image is prepared exactly as :func:`meddl.classify.classify_image` prepares it; a batch mixes new corrections
+(cross-entropy) with replayed earlier corrections (cross-entropy plus distillation of the champion's softened
+logits; without replay the correction images carry the distillation), and the gate scores the true-class
+probability and accuracy (:func:`meddl.continual.gate.decide_classification`).
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
-from meddl.continual.gate import decide, score_cases
+from meddl.continual.gate import decide, decide_classification, score_cases, score_classification_cases
 from meddl.continual.locks import LockBusy, file_lock
 from meddl.continual.registry import ModelHome
 from meddl.continual.store import StoredCase, load_case, load_correction, recover
 from meddl.errors import Cancelled, ModelError
 from meddl.fsutil import publish
-from meddl.models import ModelPackage, load_model, load_spec, save_model
+from meddl.models import ModelPackage, load_model, save_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
 
@@ -194,6 +200,58 @@ def _augment(image: np.ndarray, others: List[Optional[np.ndarray]], rng: np.rand
     ]
 
 
+@dataclass
+class _Example:
+    """One class-label correction on the network grid, prepared exactly as classification prepares it."""
+
+    id: str
+    image: np.ndarray  # float32 [C_in, *patch]
+    target: int  # class index: position of the class among the model's labels sorted by value
+    teacher: np.ndarray  # float32 [C] champion logits (distillation target)
+
+
+def _prepare_example(case: StoredCase, package: ModelPackage, device: str) -> _Example:
+    from meddl.classify import class_value
+    from meddl.classify.infer import predict_logits
+    from meddl.classify.preprocess import prepare_input
+
+    spec = package.spec
+    values = sorted(label.value for label in spec.labels)
+    target = values.index(class_value(spec, case.meta["label"]["name"], case.id))
+    prepared = prepare_input(case.image, spec)
+    teacher = predict_logits(package.network, prepared.array[None], device)[0].astype(np.float32)
+    return _Example(case.id, prepared.array, target, teacher)
+
+
+def _classifier_loss(
+    network, new: List[_Example], replay: List[_Example], options: UpdateOptions, seed: int, step: int, device: str
+):
+    """Cross-entropy on a batch of new corrections plus replayed ones, and distillation (KL to the champion's
+    logits softened by ``options.temperature``) on the replayed images, or on the new ones when there is no
+    replay, so the candidate keeps what the champion knew."""
+    import torch
+
+    rng = np.random.default_rng([seed, step])
+    n_replay = int(round(options.batch_size * options.replay_ratio)) if replay else 0
+    batch = [new[int(rng.integers(len(new)))] for _ in range(max(1, options.batch_size))]
+    batch += [replay[int(rng.integers(len(replay)))] for _ in range(n_replay)]
+    images = torch.from_numpy(np.stack([example.image for example in batch])).to(device)
+    targets = torch.tensor([example.target for example in batch], device=device)
+    logits = network(images)
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    if options.distills:
+        rows = list(range(len(batch) - n_replay, len(batch))) if n_replay else list(range(len(batch)))
+        temperature = options.temperature
+        teacher = torch.from_numpy(np.stack([batch[i].teacher for i in rows])).to(device)
+        kl = torch.nn.functional.kl_div(
+            torch.log_softmax(logits[rows] / temperature, dim=1),
+            torch.softmax(teacher / temperature, dim=1),
+            reduction="batchmean",
+        )
+        loss = loss + options.distill_weight * temperature**2 * kl
+    return loss
+
+
 def _plan_key(
     champion: str, new_ids: List[str], replay_ids: List[str], options: UpdateOptions, max_steps: int, seed: int
 ) -> str:
@@ -293,9 +351,7 @@ def run_update(
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     with _update_lock(model_home):
-        recovered = recover(model_home)  # a classifier home's corrections are recovered too, then refused below
-        if load_spec(model_home.champion_dir()).task == "classification":
-            raise ModelError("classifier updates are not supported yet; the corrections stay stored", model_home.path)
+        recovered = recover(model_home)
         removed_versions = _clean_unregistered_versions(model_home)
         if removed_versions:
             model_home.audit("unregistered_versions_removed", versions=removed_versions)
@@ -303,6 +359,7 @@ def run_update(
         champion = model_home.champion()
         package = load_model(model_home.version_dir(champion), device)
         spec = package.spec
+        classifier = spec.task == "classification"
         done_ids = [d["id"] for d in spec.raw.get("training_data", []) if d.get("kind") == "correction"]
         new_rows = [
             row
@@ -350,13 +407,19 @@ def run_update(
             if cancel:
                 cancel.check()
             case = load_correction(model_home, correction_id)
-            new_volumes.append(_prepare(case, package, patch, "new", options, device))
+            if classifier:
+                new_volumes.append(_prepare_example(case, package, device))
+            else:
+                new_volumes.append(_prepare(case, package, patch, "new", options, device))
             progress(0.01 + 0.09 * (index + 1) / total_items, f"prepared correction {correction_id}")
         for index, item in enumerate(replay_items):
             if cancel:
                 cancel.check()
             case = load_case(model_home, item) if item["origin"] == "case" else load_correction(model_home, item["id"])
-            replay_volumes.append(_prepare(case, package, patch, "replay", options, device))
+            if classifier:
+                replay_volumes.append(_prepare_example(case, package, device))
+            else:
+                replay_volumes.append(_prepare(case, package, patch, "replay", options, device))
             progress(0.01 + 0.09 * (len(new_ids) + index + 1) / total_items, f"prepared replay case {item['id']}")
         timings["prepare"] = time.perf_counter() - started
 
@@ -389,7 +452,8 @@ def run_update(
                 seed=seed,
                 key=key,
             )
-        ewc = _ewc_penalty(network, replay_volumes or new_volumes, patch, options, seed) if options.ewc_weight else None
+        use_ewc = options.ewc_weight and not classifier  # EWC's Fisher estimate samples segmentation patches
+        ewc = _ewc_penalty(network, replay_volumes or new_volumes, patch, options, seed) if use_ewc else None
         anchor = {k: v.detach().clone() for k, v in network.named_parameters()} if ewc else None
         dice_loss = DiceLoss(to_onehot_y=True, softmax=True)
         last_checkpoint = time.perf_counter()
@@ -406,35 +470,38 @@ def run_update(
             if time.perf_counter() - train_started > max_seconds:
                 stopped_by = "time"
                 break
-            rng = np.random.default_rng([seed, step])
-            # Every method sees the same correction patches per step; replay is added, so learning the new site
-            # is not slowed down by remembering the old one.
-            n_new = max(1, options.batch_size)
-            n_replay = int(round(options.batch_size * options.replay_ratio)) if replay_volumes else 0
-            batch = []
-            for role, count, pool in (("new", n_new, new_volumes), ("replay", n_replay, replay_volumes)):
-                for _ in range(count):
-                    volume = pool[int(rng.integers(len(pool)))]
-                    shape = tuple(s - p for s, p in zip(volume.image.shape, patch))
-                    sample = _sample_patch(volume, patch, rng, shape)
-                    image, (label, weight, teacher) = _augment(
-                        sample["image"], [sample["label"], sample["weight"], sample["teacher"]], rng
-                    )
-                    batch.append((role, image, label, weight, teacher))
-            images = torch.from_numpy(np.stack([b[1] for b in batch])[:, None]).to(device)
-            labels = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
-            weights = torch.from_numpy(np.stack([b[3] for b in batch])).to(device)
-            logits = network(images)
-            voxel_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss = (voxel_ce * weights).sum() / weights.sum() + dice_loss(logits, labels[:, None])
-            replay_rows = [i for i, b in enumerate(batch) if b[0] == "replay" and b[4] is not None]
-            if options.distills and replay_rows:
-                teacher = torch.from_numpy(np.stack([batch[i][4] for i in replay_rows])).to(device)
-                temperature = options.temperature
-                soft_teacher = torch.softmax(torch.log(teacher.clamp_min(1e-6)) / temperature, dim=1)
-                log_student = torch.log_softmax(logits[replay_rows] / temperature, dim=1)
-                kl = (soft_teacher * (torch.log(soft_teacher.clamp_min(1e-8)) - log_student)).sum(dim=1).mean()
-                loss = loss + options.distill_weight * temperature**2 * kl
+            if classifier:
+                loss = _classifier_loss(network, new_volumes, replay_volumes, options, seed, step, device)
+            else:
+                rng = np.random.default_rng([seed, step])
+                # Every method sees the same correction patches per step; replay is added, so learning the new site
+                # is not slowed down by remembering the old one.
+                n_new = max(1, options.batch_size)
+                n_replay = int(round(options.batch_size * options.replay_ratio)) if replay_volumes else 0
+                batch = []
+                for role, count, pool in (("new", n_new, new_volumes), ("replay", n_replay, replay_volumes)):
+                    for _ in range(count):
+                        volume = pool[int(rng.integers(len(pool)))]
+                        shape = tuple(s - p for s, p in zip(volume.image.shape, patch))
+                        sample = _sample_patch(volume, patch, rng, shape)
+                        image, (label, weight, teacher) = _augment(
+                            sample["image"], [sample["label"], sample["weight"], sample["teacher"]], rng
+                        )
+                        batch.append((role, image, label, weight, teacher))
+                images = torch.from_numpy(np.stack([b[1] for b in batch])[:, None]).to(device)
+                labels = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+                weights = torch.from_numpy(np.stack([b[3] for b in batch])).to(device)
+                logits = network(images)
+                voxel_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                loss = (voxel_ce * weights).sum() / weights.sum() + dice_loss(logits, labels[:, None])
+                replay_rows = [i for i, b in enumerate(batch) if b[0] == "replay" and b[4] is not None]
+                if options.distills and replay_rows:
+                    teacher = torch.from_numpy(np.stack([batch[i][4] for i in replay_rows])).to(device)
+                    temperature = options.temperature
+                    soft_teacher = torch.softmax(torch.log(teacher.clamp_min(1e-6)) / temperature, dim=1)
+                    log_student = torch.log_softmax(logits[replay_rows] / temperature, dim=1)
+                    kl = (soft_teacher * (torch.log(soft_teacher.clamp_min(1e-8)) - log_student)).sum(dim=1).mean()
+                    loss = loss + options.distill_weight * temperature**2 * kl
             if ewc is not None:
                 penalty = sum((ewc[n] * (p - anchor[n]) ** 2).sum() for n, p in network.named_parameters())
                 loss = loss + options.ewc_weight * penalty
@@ -459,7 +526,7 @@ def run_update(
         champion_package = load_model(model_home.version_dir(champion), device)
         candidate_package = ModelPackage(spec=spec, network=network, path=None)
         rules = model_home.gate_rules(champion)
-        regression_cases = [load_case(model_home, c) for c in model_home.cases("regression")]
+        regression_cases = [] if classifier else [load_case(model_home, c) for c in model_home.cases("regression")]
         sites = sorted({row["site"] for row in new_rows})
         holdout_rows = [
             row
@@ -474,12 +541,16 @@ def run_update(
             basis, correction_ids = "training corrections (no held-out corrections yet)", new_ids
         correction_cases = [load_correction(model_home, i) for i in correction_ids]
         cases = regression_cases + correction_cases
-        champion_scores = score_cases(champion_package, cases, scaled(progress, 0.8, 0.88), cancel, device)
-        candidate_scores = score_cases(candidate_package, cases, scaled(progress, 0.88, 0.96), cancel, device)
-        regression_by_site: Dict[str, List[str]] = {}
-        for case in regression_cases:
-            regression_by_site.setdefault(case.site, []).append(case.id)
-        report = decide(rules, regression_by_site, correction_ids, basis, champion_scores, candidate_scores)
+        score = score_classification_cases if classifier else score_cases
+        champion_scores = score(champion_package, cases, scaled(progress, 0.8, 0.88), cancel, device)
+        candidate_scores = score(candidate_package, cases, scaled(progress, 0.88, 0.96), cancel, device)
+        if classifier:
+            report = decide_classification(rules, correction_ids, basis, champion_scores, candidate_scores)
+        else:
+            regression_by_site: Dict[str, List[str]] = {}
+            for case in regression_cases:
+                regression_by_site.setdefault(case.site, []).append(case.id)
+            report = decide(rules, regression_by_site, correction_ids, basis, champion_scores, candidate_scores)
         timings["gate"] = time.perf_counter() - gate_started
 
         # -- write the candidate version, decide -----------------------------------------------------------------
@@ -487,8 +558,9 @@ def run_update(
         version = model_home.next_version_name()
         spec.version = version
         spec.raw["parent"] = champion
+        # A class-label correction keeps its class in correction.json: that file's checksum identifies the label.
         label_hashes = {
-            row["id"]: json.loads(row["files"]).get("label.nii.gz")
+            row["id"]: json.loads(row["files"]).get("correction.json" if classifier else "label.nii.gz")
             for row in model_home.query("SELECT id, files FROM corrections")
         }
         spec.raw["training_data"] = list(spec.raw.get("training_data", [])) + [
@@ -529,8 +601,10 @@ def run_update(
             "recovered": {**recovered, "finished": finished},
             "warnings": (
                 [
-                    "no replay data (add replay cases with `meddl models add-case --kind replay`): this update had no "
-                    "replay or distillation against forgetting"
+                    "no earlier corrections to replay: this update distilled the champion on the new corrections only"
+                    if classifier
+                    else "no replay data (add replay cases with `meddl models add-case --kind replay`): this update "
+                    "had no replay or distillation against forgetting"
                 ]
                 if options.uses_replay and not replay_items
                 else []
