@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from meddl.errors import InputError, ModelError
-from meddl.io import Image, read_image, write_image
+from meddl.io import Image, read_image, validate_for_inference, write_image
 from meddl.models import ModelPackage, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, to_model_grid
@@ -94,14 +94,9 @@ def configure_threads(threads: Optional[int] = None) -> int:
 def check_input(image: Image, package: ModelPackage) -> None:
     """Refuse inputs the model cannot take, naming the file: wrong dimensions, NaN/inf, constant, wrong modality."""
     source = image.metadata.get("source")
-    if image.array.ndim != 3:
-        raise InputError(f"expected a 3D volume, got an array of shape {image.array.shape}", source)
+    validate_for_inference(image)
     if min(image.array.shape) < 1:
         raise InputError("the volume is empty", source)
-    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
-        raise InputError("the volume contains NaN or infinite values", source)
-    if not all(np.isfinite(image.spacing)) or min(image.spacing) <= 0:
-        raise InputError(f"spacing {image.spacing} must be positive and finite", source)
     expected = package.spec.modality
     found = image.metadata.get("modality")
     if expected and found and str(found).upper() != str(expected).upper() and not image.metadata.get("force"):
