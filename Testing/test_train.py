@@ -23,6 +23,7 @@ from meddl.train import (  # noqa: E402
     RandAnisotropicLowResd,
     RandBrainOnlyd,
     RandFieldOfViewCutd,
+    RandInferiorExtensiond,
     RandSmoothDeformd,
     RandSynthesizeFromTissuesd,
     checkpoint_path,
@@ -161,6 +162,14 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
     warped = deform(dict(whole))
     assert warped["label"].dtype == whole["label"].dtype
     assert abs(int(warped["label"].sum()) - int(whole["label"].sum())) < 0.2 * int(whole["label"].sum())
+    # A longer neck: the bottom slab repeats below the volume, labelled background; the brain is untouched.
+    neck = RandInferiorExtensiond(("image", "tissues"), ("label",), prob=1.0, max_slices=5)
+    neck.set_random_state(seed=5)
+    extended = neck({**whole, "tissues": item["tissues"]})
+    added = extended["image"].shape[1] - whole["image"].shape[1]
+    assert 1 <= added <= 5 and extended["tissues"].shape == extended["image"].shape == extended["label"].shape
+    assert np.array_equal(extended["image"][:, :added], np.repeat(whole["image"][:, :1], added, axis=1))
+    assert not extended["label"][:, :added].any() and np.array_equal(extended["label"][:, added:], whole["label"])
     synthesis = RandSynthesizeFromTissuesd(prob=1.0)
     synthesis.set_random_state(seed=4)
     synthetic = synthesis({**whole, "tissues": item["tissues"]})["image"]

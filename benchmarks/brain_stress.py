@@ -254,6 +254,39 @@ def time_segment(model: Path, folder: Path, threads: int = 2) -> Dict:
     return {"wall_s": wall, "timings_s": summary.get("timings_s", {}), "shape_ijk": size.tolist()}
 
 
+def record_in_package(
+    model: Path,
+    seed: int,
+    rows: List[Dict],
+    per_perturbation: Dict[str, Dict],
+    worst: Dict,
+    n_meet: int,
+    timing: Optional[Dict],
+) -> None:
+    """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
+    from meddl.fsutil import publish
+    from recipes.brain_t1 import write_model_card
+
+    spec_path = model / "model.json"
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    spec.setdefault("metrics", {})["stress"] = {
+        "command": f"python benchmarks/brain_stress.py --model {model.name} --seed {seed} --record",
+        "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "targets": {"dice": DICE_TARGET, "hd95_mm": HD95_TARGET_MM},
+        "held_out_source": HELD_OUT,
+        "cases_meeting_targets": n_meet,
+        "cases": len(rows),
+        "per_perturbation": {k: {n: round(v, 4) for n, v in stats.items()} for k, stats in per_perturbation.items()},
+        "per_case": {r["case"]: {"dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in rows},
+        "worst_case": {"case": worst["case"], "dice": round(worst["dice"], 4), "hd95_mm": round(worst["hd95_mm"], 2)},
+        "segment_256x256x160_s": round(timing["wall_s"], 2) if timing else None,
+    }
+    staging = spec_path.with_name(f".model.json.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    publish(staging, spec_path)
+    write_model_card(model)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "Resources" / "models" / "brain-t1")
@@ -262,6 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="MEDDL_NUM_THREADS for the timed segment run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument(
+        "--record", action="store_true", help="write the figures into the model's model.json and MODEL_CARD.md"
+    )
     args = parser.parse_args(argv)
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="brain_stress_"))
@@ -348,6 +384,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             f" end to end ({parts})"
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.record:
+        record_in_package(args.model, args.seed, rows, per_perturbation, worst, n_meet, timing)
+        print(f"recorded in {args.model / 'model.json'} and its MODEL_CARD.md")
     if args.json:
         args.json.write_text(
             json.dumps(

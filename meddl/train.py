@@ -40,6 +40,7 @@ __all__ = [
     "RandFieldOfViewCutd",
     "RandAnisotropicLowResd",
     "RandSmoothDeformd",
+    "RandInferiorExtensiond",
     "NormalizeIntensityd",
     "training_transforms",
     "train_segmentation",
@@ -274,14 +275,25 @@ class RandBrainOnlyd(_RandomizableTransform, _MapTransform):
 class RandFieldOfViewCutd(_RandomizableTransform, _MapTransform):
     """Blank the image and label beyond a random plane across one axis: a field of view that cuts the head.
 
-    The blanked part is what the scanner never saw; the label there is background because nothing there
-    can be segmented, just as the model grid at inference covers only the input's extent.
+    The plane cuts off up to ``max_fraction`` of the foreground's extent along that axis (e.g. the top 40 % of
+    the brain), measured on the label. The first array axis (k: inferior-superior on the model grid, the slice
+    direction of most axial scans) is cut ``first_axis_weight`` of the time, the other two share the rest. The
+    blanked part is what the scanner never saw; the label there is background because nothing there can be
+    segmented, just as the model grid at inference covers only the input's extent.
     """
 
-    def __init__(self, keys: Sequence[str] = ("image", "label"), prob: float = 0.3, max_fraction: float = 0.3) -> None:
+    def __init__(
+        self,
+        keys: Sequence[str] = ("image", "label"),
+        prob: float = 0.3,
+        max_fraction: float = 0.4,
+        label_key: str = "label",
+        first_axis_weight: float = 0.5,
+    ) -> None:
         _MapTransform.__init__(self, keys)
         _RandomizableTransform.__init__(self, prob)
-        self.max_fraction = max_fraction
+        self.max_fraction, self.label_key = max_fraction, label_key
+        self.axis_weights = [first_axis_weight, (1 - first_axis_weight) / 2, (1 - first_axis_weight) / 2]
 
     def __call__(self, data):
         data = dict(data)
@@ -289,11 +301,16 @@ class RandFieldOfViewCutd(_RandomizableTransform, _MapTransform):
         if not self._do_transform:
             return data
         shape = _numpy(data[self.keys[0]]).shape[1:]
-        axis = int(self.R.randint(0, 3))
-        cut = int(round(shape[axis] * self.R.uniform(0.05, self.max_fraction)))
+        axis = int(self.R.choice(3, p=self.axis_weights))
+        fraction = self.R.uniform(0.05, self.max_fraction)
         from_start = bool(self.R.randint(0, 2))
+        label = _numpy(data[self.label_key]) if self.label_key in data else None
+        other_axes = tuple(a + 1 for a in range(3) if a != axis)
+        present = np.nonzero(label.any(axis=(0, *other_axes)))[0] if label is not None else np.array([])
+        first, last = (int(present[0]), int(present[-1]) + 1) if present.size else (0, shape[axis])
+        depth = int(round((last - first) * fraction))
         region = [slice(None)] * 4
-        region[axis + 1] = slice(0, cut) if from_start else slice(shape[axis] - cut, None)
+        region[axis + 1] = slice(0, first + depth) if from_start else slice(last - depth, None)
         for key in self.keys:
             array = _numpy(data[key]).copy()
             array[tuple(region)] = 0
@@ -384,6 +401,43 @@ class RandSmoothDeformd(_RandomizableTransform, _MapTransform):
         return data
 
 
+class RandInferiorExtensiond(_RandomizableTransform, _MapTransform):
+    """Extend the volume below its lowest slice by repeating that slice, labelled background: a longer neck.
+
+    Templates stop just under the cerebellum; real scans often run down the neck. The repeated bottom slab
+    (spinal cord, muscles) teaches that whatever continues below the labelled brainstem is not brain. Needs
+    arrays on the LPS model grid, where the first array axis (k) runs from inferior to superior.
+    """
+
+    def __init__(
+        self,
+        image_keys: Sequence[str] = ("image",),
+        label_keys: Sequence[str] = ("label",),
+        prob: float = 0.3,
+        max_slices: int = 25,
+    ) -> None:
+        _MapTransform.__init__(self, [*image_keys, *label_keys], allow_missing_keys=True)
+        _RandomizableTransform.__init__(self, prob)
+        self.image_keys, self.label_keys, self.max_slices = list(image_keys), list(label_keys), max_slices
+
+    def __call__(self, data):
+        data = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        slices = int(self.R.randint(1, self.max_slices + 1))
+        for key in self.image_keys + self.label_keys:
+            if key not in data:
+                continue
+            array = _numpy(data[key])
+            widths = [(0, 0), (slices, 0), (0, 0), (0, 0)]
+            if key in self.image_keys:
+                data[key] = np.pad(array, widths, mode="edge")
+            else:
+                data[key] = np.pad(array, widths, mode="constant")
+        return data
+
+
 class NormalizeIntensityd(_MapTransform):
     """The package's own intensity normalisation (:func:`meddl.transforms.normalize_intensity`)."""
 
@@ -418,8 +472,10 @@ def training_transforms(
     steps: List[Callable] = list(pre_transforms)
     if augment:
         steps += [
-            # Head pose and size: rotations up to ±30° about every axis, ±15 % scale per axis, shifts.
             RandSmoothDeformd(keys, prob=0.3, max_voxels=4.0),
+            # A field of view cut before the rotation below: the cut plane ends up oblique to the head.
+            RandFieldOfViewCutd(keys, prob=0.3),
+            # Head pose and size: rotations up to ±30° about every axis, ±15 % scale per axis, shifts.
             mt.RandAffined(
                 keys,
                 prob=0.9,
@@ -431,7 +487,7 @@ def training_transforms(
             ),
             RandAnisotropicLowResd(["image"], prob=0.25, max_factor=3.0),
             mt.RandSimulateLowResolutiond(["image"], prob=0.15, zoom_range=(0.5, 1.0)),
-            RandFieldOfViewCutd(keys, prob=0.25, max_fraction=0.3),
+            RandFieldOfViewCutd(keys, prob=0.3),
             mt.RandBiasFieldd(["image"], degree=3, coeff_range=(0.0, 0.3), prob=0.5),
             mt.RandAdjustContrastd(["image"], gamma=(0.6, 1.6), prob=0.4),
             mt.RandScaleIntensityd(["image"], factors=0.15, prob=0.3),

