@@ -33,6 +33,11 @@ def test_bundled_model_package_is_small_and_documented(repo):
     assert not any("icbm" in case.lower() or "nilearn" in case.lower() for case in cases)
     card = (package / "MODEL_CARD.md").read_text()
     assert f"{raw['metrics']['held_out_test']['icbm152-2009a-1mm-nilearn']['dice']:.4f}" in card
+    # The stress benchmark's figures (benchmarks/brain_stress.py --record) travel with the package.
+    stress = raw["metrics"]["stress"]
+    assert stress["cases"] == len(stress["per_case"]) >= 32
+    assert f"{stress['cases_meeting_targets']} of {stress['cases']} cases" in card
+    assert raw["provenance"]["git_commit"]
 
 
 def test_demo_segments_the_held_out_brain(tmp_path, repo):

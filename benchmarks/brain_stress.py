@@ -270,7 +270,7 @@ def record_in_package(
     spec_path = model / "model.json"
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     spec.setdefault("metrics", {})["stress"] = {
-        "command": f"python benchmarks/brain_stress.py --model {model.name} --seed {seed} --record",
+        "command": f"python benchmarks/brain_stress.py --model PACKAGE --seed {seed} --record",
         "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "targets": {"dice": DICE_TARGET, "hd95_mm": HD95_TARGET_MM},
         "held_out_source": HELD_OUT,
