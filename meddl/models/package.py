@@ -124,7 +124,7 @@ class ModelSpec:
                 "inference": self.inference,
             }
         )
-        return data
+        return copy.deepcopy(data)  # callers edit the result; this spec must not change with it
 
     @classmethod
     def from_json(cls, data: Any, path: Optional[PathLike] = None) -> ModelSpec:
