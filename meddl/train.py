@@ -472,10 +472,6 @@ def training_transforms(
     steps: List[Callable] = list(pre_transforms)
     if augment:
         steps += [
-            # Room around the volume, so that rotations keep the whole head and the patch crop below frames it
-            # differently each time, as sliding windows do at inference (a network that always sees the head
-            # at one place in its window learns that place).
-            mt.SpatialPadd(keys, spatial_size=[int(round(1.2 * n)) for n in patch], mode="constant"),
             RandSmoothDeformd(keys, prob=0.3, max_voxels=4.0),
             # A field of view cut before the rotation below: the cut plane ends up oblique to the head.
             RandFieldOfViewCutd(keys, prob=0.3),
