@@ -241,8 +241,8 @@ def write_model_card(package: Path) -> Path:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
     cases = {**metrics.get("validation_full_pipeline", {}), **metrics.get("held_out_test", {})}
-    if metrics.get("stress"):  # the stress set is the yardstick; the four cases above are part of the recipe
-        cases = {name: {**v, "source": ""} for name, v in metrics["stress"]["per_case"].items()}
+    if stress:  # the stress set is the yardstick; the four cases above are part of the recipe
+        cases = stress["per_case"]
     missed = [name for name, v in cases.items() if v["dice"] < 0.95 or v["hd95_mm"] > 5.0]
     targets = (
         f"not met on {len(missed)} of {len(cases)} cases ({', '.join(missed[:6])}{', ...' if len(missed) > 6 else ''})."
@@ -428,20 +428,17 @@ def main(argv: List[str] = None) -> int:
         print(f"stopped early after {spec['training']['steps_done']} steps; run the same command again to continue")
         return 0
     print("validation Dice per epoch:", [round(h["val_mean_dice"], 4) for h in spec["training"]["history"]])
-    spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started, 1)
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     scores = record_scores(package)
-    write_model_card(package)
     for name, values in scores.items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
     if not args.no_stress:
         # The stress figures belong in the package (model.json + card): the same benchmark users can run.
-        stress = [sys.executable, str(REPO / "benchmarks" / "brain_stress.py"), "--model", str(staging), "--record"]
+        stress = [sys.executable, str(REPO / "benchmarks" / "brain_stress.py"), "--model", str(package), "--record"]
         subprocess.run(stress + ["--threads", str(args.threads)], check=True, cwd=REPO)
     spec = json.loads(spec_path.read_text())
     spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started, 1)
     spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    write_model_card(staging)
+    write_model_card(package)
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
