@@ -43,6 +43,7 @@ __all__ = [
     "RandInferiorExtensiond",
     "NormalizeIntensityd",
     "training_transforms",
+    "resolve_precision",
     "train_segmentation",
     "checkpoint_path",
     "git_commit",
@@ -524,13 +525,19 @@ def checkpoint_path(output_dir: PathLike) -> Path:
 
 
 def git_commit(folder: Optional[PathLike] = None) -> Optional[str]:
-    """``git rev-parse HEAD`` of the repository holding ``folder`` (this package by default), or None."""
+    """``git rev-parse HEAD`` of the repository holding ``folder`` (this package by default), or None.
+
+    A ``+dirty`` suffix says that tracked files differed from that commit, so the code that ran is not exactly it.
+    """
     folder = Path(folder) if folder else Path(__file__).resolve().parent
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        if result.returncode != 0 or not result.stdout.strip():
+            return None
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=folder, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    return result.stdout.strip() + ("+dirty" if changed.returncode == 1 else "")
 
 
 def _package_versions(extra: Sequence[str] = ()) -> Dict[str, str]:
@@ -639,6 +646,24 @@ def _write_package(spec: ModelSpec, network, best_state, output_dir: Path, repla
 # ---------------------------------------------------------------------------------------- training
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``"auto"`` becomes ``"bf16"`` on a CPU whose oneDNN has native bfloat16 kernels, else ``"fp32"``.
+
+    On CUDA ``"auto"`` stays float32 (the GPU is fast enough; training there is not the bottleneck).
+    """
+    if precision != "auto":
+        return precision
+    import torch
+
+    if not str(device).startswith("cpu"):
+        return "fp32"
+    try:
+        native = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the probe: do not guess
+        native = False
+    return "bf16" if native else "fp32"
+
+
 def train_segmentation(
     spec: ModelSpec,
     datalist: Sequence[Mapping[str, Any]],
@@ -662,6 +687,7 @@ def train_segmentation(
     extra_keys: Sequence[str] = (),
     provenance: Optional[Dict[str, Any]] = None,
     device: Optional[str] = None,
+    precision: str = "fp32",
 ) -> Path:
     """Train ``spec``'s network on ``datalist`` and write the best-validation-Dice package to ``output_dir``.
 
@@ -685,6 +711,9 @@ def train_segmentation(
         pre_transforms: extra MONAI-style dictionary transforms run first on whole volumes.
         provenance: extra facts for model.json (data sources, recipe).
         device: "cpu", "cuda" or None for auto.
+        precision: ``"fp32"``, or ``"bf16"`` to run the network's forward pass under bfloat16 autocast (weights,
+            optimiser and loss stay float32); on a CPU with native bfloat16 (AVX512-BF16, AMX) a step takes
+            about half the time (:func:`resolve_precision` picks it). Validation always runs in float32.
 
     Returns:
         The package folder.
@@ -706,6 +735,9 @@ def train_segmentation(
     if epochs < 1:
         raise InputError(f"epochs must be at least 1 (got {epochs})")
     device = select_device(device)
+    if precision not in ("fp32", "bf16"):
+        raise InputError(f"precision must be 'fp32' or 'bf16' (got {precision!r})")
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
     set_determinism(seed=seed)
 
     # Data: everything on the model grid, once.
@@ -830,7 +862,9 @@ def train_segmentation(
             labels = torch.stack([p["label"] for p in patches]).float().to(device)
             set_learning_rate(epoch * steps + step)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(network(images), labels)
+            with autocast:
+                logits = network(images)
+            loss = loss_function(logits.float(), labels)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
@@ -885,6 +919,7 @@ def train_segmentation(
         "patches_per_volume": patches_per_volume,
         "augment": augment,
         "learning_rate": learning_rate,
+        "precision": precision,
         "resumed_from": loop["resumed_from"],
         "history": loop["history"],
     }
