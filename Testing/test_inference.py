@@ -244,6 +244,26 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes_like_scipy(h
     assert not result[3, 3, 3]
 
 
+def test_opening_in_mm_cuts_a_thin_bridge_so_the_joined_blob_is_dropped():
+    # A "brain" (ball of 30 mm) joined by a 4 mm bridge to an "orbit" (ball of 10 mm) on a 1x1x3 mm grid: the
+    # largest component alone keeps the orbit; an opening by a 6 mm ball, measured in mm, cuts the bridge first.
+    spacing = (1.0, 1.0, 3.0)  # (i, j, k) mm
+    k, j, i = np.meshgrid(np.arange(40) * 3.0, np.arange(120) * 1.0, np.arange(110) * 1.0, indexing="ij")
+    brain = (i - 40) ** 2 + (j - 60) ** 2 + (k - 60) ** 2 <= 30**2
+    orbit = (i - 88) ** 2 + (j - 60) ** 2 + (k - 60) ** 2 <= 10**2
+    bridge = (np.abs(j - 60) <= 2) & (np.abs(k - 60) <= 3) & (i > 60) & (i < 82)
+    labels = (brain | orbit | bridge).astype(np.uint8)
+
+    kept = infer.postprocess_labelmap(labels.copy(), {"largest_component": True}, spacing)
+    assert kept[60 // 3, 60, 88] == 1  # without the opening the orbit stays, joined by its bridge
+
+    opened = infer.postprocess_labelmap(labels.copy(), {"opening_mm": 6.0, "largest_component": True}, spacing)
+    assert not opened[orbit].any() and not opened[bridge & (i > 74)].any()  # the brain's surface is at i = 70
+    assert not (opened.astype(bool) & ~labels.astype(bool)).any()  # an opening never adds a voxel
+    dice = 2 * np.sum(opened.astype(bool) & brain) / (opened.astype(bool).sum() + brain.sum())
+    assert dice > 0.99  # the ball itself is kept (only the voxels where the bridge met it are shaved)
+
+
 def test_float32_header_spacing_does_not_add_a_model_grid_slice():
     from meddl.transforms import model_grid
 

@@ -218,7 +218,9 @@ def plain_monai(model_dir: Path, volume: Path, output_dir: Path) -> Callable[[],
         # MONAI's KeepLargestConnectedComponent needs scikit-image, which this project does not install;
         # the same scipy post-processing as ours keeps the comparison about the pipeline, not this step.
         array = labels[0].numpy().astype(np.uint8)
-        labels[0] = torch.from_numpy(postprocess_labelmap(array, spec.postprocess).astype(np.float32))
+        # MONAI's arrays are (i, j, k); postprocess_labelmap reads spacing in the reverse of its array's axes.
+        pixdim = [float(v) for v in data["pred"].pixdim][::-1]  # the input grid's, after Invertd
+        labels[0] = torch.from_numpy(postprocess_labelmap(array, spec.postprocess, pixdim).astype(np.float32))
         times["postprocess"] = time.perf_counter() - started
         started = time.perf_counter()
         saver(labels, meta_data=data["image"].meta if hasattr(data["image"], "meta") else None)

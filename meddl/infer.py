@@ -291,8 +291,14 @@ def _target_box(box: Tuple[slice, ...], model_grid: Image, target: Image) -> Lis
     return [(int(low[a]), int(max(low[a], high[a]))) for a in (2, 1, 0)]
 
 
-def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
-    """Keep each label's largest connected component and/or fill its holes, as the package asks.
+def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Open each label, keep its largest connected component and/or fill its holes, as the package asks.
+
+    Options (``model.json`` ``postprocess``): ``opening_mm`` (a morphological opening by a ball of that radius
+    in mm: parts of the label thinner than twice the radius, such as a bridge from the brain into the orbit,
+    are cut off, so the largest-component step below can drop what they joined), ``largest_component``,
+    ``fill_holes``. ``spacing`` is the voxel size in mm in ``(i, j, k)`` order (``Image.spacing``), which the
+    opening needs; 1 mm when not given.
 
     Works in place on the bounding box of the foreground (grown by one voxel, so background surrounds
     every label there exactly as in the whole volume); returns ``labels``. Components are numbered in
@@ -300,18 +306,25 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
     """
     from scipy import ndimage
 
+    opening_mm = float(options.get("opening_mm", 0) or 0)
     largest = bool(options.get("largest_component", False))
     fill = bool(options.get("fill_holes", False))
-    if not (largest or fill):
+    if not (opening_mm > 0 or largest or fill):
         return labels
     box = bounding_box(labels)
     if box is None:
         return labels
     view = labels[box]  # a view: edits land in `labels`
+    spacing_kji = tuple(float(s) for s in (spacing if spacing is not None else (1.0, 1.0, 1.0)))[::-1]
     for value in np.unique(view):
         if value == 0:
             continue
         mask = view == value
+        if opening_mm > 0:
+            opened = _open(mask, spacing_kji, opening_mm)
+            if opened.any():  # a label thinner than the ball everywhere is kept as it is rather than erased
+                view[mask & ~opened] = 0
+                mask = opened
         if largest:
             components, count = _components(mask)
             if count > 1:
@@ -328,6 +341,21 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict) -> np.ndarray:
             view[filled] = value
             del filled
     return labels
+
+
+def _open(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Morphological opening of ``mask`` by a ball of ``radius_mm``, exact in mm on anisotropic grids.
+
+    Erosion keeps the voxels farther than the radius from the background; dilation then takes back every voxel
+    within the radius of what is left. Both are Euclidean distance transforms, so the cost does not grow with the
+    ball's size as a structuring element's would. ``mask`` must have background on every face (a grown box).
+    """
+    from scipy import ndimage
+
+    eroded = ndimage.distance_transform_edt(mask, sampling=spacing_kji) > radius_mm
+    if not eroded.any():
+        return eroded
+    return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
 
 
 def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -397,7 +425,7 @@ def segment_image(
         probabilities, model_image, image, label_values, scaled(progress, 0.86, 0.95), cancel
     )
     del probabilities
-    labels = postprocess_labelmap(labels, spec.postprocess)
+    labels = postprocess_labelmap(labels, spec.postprocess, image.spacing)
     timings["postprocess"] = time.perf_counter() - started
     progress(0.98, "done")
 
