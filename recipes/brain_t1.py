@@ -242,6 +242,7 @@ def write_model_card(package: Path) -> Path:
     else:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
+    commit_note = f" ({provenance['git_commit_note']})" if "git_commit_note" in provenance else ""
     cases = {**metrics.get("validation_full_pipeline", {}), **metrics.get("held_out_test", {})}
     if stress:  # the stress set is the issue's yardstick; the four cases above are part of the recipe
         cases = stress["per_case"]
@@ -261,7 +262,8 @@ Labels: {", ".join(f"{lb['value']} = {lb['name']}" for lb in spec["labels"])} (b
 resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
 ({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
-probability resampled to the input grid before the arg-max, largest connected component, hole filling.
+probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
+`opening_mm`, the largest connected component, hole filling).
 
 ## Data
 
@@ -297,7 +299,8 @@ with cosine decay, Dice + cross-entropy, {provenance.get("threads", "?")} CPU th
 `{provenance["device"]}`, forward pass in {training.get("precision", "fp32")}. Training wall time
 {provenance["wall_time_s"]:.0f} s, whole recipe {provenance.get("recipe_wall_time_s", float("nan")):.0f} s (on this
 2-core CPU).
-Commit {provenance.get("git_commit")}; packages {provenance["package_versions"]}; data packages
+Commit {provenance.get("git_commit")}{commit_note};
+packages {provenance["package_versions"]}; data packages
 {provenance.get("data_packages")}.
 
 ## Measured figures (printed by the recipe, copied from model.json)
