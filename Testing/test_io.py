@@ -462,3 +462,19 @@ def test_randomly_damaged_files_give_an_image_or_an_input_error(tmp_path, nibabe
             assert "\n" not in str(error) and str(error).startswith(str(path))
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+def test_text_written_atomically_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
+    import os
+
+    from meddl.fsutil import write_text_atomic
+
+    # model.json, reports and model cards are rewritten in place: a reader sees the old text or the new one.
+    path = tmp_path / "package" / "model.json"
+    write_text_atomic(path, '{"version": "1"}\n')
+    write_text_atomic(path, '{"version": "2", "note": "é"}\n')
+    assert path.read_text(encoding="utf-8") == '{"version": "2", "note": "é"}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["model.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not tempfile's 0600

@@ -264,7 +264,7 @@ def record_in_package(
     timing: Optional[Dict],
 ) -> None:
     """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
-    from meddl.fsutil import publish
+    from meddl.fsutil import write_text_atomic
     from recipes.brain_t1 import write_model_card
 
     spec_path = model / "model.json"
@@ -281,9 +281,7 @@ def record_in_package(
         "worst_case": {"case": worst["case"], "dice": round(worst["dice"], 4), "hd95_mm": round(worst["hd95_mm"], 2)},
         "segment_256x256x160_s": round(timing["wall_s"], 2) if timing else None,
     }
-    staging = spec_path.with_name(f".model.json.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
-    publish(staging, spec_path)
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     write_model_card(model)
 
 

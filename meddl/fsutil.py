@@ -8,10 +8,11 @@ moment leaves either the old state or the complete new one, never a half-written
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Union
 
-__all__ = ["fsync_file", "fsync_dir", "publish"]
+__all__ = ["fsync_file", "fsync_dir", "publish", "write_text_atomic"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,3 +60,17 @@ def publish(temporary: PathLike, final: PathLike) -> Path:
     os.replace(temporary, final)
     fsync_dir(final.parent)
     return final
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and :func:`publish`: all of it or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        return publish(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

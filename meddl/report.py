@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -20,6 +19,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from meddl.errors import Cancelled, InputError, MedDLError
+from meddl.fsutil import write_text_atomic
 from meddl.metrics import METRIC_NAMES, json_safe, segmentation_metrics, summarize
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 
@@ -280,19 +280,6 @@ def evaluate(
     return report_json
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
 def _csv_value(value) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.6g}")
@@ -310,12 +297,12 @@ def write_csv(results: Mapping[str, Mapping], path: PathLike) -> Path:
     for case, entry in results.items():
         for label, scores in entry["metrics"].items():
             writer.writerow([case, label, *(_csv_value(scores[c]) for c in columns[2:])])
-    return _atomic_text(Path(path), buffer.getvalue())
+    return write_text_atomic(Path(path), buffer.getvalue())
 
 
 def write_json(report: Mapping, path: PathLike) -> Path:
     """Strict JSON (non-finite numbers as null)."""
-    return _atomic_text(Path(path), json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(Path(path), json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 def _format(value: float, metric: str) -> str:
@@ -368,4 +355,4 @@ def write_markdown(report: Mapping, path: PathLike) -> Path:
     if report["failures"]:
         lines += ["", "## Failures", ""]
         lines += [f"- {failure['error']['message']}" for failure in report["failures"]]
-    return _atomic_text(Path(path), "\n".join(lines) + "\n")
+    return write_text_atomic(Path(path), "\n".join(lines) + "\n")

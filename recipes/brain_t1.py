@@ -33,6 +33,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from meddl.data import VolumePair, fsl_mni152_brain_pairs, icbm152_2009a_brain_pair, package_version
+from meddl.fsutil import write_text_atomic
 from meddl.models import ModelSpec
 
 __all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "main"]
@@ -176,7 +177,7 @@ def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
     test = evaluate_pairs(package_dir, [icbm152_2009a_brain_pair()])
     spec["metrics"]["validation_full_pipeline"] = stress
     spec["metrics"]["held_out_test"] = test
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     return {**stress, **test}
 
 
@@ -189,7 +190,7 @@ def rescore(package_dir: Path) -> int:
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
     spec["provenance"]["rescored"] = "inference settings from recipes/brain_t1.py applied to the trained weights"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     for name, values in record_scores(package_dir).items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
     print(write_model_card(package_dir))
@@ -334,8 +335,7 @@ Held-out test (never seen in training or validation):
   subject under unseen poses and acquisitions.
 """
     path = Path(package) / "MODEL_CARD.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text_atomic(path, text)
 
 
 def main(argv: List[str] = None) -> int:
@@ -454,7 +454,7 @@ def main(argv: List[str] = None) -> int:
         subprocess.run(stress + ["--threads", str(args.threads)], check=True, cwd=REPO)
     spec = json.loads(spec_path.read_text())
     spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started, 1)
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     write_model_card(package)
     if output.exists():
         shutil.rmtree(output)

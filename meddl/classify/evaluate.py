@@ -22,6 +22,7 @@ from meddl.classify.calibration import expected_calibration_error, reliability_b
 from meddl.classify.infer import load_classifier, predict_logits, temperature_of
 from meddl.classify.preprocess import class_value, prepare_input, read_classification_input
 from meddl.errors import InputError
+from meddl.fsutil import write_text_atomic
 from meddl.io import Image
 from meddl.models import ModelPackage
 from meddl.progress import CancelToken, ProgressCallback, no_progress
@@ -265,13 +266,6 @@ def _html_table(rows: List[List[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
-
 def write_report(
     labels: Sequence[int],
     probabilities: np.ndarray,
@@ -318,7 +312,7 @@ def write_report(
         f"![Confusion matrix]({figures['confusion']})",
         "",
     ]
-    _write_text(folder / "report.md", "\n".join(markdown))
+    write_text_atomic(folder / "report.md", "\n".join(markdown))
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}img{max-width:32%}"
@@ -338,8 +332,8 @@ def write_report(
         *[f"<img src='{name}' alt='{key}'>" for key, name in figures.items()],
         "</body></html>",
     ]
-    _write_text(folder / "report.html", "\n".join(page))
-    _write_text(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(folder / "report.html", "\n".join(page))
+    write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     files = {key: str(folder / name) for key, name in figures.items()}
     files.update(
         markdown=str(folder / "report.md"), html=str(folder / "report.html"), metrics=str(folder / "metrics.json")
