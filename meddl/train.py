@@ -649,7 +649,7 @@ def _write_package(spec: ModelSpec, network, best_state, output_dir: Path, repla
 def resolve_precision(precision: str, device: str) -> str:
     """``"auto"`` becomes ``"bf16"`` on a CPU whose oneDNN has native bfloat16 kernels, else ``"fp32"``.
 
-    On CUDA ``"auto"`` stays float32 (the GPU is fast enough; training there is not the bottleneck).
+    Elsewhere (CUDA) ``"auto"`` stays float32: only the CPU gain is measured (``benchmarks/training_step.py``).
     """
     if precision != "auto":
         return precision
