@@ -294,10 +294,12 @@ def test_train_cli_writes_a_package_and_json_summary(tmp_path, capsys, brain_4mm
         "--steps-per-epoch",
         "2",
         "--no-augment",
+        "--precision",
+        "bf16",
     )
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["complete"] is True and summary["steps_done"] == 4
+    assert summary["complete"] is True and summary["steps_done"] == 4 and summary["precision"] == "bf16"
     assert 0.0 <= summary["validation"]["dice"]["brain"] <= 1.0
     assert load_model(tmp_path / "pkg").spec.name == "tiny-brain"
 

@@ -712,8 +712,8 @@ def train_segmentation(
         provenance: extra facts for model.json (data sources, recipe).
         device: "cpu", "cuda" or None for auto.
         precision: ``"fp32"``, or ``"bf16"`` to run the network's forward pass under bfloat16 autocast (weights,
-            optimiser and loss stay float32); on a CPU with native bfloat16 (AVX512-BF16, AMX) a step takes
-            about half the time (:func:`resolve_precision` picks it). Validation always runs in float32.
+            optimiser and loss stay float32), or ``"auto"`` (:func:`resolve_precision`: bf16 on a CPU with native
+            bfloat16, where ``benchmarks/training_step.py`` measures the gain). Validation always runs in float32.
 
     Returns:
         The package folder.
@@ -735,8 +735,9 @@ def train_segmentation(
     if epochs < 1:
         raise InputError(f"epochs must be at least 1 (got {epochs})")
     device = select_device(device)
-    if precision not in ("fp32", "bf16"):
-        raise InputError(f"precision must be 'fp32' or 'bf16' (got {precision!r})")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise InputError(f"precision must be 'fp32', 'bf16' or 'auto' (got {precision!r})")
+    precision = resolve_precision(precision, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
     set_determinism(seed=seed)
 
