@@ -349,8 +349,8 @@ def main(argv: List[str] = None) -> int:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="network forward pass in bfloat16 (about half the step time on CPUs with native bfloat16); "
-        "auto: bf16 where the CPU has it",
+        help="network forward pass in bfloat16 (benchmarks/training_step.py measures the gain); "
+        "auto: bf16 where the CPU has it natively",
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
     parser.add_argument("--synthetic-fraction", type=float, default=0.5)
@@ -379,12 +379,10 @@ def main(argv: List[str] = None) -> int:
         RandSmoothDeformd,
         RandSynthesizeFromTissuesd,
         intensity_classes,
-        resolve_precision,
         train_segmentation,
     )
 
     torch.set_num_threads(args.threads)
-    precision = resolve_precision(args.precision, "cpu")
     started = time.time()
     pairs = fsl_mni152_brain_pairs()
     datalist = [
@@ -412,7 +410,6 @@ def main(argv: List[str] = None) -> int:
         "inferior-superior axis) before the rotation (oblique, 0.3) and after it (0.3), RandAffined ±30° / ±15 % "
         "scale, thick slices, low resolution, bias field, gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
-        "precision": precision,
     }
     package = train_segmentation(
         brain_t1_spec(),
@@ -437,7 +434,7 @@ def main(argv: List[str] = None) -> int:
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         progress=_progress_printer(),
         device="cpu",
-        precision=precision,
+        precision=args.precision,  # train_segmentation resolves "auto"; model.json records the outcome
     )
     spec_path = package / "model.json"
     spec = json.loads(spec_path.read_text())
