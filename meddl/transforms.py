@@ -125,11 +125,17 @@ def bounding_box(mask: np.ndarray, grow: Sequence[int] = (1, 1, 1)) -> Optional[
     return tuple(box)
 
 
-def crop_to_foreground(image: Image, threshold: float = 0.1, margin_mm: float = 10.0) -> Image:
+def crop_to_foreground(
+    image: Image, threshold: float = 0.1, margin_mm: float = 10.0, max_height_mm: Optional[float] = None
+) -> Image:
     """Crop a normalised image to its largest bright object (the head, the body) plus ``margin_mm``.
 
     A model trained on tightly framed volumes sees the same framing whatever air the scanner's field of view
     adds around the object. Smoothing first keeps noise speckles in the air out of the box.
+
+    ``max_height_mm`` keeps at most that much of the box below its superior end (grid axis k, which the LPS
+    model grid points superior): a head model then frames the head the same way whether the scan stops under
+    the cerebellum or runs down the neck to the shoulders, which are tissue and survive the threshold.
     """
     from scipy import ndimage
 
@@ -143,6 +149,13 @@ def crop_to_foreground(image: Image, threshold: float = 0.1, margin_mm: float = 
         mask = components == int(np.argmax(sizes))
     margin = [int(math.ceil(margin_mm / s)) for s in image.spacing[::-1]]  # array order (k, j, i)
     box = bounding_box(mask, margin)
+    if max_height_mm is not None:
+        keep = int(math.ceil(max_height_mm / image.spacing[2]))
+        rows = box[0]
+        if rows.stop - rows.start > keep:
+            superior_at_stop = image.direction[2, 2] > 0
+            rows = slice(rows.stop - keep, rows.stop) if superior_at_stop else slice(rows.start, rows.start + keep)
+            box = (rows, *box[1:])
     start_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)
     origin = np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing))
     cropped = Image(np.ascontiguousarray(image.array[box]), image.spacing, tuple(origin), image.direction)

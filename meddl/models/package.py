@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -177,6 +178,15 @@ class ModelSpec:
             spacing is None or (isinstance(spacing, list) and all(float(s) > 0 for s in spacing)),
             "input.spacing must be positive numbers",
         )
+        crop = spec_input.get("crop_foreground")
+        need(crop is None or isinstance(crop, dict), "input.crop_foreground must be an object")
+        for key in ("threshold", "margin_mm", "max_height_mm"):
+            value = (crop or {}).get(key)
+            need(
+                value is None or (_is_number(value) and value >= 0 and (key != "max_height_mm" or value > 0)),
+                f"input.crop_foreground.{key} must be a finite number"
+                + (" > 0" if key == "max_height_mm" else " >= 0"),
+            )
         normalization = spec_input.get("normalization", {"kind": "percentile"})
         need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
         if data["task"] == "segmentation":
@@ -256,6 +266,11 @@ def unet_segmentation_spec(
         **fields,
     }
     return ModelSpec.from_json(data)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float from JSON (bool is an int in Python, and not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_plain_json(value: Any) -> bool:
