@@ -725,6 +725,7 @@ def train_segmentation(
     from meddl.infer import predict_probabilities, select_device
 
     started = time.time()
+    commit = git_commit()  # the code that trains is the code at the start, whatever is committed meanwhile
     progress = progress or no_progress
     output_dir = Path(output_dir)
     checkpoint = checkpoint_path(output_dir)
@@ -896,7 +897,7 @@ def train_segmentation(
         "validation_cases": [v.name for v in val_volumes],
         "validation_split": split,
         "package_versions": _package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "seed": seed,
         "device": device,
         "wall_time_s": round(float(loop["elapsed_s"]), 1),
