@@ -393,13 +393,23 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
     assert json.loads(out)["model"] == "tiny-untrained"
 
 
-def test_a_model_with_a_malformed_crop_setting_exits_4_naming_the_field(model, fsl_t1_2mm, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "setting, value, field",
+    [
+        ("crop_foreground", {"threshold": 0.1, "max_height_mm": "220 mm"}, "crop_foreground.max_height_mm"),
+        ("size_normalization", {"reference_ml": 1800, "limits": [1.2, 0.8]}, "size_normalization.limits"),
+        ("size_normalization", {"reference_ml": float("nan")}, "size_normalization.reference_ml"),
+    ],
+)
+def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
+    model, fsl_t1_2mm, tmp_path, capsys, setting, value, field
+):
     broken = tmp_path / "broken-model"
     shutil.copytree(model, broken)
     spec = json.loads((broken / "model.json").read_text())
-    spec["input"]["crop_foreground"] = {"threshold": 0.1, "max_height_mm": "220 mm"}
+    spec["input"][setting] = value
     (broken / "model.json").write_text(json.dumps(spec))
     code, _, err = run_cli(capsys, "segment", "--model", broken, "--input", fsl_t1_2mm, "--output", tmp_path / "o.nrrd")
     assert code == 4 and err.count("\n") == 1 and "Traceback" not in err
-    assert str(broken) in err and "crop_foreground.max_height_mm" in err
+    assert str(broken) in err and field in err
     assert not (tmp_path / "o.nrrd").exists()

@@ -294,3 +294,21 @@ def test_a_long_neck_is_cropped_from_the_top_of_the_head_down():
     flipped = Image(image.array[::-1].copy(), image.spacing, (0.0, 0.0, 318.0), np.diag([1.0, 1.0, -1.0]))
     capped_flipped = crop_to_foreground(flipped, 0.5, 0.0, max_height_mm=200.0)
     assert np.array_equal(capped_flipped.array, capped.array[::-1])
+
+
+def test_object_volume_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
+    from meddl.infer import object_volume_and_cut
+
+    # A ball of 40 mm radius on a 2 mm model grid, inside an imaged head-sized volume.
+    k, j, i = np.meshgrid(*(np.arange(60) * 2.0 for _ in range(3)), indexing="ij")
+    ball = ((i - 60) ** 2 + (j - 60) ** 2 + (k - 60) ** 2 <= 40**2).astype(np.float32)
+    probabilities = np.stack([1 - ball, ball])
+    grid = Image(np.zeros((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    volume_ml, cut_mm2 = object_volume_and_cut(probabilities, grid, grid)
+    assert volume_ml == pytest.approx(4 / 3 * np.pi * 40**3 / 1000, rel=0.02) and cut_mm2 == 0
+
+    # The scan's field of view ends 20 mm above the ball's centre (an oblique-free vertex cut): the cut face is a
+    # disc of radius sqrt(40² - 20²) = 34.6 mm, 3770 mm², and the volume no longer says the ball's size.
+    scan = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    _, cut_mm2 = object_volume_and_cut(probabilities * (k < 80)[None], grid, scan)
+    assert 0.8 * np.pi * (40**2 - 20**2) < cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)

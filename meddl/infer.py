@@ -24,7 +24,7 @@ from meddl.errors import InputError, ModelError
 from meddl.io import Image, read_image, validate_for_inference, write_image
 from meddl.models import ModelPackage, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
-from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, to_model_grid
+from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, resample_to_grid, to_model_grid
 
 __all__ = [
     "SegmentationResult",
@@ -36,6 +36,8 @@ __all__ = [
     "segment_image",
     "segment_file",
     "postprocess_labelmap",
+    "model_input",
+    "object_volume_and_cut",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class SegmentationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     label_volumes_ml: Dict[str, float] = field(default_factory=dict)
     windows: int = 0
+    size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran a second pass
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -399,17 +402,7 @@ def segment_image(
 
     started = time.perf_counter()
     progress(0.02, "resampling to the model grid")
-    model_image = to_model_grid(image, spec.target_spacing)
-    model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
-    crop = spec.input.get("crop_foreground")
-    if crop:
-        height = crop.get("max_height_mm")
-        model_image = crop_to_foreground(
-            model_image,
-            float(crop.get("threshold", 0.1)),
-            float(crop.get("margin_mm", 10)),
-            float(height) if height is not None else None,
-        )
+    model_image = model_input(image, spec, spec.target_spacing)
     timings["preprocess"] = time.perf_counter() - started
     if cancel:
         cancel.check()
@@ -417,9 +410,20 @@ def segment_image(
     started = time.perf_counter()
     tta = bool(spec.inference.get("tta_flips", False)) if tta is None else tta
     windows = [0]
+    sizing = spec.input.get("size_normalization")
+    sizing = sizing if sizing and sizing.get("reference_ml") else None  # not calibrated yet: one pass
+    first_pass = scaled(progress, 0.1, 0.5 if sizing else 0.85)
     probabilities = predict_probabilities(
-        model_image, package, device, tta, scaled(progress, 0.1, 0.85), cancel, normalized=True, counter=windows
+        model_image, package, device, tta, first_pass, cancel, normalized=True, counter=windows
     )
+    size_scale = _size_scale(probabilities, model_image, image, sizing) if sizing else 1.0
+    if size_scale != 1.0:
+        # The network learnt one head size: resample so this head fills the model grid as the template did.
+        progress(0.5, f"the head is {size_scale:.2f}x the size the model learnt: second pass on a grid to match")
+        model_image = model_input(image, spec, [s * size_scale for s in model_image.spacing])
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, scaled(progress, 0.5, 0.85), cancel, normalized=True, counter=windows
+        )
     timings["forward"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -437,7 +441,76 @@ def segment_image(
     counts = np.bincount(labels.ravel(), minlength=max(label_values) + 1)
     volumes = {lb.name: float(counts[lb.value]) * voxel_ml for lb in spec.foreground_labels}
     labelmap = image.with_array(labels, model=spec.name, model_version=spec.version)
-    return SegmentationResult(labelmap=labelmap, timings=timings, label_volumes_ml=volumes, windows=windows[0])
+    return SegmentationResult(
+        labelmap=labelmap, timings=timings, label_volumes_ml=volumes, windows=windows[0], size_scale=size_scale
+    )
+
+
+def model_input(image: Image, spec, spacing: Optional[Sequence[float]]) -> Image:
+    """``image`` resampled to the model grid at ``spacing``, normalised and cropped as the package asks."""
+    model_image = to_model_grid(image, spacing)
+    model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
+    crop = spec.input.get("crop_foreground")
+    if crop:
+        height = crop.get("max_height_mm")
+        model_image = crop_to_foreground(
+            model_image,
+            float(crop.get("threshold", 0.1)),
+            float(crop.get("margin_mm", 10)),
+            float(height) if height is not None else None,
+        )
+    return model_image
+
+
+def object_volume_and_cut(
+    probabilities: np.ndarray, model_image: Image, image: Image, label: int = 1
+) -> Tuple[float, float]:
+    """Volume (ml) of the largest connected object of ``label`` on the model grid, and the area (mm²) where it
+    meets the edge of what was imaged: the input's field of view or the crop box around the head.
+
+    A whole brain meets it nowhere, or with the brainstem's cross-section at most; a field of view that cuts
+    the brain leaves a cut face tens of cm² large, and a volume that says nothing about the head's size.
+    """
+    from scipy import ndimage
+
+    mask = probabilities[label] > 0.5
+    components, count = _components(mask)
+    if count == 0:
+        return 0.0, 0.0
+    if count > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        mask = components == int(np.argmax(sizes))
+    del components
+    ones = image.with_array(np.ones(image.array.shape, dtype=np.uint8))
+    imaged = resample_to_grid(ones, model_image, "nearest", 0).array.astype(bool)
+    del ones
+    edge = ndimage.binary_dilation(~imaged)
+    for axis in range(3):
+        index = [slice(None)] * 3
+        for end in (0, -1):
+            index[axis] = end
+            edge[tuple(index)] = True
+    voxel_mm3 = float(np.prod(model_image.spacing))
+    # Cut faces are counted in voxels touching the edge, each worth one voxel face (the grid is isotropic).
+    face_mm2 = float(model_image.spacing[0] * model_image.spacing[1])
+    return float(mask.sum()) * voxel_mm3 / 1000.0, float((mask & edge).sum()) * face_mm2
+
+
+def _size_scale(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
+    """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
+
+    The size is the cube root of the first pass's object volume against ``reference_ml`` (the model's own first
+    pass on its training template). 1.0 when the object is cut by the field of view (its volume then is not its
+    size), when the factor is within ``min_change`` of 1 (nothing to gain from a second pass) or when nothing
+    was found.
+    """
+    volume_ml, cut_mm2 = object_volume_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
+    if volume_ml <= 0 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
+        return 1.0
+    low, high = sizing.get("limits", [0.75, 1.25])
+    factor = float(np.clip((volume_ml / float(sizing["reference_ml"])) ** (1.0 / 3.0), low, high))
+    return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
 
 
 def segment_file(
@@ -490,6 +563,7 @@ def segment_file(
         "model_version": package.spec.version,
         "device": device,
         "windows": result.windows,
+        "size_scale": round(result.size_scale, 4),
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},

@@ -187,6 +187,19 @@ class ModelSpec:
                 f"input.crop_foreground.{key} must be a finite number"
                 + (" > 0" if key == "max_height_mm" else " >= 0"),
             )
+        sizing = spec_input.get("size_normalization")
+        need(sizing is None or isinstance(sizing, dict), "input.size_normalization must be an object")
+        for key in ("reference_ml", "min_change", "max_cut_mm2"):
+            value = (sizing or {}).get(key)
+            need(value is None or (_is_number(value) and value >= 0), f"input.size_normalization.{key} must be >= 0")
+        limits = (sizing or {}).get("limits", [0.75, 1.25])
+        need(
+            isinstance(limits, list)
+            and len(limits) == 2
+            and all(_is_number(v) for v in limits)
+            and 0 < limits[0] <= 1 <= limits[1],
+            "input.size_normalization.limits must be [low, high] with 0 < low <= 1 <= high",
+        )
         normalization = spec_input.get("normalization", {"kind": "percentile"})
         need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
         if data["task"] == "segmentation":
