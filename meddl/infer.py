@@ -22,7 +22,7 @@ import numpy as np
 
 from meddl.errors import InputError, ModelError
 from meddl.io import Image, read_image, validate_for_inference, write_image
-from meddl.models import ModelPackage, load_model
+from meddl.models import ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, resample_to_grid, to_model_grid
 
@@ -446,7 +446,7 @@ def segment_image(
     )
 
 
-def model_input(image: Image, spec, spacing: Optional[Sequence[float]]) -> Image:
+def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]]) -> Image:
     """``image`` resampled to the model grid at ``spacing``, normalised and cropped as the package asks."""
     model_image = to_model_grid(image, spacing)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
