@@ -397,8 +397,8 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
     "setting, value, field",
     [
         ("crop_foreground", {"threshold": 0.1, "max_height_mm": "220 mm"}, "crop_foreground.max_height_mm"),
-        ("size_normalization", {"reference_ml": 1800, "limits": [1.2, 0.8]}, "size_normalization.limits"),
-        ("size_normalization", {"reference_ml": float("nan")}, "size_normalization.reference_ml"),
+        ("size_normalization", {"reference_extent_mm": [120, 150], "limits": [1.2, 0.8]}, "size_normalization.limits"),
+        ("size_normalization", {"reference_extent_mm": [120, float("nan")]}, "size_normalization.reference_extent_mm"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

@@ -296,19 +296,22 @@ def test_a_long_neck_is_cropped_from_the_top_of_the_head_down():
     assert np.array_equal(capped_flipped.array, capped.array[::-1])
 
 
-def test_object_volume_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
-    from meddl.infer import object_volume_and_cut
+def test_object_extent_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
+    from meddl.infer import object_extent_and_cut
 
-    # A ball of 40 mm radius on a 2 mm model grid, inside an imaged head-sized volume.
+    # A ball of 40 mm radius on a 2 mm model grid, inside an imaged head-sized volume, and a stray speck.
     k, j, i = np.meshgrid(*(np.arange(60) * 2.0 for _ in range(3)), indexing="ij")
     ball = ((i - 60) ** 2 + (j - 60) ** 2 + (k - 60) ** 2 <= 40**2).astype(np.float32)
+    ball[2, 2, 2] = 1.0
     probabilities = np.stack([1 - ball, ball])
     grid = Image(np.zeros((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    volume_ml, cut_mm2 = object_volume_and_cut(probabilities, grid, grid)
-    assert volume_ml == pytest.approx(4 / 3 * np.pi * 40**3 / 1000, rel=0.02) and cut_mm2 == 0
+    width_i, width_j, cut_mm2 = object_extent_and_cut(probabilities, grid, grid)
+    # The 2nd to 98th percentile of a ball's voxels along an axis spans 2 x 0.84 x its radius ((2 + 3x - x³)/4 = 0.98).
+    assert width_i == width_j and 64 <= width_i <= 72 and cut_mm2 == 0
 
-    # The scan's field of view ends 20 mm above the ball's centre (an oblique-free vertex cut): the cut face is a
-    # disc of radius sqrt(40² - 20²) = 34.6 mm, 3770 mm², and the volume no longer says the ball's size.
+    # The scan's field of view ends 20 mm above the ball's centre (a vertex cut): the cut face is a disc of radius
+    # sqrt(40² - 20²) = 34.6 mm, 3770 mm²; the widths are those of the whole ball still.
     scan = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    _, cut_mm2 = object_volume_and_cut(probabilities * (k < 80)[None], grid, scan)
+    cut_i, _, cut_mm2 = object_extent_and_cut(probabilities * (k < 80)[None], grid, scan)
     assert 0.8 * np.pi * (40**2 - 20**2) < cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)
+    assert abs(cut_i - width_i) <= 4

@@ -37,7 +37,7 @@ __all__ = [
     "segment_file",
     "postprocess_labelmap",
     "model_input",
-    "object_volume_and_cut",
+    "object_extent_and_cut",
 ]
 
 logger = logging.getLogger(__name__)
@@ -411,7 +411,7 @@ def segment_image(
     tta = bool(spec.inference.get("tta_flips", False)) if tta is None else tta
     windows = [0]
     sizing = spec.input.get("size_normalization")
-    sizing = sizing if sizing and sizing.get("reference_ml") else None  # not calibrated yet: one pass
+    sizing = sizing if sizing and sizing.get("reference_extent_mm") else None  # not calibrated yet: one pass
     first_pass = scaled(progress, 0.1, 0.5 if sizing else 0.85)
     probabilities = predict_probabilities(
         model_image, package, device, tta, first_pass, cancel, normalized=True, counter=windows
@@ -420,7 +420,8 @@ def segment_image(
     if size_scale != 1.0:
         # The network learnt one head size: resample so this head fills the model grid as the template did.
         progress(0.5, f"the head is {size_scale:.2f}x the size the model learnt: second pass on a grid to match")
-        model_image = model_input(image, spec, [s * size_scale for s in model_image.spacing])
+        spacing = [s * size_scale for s in spec.target_spacing]
+        model_image = model_input(image, spec, spacing, height_scale=size_scale)
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.5, 0.85), cancel, normalized=True, counter=windows
         )
@@ -446,8 +447,9 @@ def segment_image(
     )
 
 
-def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]]) -> Image:
-    """``image`` resampled to the model grid at ``spacing``, normalised and cropped as the package asks."""
+def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]], height_scale: float = 1.0) -> Image:
+    """``image`` resampled to the model grid at ``spacing``, normalised and cropped as the package asks, with
+    the crop's ``max_height_mm`` times ``height_scale`` (a head of another size keeps the same framing)."""
     model_image = to_model_grid(image, spacing)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
     crop = spec.input.get("crop_foreground")
@@ -457,31 +459,36 @@ def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]
             model_image,
             float(crop.get("threshold", 0.1)),
             float(crop.get("margin_mm", 10)),
-            float(height) if height is not None else None,
+            float(height) * height_scale if height is not None else None,
         )
     return model_image
 
 
-def object_volume_and_cut(
+def object_extent_and_cut(
     probabilities: np.ndarray, model_image: Image, image: Image, label: int = 1
-) -> Tuple[float, float]:
-    """Volume (ml) of the largest connected object of ``label`` on the model grid, and the area (mm²) where it
+) -> Tuple[float, float, float]:
+    """Width of the largest connected object of ``label`` along the model grid's i and j axes (left-right and
+    anterior-posterior on the LPS grid; 2nd to 98th percentile of its voxels, mm), and the area (mm²) where it
     meets the edge of what was imaged: the input's field of view or the crop box around the head.
 
-    A whole brain meets it nowhere, or with the brainstem's cross-section at most; a field of view that cuts
-    the brain leaves a cut face tens of cm² large, and a volume that says nothing about the head's size.
+    The widths of a brain hardly change with its pose (±25° moves: within 4 %), with a neck below it (which the
+    network may take for brain) or with a field of view that cuts its top or bottom; a whole brain meets the edge
+    nowhere, or with the brainstem's cross-section at most, a cut one with tens of cm².
     """
     from scipy import ndimage
 
     mask = probabilities[label] > 0.5
     components, count = _components(mask)
     if count == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     if count > 1:
         sizes = np.bincount(components.ravel())
         sizes[0] = 0
         mask = components == int(np.argmax(sizes))
     del components
+    _, rows_j, rows_i = np.nonzero(mask)
+    width_i = float(np.subtract(*np.percentile(rows_i, [98, 2]))) * model_image.spacing[0]
+    width_j = float(np.subtract(*np.percentile(rows_j, [98, 2]))) * model_image.spacing[1]
     ones = image.with_array(np.ones(image.array.shape, dtype=np.uint8))
     imaged = resample_to_grid(ones, model_image, "nearest", 0).array.astype(bool)
     del ones
@@ -491,25 +498,24 @@ def object_volume_and_cut(
         for end in (0, -1):
             index[axis] = end
             edge[tuple(index)] = True
-    voxel_mm3 = float(np.prod(model_image.spacing))
     # Cut faces are counted in voxels touching the edge, each worth one voxel face (the grid is isotropic).
     face_mm2 = float(model_image.spacing[0] * model_image.spacing[1])
-    return float(mask.sum()) * voxel_mm3 / 1000.0, float((mask & edge).sum()) * face_mm2
+    return width_i, width_j, float((mask & edge).sum()) * face_mm2
 
 
 def _size_scale(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
     """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
 
-    The size is the cube root of the first pass's object volume against ``reference_ml`` (the model's own first
-    pass on its training template). 1.0 when the object is cut by the field of view (its volume then is not its
-    size), when the factor is within ``min_change`` of 1 (nothing to gain from a second pass) or when nothing
-    was found.
+    The size is the geometric mean of the first pass's object widths over ``reference_extent_mm`` (the model's
+    own first pass on its training template). 1.0 when the object is cut by the edge of what was imaged, when
+    the factor is within ``min_change`` of 1 (nothing to gain from a second pass) or when nothing was found.
     """
-    volume_ml, cut_mm2 = object_volume_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
-    if volume_ml <= 0 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
+    width_i, width_j, cut_mm2 = object_extent_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
+    if width_i <= 0 or width_j <= 0 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
         return 1.0
+    reference_i, reference_j = (float(v) for v in sizing["reference_extent_mm"])
     low, high = sizing.get("limits", [0.75, 1.25])
-    factor = float(np.clip((volume_ml / float(sizing["reference_ml"])) ** (1.0 / 3.0), low, high))
+    factor = float(np.clip(math.sqrt(width_i * width_j / (reference_i * reference_j)), low, high))
     return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
 
 

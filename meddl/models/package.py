@@ -189,9 +189,15 @@ class ModelSpec:
             )
         sizing = spec_input.get("size_normalization")
         need(sizing is None or isinstance(sizing, dict), "input.size_normalization must be an object")
-        for key in ("reference_ml", "min_change", "max_cut_mm2"):
+        for key in ("min_change", "max_cut_mm2"):
             value = (sizing or {}).get(key)
             need(value is None or (_is_number(value) and value >= 0), f"input.size_normalization.{key} must be >= 0")
+        extent = (sizing or {}).get("reference_extent_mm")
+        need(
+            extent is None
+            or (isinstance(extent, list) and len(extent) == 2 and all(_is_number(v) and v > 0 for v in extent)),
+            "input.size_normalization.reference_extent_mm must be two widths in mm > 0",
+        )
         limits = (sizing or {}).get("limits", [0.75, 1.25])
         need(
             isinstance(limits, list)
