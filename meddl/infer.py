@@ -328,16 +328,8 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
             if opened.any():  # a label thinner than the ball everywhere is kept as it is rather than erased
                 view[mask & ~opened] = 0
                 mask = opened
-        if largest:
-            components, count = _components(mask)
-            if count > 1:
-                sizes = np.bincount(components.ravel())
-                sizes[0] = 0
-                np.equal(components, int(np.argmax(sizes)), out=mask)  # mask := the largest component
-                del components
-                view[(view == value) & ~mask] = 0
-            else:
-                del components
+        if largest and _keep_largest_component(mask):
+            view[(view == value) & ~mask] = 0
         if fill:
             filled = ndimage.binary_fill_holes(mask)
             filled &= view == 0
@@ -359,6 +351,16 @@ def _open(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> n
     if not eroded.any():
         return eroded
     return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
+
+
+def _keep_largest_component(mask: np.ndarray) -> bool:
+    """Reduce boolean ``mask`` in place to its largest connected component; True when anything was dropped."""
+    components, count = _components(mask)
+    if count > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        np.equal(components, int(np.argmax(sizes)), out=mask)
+    return count > 1
 
 
 def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -478,14 +480,9 @@ def object_extent_and_cut(
     from scipy import ndimage
 
     mask = probabilities[label] > 0.5
-    components, count = _components(mask)
-    if count == 0:
+    if not mask.any():
         return 0.0, 0.0, 0.0
-    if count > 1:
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        mask = components == int(np.argmax(sizes))
-    del components
+    _keep_largest_component(mask)
     _, rows_j, rows_i = np.nonzero(mask)
     width_i = float(np.subtract(*np.percentile(rows_i, [98, 2]))) * model_image.spacing[0]
     width_j = float(np.subtract(*np.percentile(rows_j, [98, 2]))) * model_image.spacing[1]

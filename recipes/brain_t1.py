@@ -185,8 +185,9 @@ def calibrate_size_normalization(package_dir: Path) -> List[List[float]]:
     from meddl.models import load_model
 
     package = load_model(package_dir)
+    pairs = fsl_mni152_brain_pairs()
     widths = []
-    for pair in fsl_mni152_brain_pairs():
+    for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
         widths.append([round(w, 1) for w in object_extent_and_cut(probabilities, model_image, pair.image)[:2]])
@@ -195,7 +196,7 @@ def calibrate_size_normalization(package_dir: Path) -> List[List[float]]:
     sizing = spec["input"].setdefault("size_normalization", {})
     sizing["reference_extent_mm"] = [round(float(w), 1) for w in np.mean(widths, axis=0)]
     sizing["reference_note"] = "first-pass brain widths (mm, L-R and A-P) on the unmoved training template: " + (
-        ", ".join(f"{pair.name} {w}" for pair, w in zip(fsl_mni152_brain_pairs(), widths))
+        ", ".join(f"{pair.name} {w}" for pair, w in zip(pairs, widths))
     )
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     return widths
