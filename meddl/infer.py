@@ -486,9 +486,7 @@ def object_extent_and_cut(
     _, rows_j, rows_i = np.nonzero(mask)
     width_i = float(np.subtract(*np.percentile(rows_i, [98, 2]))) * model_image.spacing[0]
     width_j = float(np.subtract(*np.percentile(rows_j, [98, 2]))) * model_image.spacing[1]
-    ones = image.with_array(np.ones(image.array.shape, dtype=np.uint8))
-    imaged = resample_to_grid(ones, model_image, "nearest", 0).array.astype(bool)
-    del ones
+    imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
     edge = ndimage.binary_dilation(~imaged)
     for axis in range(3):
         index = [slice(None)] * 3
@@ -498,6 +496,14 @@ def object_extent_and_cut(
     # Cut faces are counted in voxels touching the edge, each worth one voxel face (the grid is isotropic).
     face_mm2 = float(model_image.spacing[0] * model_image.spacing[1])
     return width_i, width_j, float((mask & edge).sum()) * face_mm2
+
+
+def _field_of_view_box(image: Image) -> Image:
+    """A 2×2×2 image of ones whose voxels span exactly ``image``'s box (voxel edges included): resampled with
+    nearest neighbours it marks what was imaged as a full-size image of ones would, without allocating one."""
+    spacing = np.asarray(image.spacing) * np.asarray(image.size) / 2.0
+    origin = np.asarray(image.origin) + image.direction @ ((spacing - np.asarray(image.spacing)) / 2.0)
+    return Image(np.ones((2, 2, 2), dtype=np.uint8), tuple(spacing), tuple(origin), image.direction)
 
 
 def _size_scale(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
