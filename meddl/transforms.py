@@ -26,9 +26,14 @@ __all__ = [
 ]
 
 
-def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
-    """An empty LPS-aligned grid at ``spacing`` covering ``image``'s physical extent (voxel edges included)."""
+def model_grid(image: Image, spacing: Optional[Sequence[float]], direction: Optional[np.ndarray] = None) -> Image:
+    """An empty grid at ``spacing`` covering ``image``'s physical extent (voxel edges included).
+
+    Its axes are LPS (identity direction) unless ``direction`` (a rotation; columns = the grid's i, j, k axes in
+    LPS) turns them: a second pass looks at a tilted head along the axes of the pose the model learnt.
+    """
     spacing = np.asarray(spacing if spacing is not None else image.spacing, dtype=np.float64)
+    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
     size_ijk = np.asarray(image.size, dtype=np.float64)
     corners_index = np.array(
         [
@@ -39,12 +44,13 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]]) -> Image:
         ]
     )
     corners = (image.direction @ (corners_index * np.asarray(image.spacing)).T).T + np.asarray(image.origin)
+    corners = corners @ direction  # coordinates along the grid's axes
     low, high = corners.min(axis=0), corners.max(axis=0)
     # Extents come from float32 headers (NIfTI): 160 x 1.2 mm reads as 192.0000076 mm. Without a tolerance
     # that is 97 voxels at 2 mm instead of 96, and one voxel past the patch size doubles the sliding windows.
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-3)).astype(int)
-    origin = low + spacing / 2.0
-    return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), np.eye(3))
+    origin = direction @ (low + spacing / 2.0)
+    return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), direction)
 
 
 def reference_grid(grid: Image) -> sitk.Image:
@@ -77,9 +83,15 @@ def resample_to_grid(image: Image, grid: Image, interpolation: str = "linear", d
     return resampled
 
 
-def to_model_grid(image: Image, spacing: Optional[Sequence[float]], interpolation: str = "linear") -> Image:
-    """Resample ``image`` to the canonical model grid; voxels outside the input get its minimum."""
-    grid = model_grid(image, spacing)
+def to_model_grid(
+    image: Image,
+    spacing: Optional[Sequence[float]],
+    interpolation: str = "linear",
+    direction: Optional[np.ndarray] = None,
+) -> Image:
+    """Resample ``image`` to the canonical model grid (see :func:`model_grid`); voxels outside the input get
+    its minimum."""
+    grid = model_grid(image, spacing, direction)
     voxels = grid.array.size
     if voxels > 512**3:
         raise InputError(

@@ -49,7 +49,7 @@ def brain_t1_spec() -> ModelSpec:
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.1.2",
+            "version": "2.1.3",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -84,8 +84,13 @@ def brain_t1_spec() -> ModelSpec:
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
                 # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
                 # height scaled with it). reference_extent_mm is the model's own first pass on the template
-                # (calibrate_size_normalization, after training); min_change and max_cut_mm2: docs/brain-model.md.
+                # (calibrate_second_pass, after training); min_change and max_cut_mm2: docs/brain-model.md.
                 "size_normalization": {"min_change": 0.07, "max_cut_mm2": 1000, "limits": [0.75, 1.25]},
+                # ... and one pose: a head tilted back 30° (chin up) puts its eyes where the frontal lobe was, and the
+                # network took them for brain. When the first pass's brain is pitched more than 15° from the model's
+                # own first pass on the template (reference_tilt_deg, calibrated with the widths), the second pass
+                # turns its grid to the learnt pose (docs/brain-model.md).
+                "pose_normalization": {"min_change_deg": 15, "max_change_deg": 45, "max_cut_mm2": 1000},
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
@@ -177,20 +182,23 @@ def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict
     return results
 
 
-def calibrate_size_normalization(package_dir: Path) -> List[List[float]]:
-    """Measure the brain's widths (left-right, anterior-posterior) that the model's first pass finds on the unmoved
-    training template (each copy) and store their mean as ``input.size_normalization.reference_extent_mm``: the
-    head size the network learnt."""
-    from meddl.infer import model_input, object_extent_and_cut, predict_probabilities
+def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
+    """Measure what the model's first pass finds on the unmoved training template (each copy): the brain's widths
+    (left-right, anterior-posterior) and its pitch. Their means become ``input.size_normalization.
+    reference_extent_mm`` and ``input.pose_normalization.reference_tilt_deg``: the head size and pose the network
+    learnt."""
+    from meddl.infer import model_input, object_points_and_cut, object_tilt_deg, object_widths, predict_probabilities
     from meddl.models import load_model
 
     package = load_model(package_dir)
     pairs = fsl_mni152_brain_pairs()
-    widths = []
+    widths, tilts = [], []
     for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
-        widths.append([round(w, 1) for w in object_extent_and_cut(probabilities, model_image, pair.image)[:2]])
+        points, _ = object_points_and_cut(probabilities, model_image, pair.image, 1)
+        widths.append([round(w, 1) for w in object_widths(points)])
+        tilts.append(round(object_tilt_deg(points), 1))
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
@@ -198,8 +206,13 @@ def calibrate_size_normalization(package_dir: Path) -> List[List[float]]:
     sizing["reference_note"] = "first-pass brain widths (mm, L-R and A-P) on the unmoved training template: " + (
         ", ".join(f"{pair.name} {w}" for pair, w in zip(pairs, widths))
     )
+    posing = spec["input"].setdefault("pose_normalization", {})
+    posing["reference_tilt_deg"] = round(float(np.mean(tilts)), 1)
+    posing["reference_note"] = "first-pass brain pitch (degrees) on the unmoved training template: " + (
+        ", ".join(f"{pair.name} {t}" for pair, t in zip(pairs, tilts))
+    )
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    return widths
+    return {"widths_mm": widths, "tilts_deg": tilts}
 
 
 def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
@@ -224,7 +237,7 @@ def rescore(package_dir: Path) -> int:
         spec[key] = current[key]
     spec["provenance"]["rescored"] = "inference settings from recipes/brain_t1.py applied to the trained weights"
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    print("size normalisation reference widths (mm):", calibrate_size_normalization(package_dir))
+    print("second-pass references (first pass on the template):", calibrate_second_pass(package_dir))
     for name, values in record_scores(package_dir).items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")
     print(write_model_card(package_dir))
@@ -305,11 +318,20 @@ def write_model_card(package: Path) -> Path:
         f" Head size: when the first pass finds a whole brain (meeting the field of view's edge on less than "
         f"{sizing.get('max_cut_mm2')} mm²) whose size, the geometric mean of its left-right and anterior-posterior "
         f"widths over the {sizing['reference_extent_mm']} mm the model finds on its training template, is off by "
-        f"more than {sizing.get('min_change', 0):.0%}, a second pass runs on a grid and a crop height scaled by that "
+        f"more than {sizing.get('min_change', 0):.0%}, another pass runs on a grid and a crop height scaled by that "
         f"factor (within {sizing.get('limits')})."
         if sizing.get("reference_extent_mm")
         else ""
     )
+    posing = spec["input"].get("pose_normalization", {})
+    if posing.get("reference_tilt_deg") is not None:
+        sizing_text += (
+            f" Head pose: when the brain found then (after any size pass) has its front-back axis pitched more than "
+            f"{posing.get('min_change_deg')}° from the {posing['reference_tilt_deg']}° the model finds on its "
+            f"template (a head tilted forward or back), another pass turns its grid about the left-right axis to the "
+            f"learnt pose (a change of more than {posing.get('max_change_deg')}° is not trusted: such an axis is not "
+            f"a brain's)."
+        )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
@@ -390,6 +412,9 @@ Held-out test (never seen in training or validation):
 * Head size: the network learnt the template's, which is larger than most real adult brains; the second
   pass above brings other sizes to it when the brain is whole. A brain cut by the field of view gets one pass
   at its own size; docs/brain-model.md shows how one pass fares on other sizes.
+* Head pose: a head tilted back 30° or more (chin up) put its eyes where the network learnt the frontal lobe, and
+  one pass took them for brain; the pose correction above handles pitch. Turns about the vertical and rolls of
+  40° met the targets in one pass; larger ones were not measured.
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
   and nothing else" more than skull removal; the validation rows measure skull removal on the training
   subject under unseen poses and acquisitions.
@@ -503,7 +528,7 @@ def main(argv: List[str] = None) -> int:
         print(f"stopped early after {spec['training']['steps_done']} steps; run the same command again to continue")
         return 0
     print("validation Dice per epoch:", [round(h["val_mean_dice"], 4) for h in spec["training"]["history"]])
-    print("size normalisation reference widths (mm):", calibrate_size_normalization(package))
+    print("second-pass references (first pass on the template):", calibrate_second_pass(package))
     scores = record_scores(package)
     for name, values in scores.items():
         print(f"{name:40s} Dice {values['dice']:.4f}  HD95 {values['hd95_mm']:.2f} mm")

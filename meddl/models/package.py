@@ -206,6 +206,21 @@ class ModelSpec:
             and 0 < limits[0] <= 1 <= limits[1],
             "input.size_normalization.limits must be [low, high] with 0 < low <= 1 <= high",
         )
+        posing = spec_input.get("pose_normalization")
+        need(posing is None or isinstance(posing, dict), "input.pose_normalization must be an object")
+        for key in ("min_change_deg", "max_cut_mm2"):
+            value = (posing or {}).get(key)
+            need(value is None or (_is_number(value) and value >= 0), f"input.pose_normalization.{key} must be >= 0")
+        value = (posing or {}).get("max_change_deg")
+        need(
+            value is None or (_is_number(value) and 0 < value <= 90),
+            "input.pose_normalization.max_change_deg must be in (0, 90]",
+        )
+        value = (posing or {}).get("reference_tilt_deg")
+        need(
+            value is None or (_is_number(value) and -90 <= value <= 90),
+            "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
+        )
         normalization = spec_input.get("normalization", {"kind": "percentile"})
         need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
         if data["task"] == "segmentation":
