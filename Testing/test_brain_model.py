@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -150,6 +151,20 @@ def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t
 SMALL_HEAD_DICE_FLOOR = 0.955
 
 
+def segment_and_score(package, image: Image, reference: np.ndarray, without: Optional[str] = None):
+    """The bundled model's result on ``image`` and its brain scores against ``reference``; ``without`` names an
+    ``input`` setting to drop first (what the model does without that pass)."""
+    import copy
+
+    from meddl.infer import segment_image
+
+    if without:
+        package = copy.deepcopy(package)
+        del package.spec.input[without]
+    result = segment_image(image, package, device="cpu")
+    return result, segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, image.spacing)["brain"]
+
+
 def shrunk(image: Image, factor: float, interpolation) -> Image:
     """``image``'s content ``factor`` times its size about the volume's centre, on the same grid."""
     source = image_to_sitk(image)
@@ -165,10 +180,6 @@ def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
 ):
     """Most adult heads are smaller than the MNI template the network learnt, and sagittal scans of them run down
     the neck; the brain must still fit, and the neck stay out."""
-    import copy
-
-    from meddl.infer import segment_image
-
     t1, mask = read_image(fsl_t1_2mm), read_image(fsl_brain_mask_2mm)
     head = shrunk(t1.with_array(t1.array.astype(np.float32)), 0.8, sitk.sitkLinear)
     reference = shrunk(mask.with_array((mask.array > 0.5).astype(np.uint8)), 0.8, sitk.sitkNearestNeighbor).array
@@ -180,16 +191,12 @@ def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
         head = Image(np.pad(head.array[bottom:], widths, mode="edge"), head.spacing, tuple(origin), head.direction)
         reference = np.pad(reference[bottom:], widths)
 
-    result = segment_image(head, package, device="cpu")
+    result, brain = segment_and_score(package, head, reference)
     assert 0.78 <= result.size_scale <= 0.86  # measured 0.83 and 0.81: the brain's widths, whatever lies below
-    brain = segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, head.spacing)["brain"]
     assert brain["dice"] >= SMALL_HEAD_DICE_FLOOR and brain["hd95_mm"] <= 5.0, brain
 
-    one_pass = copy.deepcopy(package)
-    del one_pass.spec.input["size_normalization"]
-    single = segment_image(head, one_pass, device="cpu")
+    single, alone = segment_and_score(package, head, reference, without="size_normalization")
     assert single.size_scale == 1.0
-    alone = segmentation_metrics(single.labelmap.array, reference, {1: "brain"}, head.spacing)["brain"]
     assert brain["dice"] > alone["dice"] + 0.01 and brain["hd95_mm"] < alone["hd95_mm"], (brain, alone)
 
 
@@ -208,26 +215,19 @@ def test_a_head_tilted_back_gets_a_second_pass_in_the_learnt_pose(package):
     """A head tilted back 35° (chin up) puts its eyes where the network learnt the frontal lobe; one pass took them
     for brain. The second pass, on a grid turned to the template's pose, must keep them out. (nimare's copy of the
     template: its mask is the definition the model follows, docs/brain-model.md, so HD95 has room below 5 mm.)"""
-    import copy
-
     from meddl.data import fsl_mni152_brain_pairs
-    from meddl.infer import segment_image
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
     t1, mask = pair.image, pair.label
     head = tilted_back(t1.with_array(t1.array.astype(np.float32)), 35.0, sitk.sitkLinear)
     reference = tilted_back(mask.with_array((mask.array > 0.5).astype(np.uint8)), 35.0, sitk.sitkNearestNeighbor).array
 
-    result = segment_image(head, package, device="cpu")
+    result, brain = segment_and_score(package, head, reference)
     assert 15.0 < result.tilt_correction_deg <= 35.0  # the eyes in the first pass's brain hide part of the tilt
-    brain = segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, head.spacing)["brain"]
     assert brain["dice"] >= SMALL_HEAD_DICE_FLOOR and brain["hd95_mm"] <= 5.0, brain
 
-    one_pass = copy.deepcopy(package)
-    del one_pass.spec.input["pose_normalization"]
-    single = segment_image(head, one_pass, device="cpu")
+    single, alone = segment_and_score(package, head, reference, without="pose_normalization")
     assert single.tilt_correction_deg == 0.0
-    alone = segmentation_metrics(single.labelmap.array, reference, {1: "brain"}, head.spacing)["brain"]
     assert brain["hd95_mm"] < alone["hd95_mm"] - 2.0, (brain, alone)
 
 
