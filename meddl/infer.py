@@ -61,8 +61,8 @@ class SegmentationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     label_volumes_ml: Dict[str, float] = field(default_factory=dict)
     windows: int = 0
-    size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran a second pass
-    tilt_correction_deg: float = 0.0  # how far the second pass turned the grid to the head's pose (degrees)
+    size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran another pass
+    tilt_correction_deg: float = 0.0  # how far the pose normalisation's pass turned the grid (degrees)
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -431,7 +431,9 @@ def segment_image(
     )
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
-    size_scale = head_size_factor(probabilities, model_image, image, sizing) if sizing else 1.0
+    brain_label = int((sizing or posing or {}).get("label", 1))
+    found = object_points_and_cut(probabilities, model_image, image, brain_label) if sizing or posing else None
+    size_scale = head_size_factor(*found, sizing) if sizing else 1.0
     if size_scale != 1.0:
         progress(0.4, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
         spacing = [s * size_scale for s in spec.target_spacing]
@@ -439,8 +441,9 @@ def segment_image(
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.4, 0.6), cancel, normalized=True, counter=windows
         )
-    # After the size pass: a small head's first pass can take its neck for brain, which stands the axis upright.
-    rotation = head_pose_rotation(probabilities, model_image, image, posing) if posing else None
+        # Pose from this pass: a small head's first pass can take its neck for brain, which stands the axis upright.
+        found = object_points_and_cut(probabilities, model_image, image, brain_label) if posing else None
+    rotation = head_pose_rotation(*found, posing) if posing else None
     tilt = _rotation_angle_deg(rotation)
     if rotation is not None:
         progress(0.6, f"the head is pitched {tilt:.0f} deg from the pose the model learnt: a pass on a turned grid")
@@ -507,21 +510,18 @@ def object_tilt_deg(points: np.ndarray) -> float:
     which are too close to each other to give an axis), so its elevation is the head's pitch: how far it is
     tilted forward (chin down) or back (chin up) whatever its turn about the vertical.
     """
-    centred = points - points.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
-    axis = vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]  # LPS: +y is posterior
-    return math.degrees(math.asin(float(np.clip(axis[2], -1.0, 1.0))))
+    return math.degrees(math.asin(float(np.clip(_front_back_axis(points)[2], -1.0, 1.0))))
 
 
-def head_size_factor(probabilities: np.ndarray, model_image: Image, image: Image, sizing: Dict) -> float:
+def head_size_factor(points: np.ndarray, cut_mm2: float, sizing: Dict) -> float:
     """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
 
-    The size is the geometric mean of the object's widths (:func:`object_widths`) over ``reference_extent_mm``
-    (the model's own first pass on its training template). 1.0 when the object meets the edge of what was imaged
-    on more than ``max_cut_mm2`` (a cut brain says nothing of the head's size), when the factor is within
-    ``min_change`` of 1 (nothing to gain from another pass) or when nothing was found. Clipped to ``limits``.
+    ``points`` and ``cut_mm2`` describe the brain a pass found (:func:`object_points_and_cut`). The size is the
+    geometric mean of its widths (:func:`object_widths`) over ``reference_extent_mm`` (the model's own first pass
+    on its training template). 1.0 when the object meets the edge of what was imaged on more than
+    ``max_cut_mm2`` (a cut brain says nothing of the head's size), when the factor is within ``min_change`` of 1
+    (nothing to gain from another pass) or when nothing was found. Clipped to ``limits``.
     """
-    points, cut_mm2 = object_points_and_cut(probabilities, model_image, image, int(sizing.get("label", 1)))
     if len(points) < 2 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
         return 1.0
     width_i, width_j = object_widths(points)
@@ -531,24 +531,20 @@ def head_size_factor(probabilities: np.ndarray, model_image: Image, image: Image
     return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
 
 
-def head_pose_rotation(
-    probabilities: np.ndarray, model_image: Image, image: Image, posing: Dict
-) -> Optional[np.ndarray]:
+def head_pose_rotation(points: np.ndarray, cut_mm2: float, posing: Dict) -> Optional[np.ndarray]:
     """The LPS rotation that brings this head to the pitch the model learnt, or None.
 
-    The pitch is :func:`object_tilt_deg` against ``reference_tilt_deg`` (the model's own first pass on its
-    training template); beyond ``min_change_deg`` the head is turned about the horizontal axis across its
-    front-back axis. None when the object meets the edge of what was imaged on more than ``max_cut_mm2`` (a cut
-    changes its axes), when the change would exceed ``max_change_deg`` (that axis is not a brain's front-back
-    axis: a neck taken for brain stands it upright) or when nothing was found.
+    ``points`` and ``cut_mm2`` describe the brain a pass found (:func:`object_points_and_cut`). Its pitch is
+    :func:`object_tilt_deg` against ``reference_tilt_deg`` (the model's own first pass on its training
+    template); beyond ``min_change_deg`` the head is turned about the horizontal axis across its front-back axis.
+    None when the object meets the edge of what was imaged on more than ``max_cut_mm2`` (a cut changes its axes),
+    when the change would exceed ``max_change_deg`` (that axis is not a brain's front-back axis: a neck taken for
+    brain stands it upright) or when nothing was found.
     """
-    points, cut_mm2 = object_points_and_cut(probabilities, model_image, image, int(posing.get("label", 1)))
     if len(points) < 2 or cut_mm2 > float(posing.get("max_cut_mm2", 1000.0)):
         return None
     change = float(posing["reference_tilt_deg"]) - object_tilt_deg(points)
-    if abs(change) <= float(posing.get("min_change_deg", 15.0)) or abs(change) > float(
-        posing.get("max_change_deg", 45.0)
-    ):
+    if not float(posing.get("min_change_deg", 15.0)) < abs(change) <= float(posing.get("max_change_deg", 45.0)):
         return None
     return _pitch_rotation(points, math.radians(change))
 
@@ -597,12 +593,17 @@ def object_widths(points: np.ndarray) -> Tuple[float, float]:
     return float(spread[0]), float(spread[1])
 
 
+def _front_back_axis(points: np.ndarray) -> np.ndarray:
+    """The unit vector along the longest principal axis of ``points``, its end pointing posterior (LPS +y)."""
+    centred = points - points.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    return vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]
+
+
 def _pitch_rotation(points: np.ndarray, angle: float) -> np.ndarray:
     """The LPS rotation that raises the posterior end of ``points``' front-back axis by ``angle`` (radians):
     about the horizontal axis across that axis, so a head turned about the vertical is pitched, not rolled."""
-    centred = points - points.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
-    front_back = vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]
+    front_back = _front_back_axis(points)
     horizontal = np.array([front_back[0], front_back[1], 0.0])
     horizontal /= max(1e-9, float(np.linalg.norm(horizontal)))
     across = np.cross(horizontal, [0.0, 0.0, 1.0])  # turning about it takes `horizontal` towards superior
