@@ -445,7 +445,8 @@ class RandAtrophyd(_RandomizableTransform, _MapTransform):
 
     The template is a young adult average whose brain touches the inside of the skull almost everywhere, so a
     network trained on it alone learns "inside the skull" for brain; an atrophied brain's wider CSF space then comes
-    out as brain (a 0.88x brain in the template's skull: Dice 0.82, docs/brain-model.md). The brain's contents are
+    out as brain (a 0.88x brain in the template's skull, the gap at half the brain's median intensity: Dice 0.84 for
+    the bundled model, docs/brain-model.md). The brain's contents are
     scaled by a random factor in ``factor_range`` about its centre of mass; the voxels it leaves become background
     with a random CSF intensity, ``csf_range`` times the brain's median (dark on T1; brighter where thin CSF shares
     voxels with tissue), and tissue class ``csf_class`` (see :func:`intensity_classes`). Needs ``(1, k, j, i)``
