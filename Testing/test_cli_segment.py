@@ -168,7 +168,7 @@ def test_batch_format_option_and_output_names(model, t1, tmp_path, capsys):
     assert "segmented 2 of 2" in out
 
 
-@pytest.mark.parametrize("problem", ["missing", "random", "2d", "4d", "nan", "output_format"])
+@pytest.mark.parametrize("problem", ["missing", "random", "2d", "4d", "nan", "blank", "output_format"])
 def test_bad_input_exits_3_with_one_line_naming_the_file(model, t1, nibabel_4d, tmp_path, capsys, problem):
     path = tmp_path / "input.nrrd"
     output = tmp_path / "out" / "seg.nii.gz"
@@ -183,12 +183,15 @@ def test_bad_input_exits_3_with_one_line_naming_the_file(model, t1, nibabel_4d, 
         data = t1.array.astype(np.float32)
         data[40] = np.inf
         write_image(t1.with_array(data), path)
+    elif problem == "blank":  # a scanner's empty series: any model would still draw something on it
+        write_image(t1.with_array(np.full(t1.array.shape, 7, np.int16)), path)
     elif problem == "output_format":
         write_image(t1, path)
         output = tmp_path / "out" / "seg.png"
     code, out, err = run_cli(capsys, "segment", "--model", model, "--input", path, "--output", output)
     assert code == 3
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert problem != "blank" or "every voxel of the volume is 7" in err
     assert str(output if problem == "output_format" else path) in err
     assert not output.exists() and (not output.parent.exists() or leftovers(output.parent) == [])
 

@@ -495,7 +495,8 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
 
 
 def validate_for_inference(image, path: Optional[PathLike] = None) -> None:
-    """Refuse an image a model must not see: NaN/inf voxels, bad spacing, not 3D. One-line InputError.
+    """Refuse an image a model must not see: NaN/inf voxels, a constant volume, bad spacing, not 3D. One-line
+    InputError.
 
     :func:`~meddl.io.read_image` keeps NaN and inf voxels (they are what the file holds); anything that
     feeds a network calls this first.
@@ -509,6 +510,9 @@ def validate_for_inference(image, path: Optional[PathLike] = None) -> None:
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
             raise InputError(f"the volume contains {bad} NaN or infinite voxel values", source)
+    if image.array.size and image.array.min() == image.array.max():
+        # Normalisation has nothing to scale: a model would answer anyway (the brain model found 1.4 l of brain).
+        raise InputError(f"every voxel of the volume is {image.array.flat[0]}: a blank image", source)
 
 
 def itk_message(error: BaseException) -> str:
