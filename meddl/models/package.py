@@ -187,18 +187,24 @@ class ModelSpec:
                 f"input.crop_foreground.{key} must be a finite number"
                 + (" > 0" if key == "max_height_mm" else " >= 0"),
             )
-        sizing = spec_input.get("size_normalization")
-        need(sizing is None or isinstance(sizing, dict), "input.size_normalization must be an object")
-        for key in ("min_change", "max_cut_mm2"):
-            value = (sizing or {}).get(key)
-            need(value is None or (_is_number(value) and value >= 0), f"input.size_normalization.{key} must be >= 0")
-        extent = (sizing or {}).get("reference_extent_mm")
+
+        def settings(name: str, non_negative: Sequence[str]) -> Dict[str, Any]:
+            """``input.<name>`` (absent: {}) after checking it is an object whose ``non_negative`` keys are >= 0."""
+            value = spec_input.get(name)
+            need(value is None or isinstance(value, dict), f"input.{name} must be an object")
+            for key in non_negative:
+                number = (value or {}).get(key)
+                need(number is None or (_is_number(number) and number >= 0), f"input.{name}.{key} must be >= 0")
+            return value or {}
+
+        sizing = settings("size_normalization", ("min_change", "max_cut_mm2"))
+        extent = sizing.get("reference_extent_mm")
         need(
             extent is None
             or (isinstance(extent, list) and len(extent) == 2 and all(_is_number(v) and v > 0 for v in extent)),
             "input.size_normalization.reference_extent_mm must be two widths in mm > 0",
         )
-        limits = (sizing or {}).get("limits", [0.75, 1.25])
+        limits = sizing.get("limits", [0.75, 1.25])
         need(
             isinstance(limits, list)
             and len(limits) == 2
@@ -206,17 +212,13 @@ class ModelSpec:
             and 0 < limits[0] <= 1 <= limits[1],
             "input.size_normalization.limits must be [low, high] with 0 < low <= 1 <= high",
         )
-        posing = spec_input.get("pose_normalization")
-        need(posing is None or isinstance(posing, dict), "input.pose_normalization must be an object")
-        for key in ("min_change_deg", "max_cut_mm2"):
-            value = (posing or {}).get(key)
-            need(value is None or (_is_number(value) and value >= 0), f"input.pose_normalization.{key} must be >= 0")
-        value = (posing or {}).get("max_change_deg")
+        posing = settings("pose_normalization", ("min_change_deg", "max_cut_mm2"))
+        value = posing.get("max_change_deg")
         need(
             value is None or (_is_number(value) and 0 < value <= 90),
             "input.pose_normalization.max_change_deg must be in (0, 90]",
         )
-        value = (posing or {}).get("reference_tilt_deg")
+        value = posing.get("reference_tilt_deg")
         need(
             value is None or (_is_number(value) and -90 <= value <= 90),
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
