@@ -32,7 +32,13 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from meddl.data import VolumePair, fsl_mni152_brain_pairs, icbm152_2009a_brain_pair, package_version
+from meddl.data import (
+    VolumePair,
+    consensus_labels,
+    fsl_mni152_brain_pairs,
+    icbm152_2009a_brain_pair,
+    package_version,
+)
 from meddl.fsutil import write_text_atomic
 from meddl.models import ModelSpec
 
@@ -42,15 +48,16 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 
 
-def brain_t1_spec(atrophy: bool = False) -> ModelSpec:
+def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: the variant trained
-    with shrunk brains, 2.3.0, not bundled; docs/brain-model.md)."""
+    with shrunk brains, 2.3.0, not bundled; ``consensus``: trained on the consensus labels, 2.4.0;
+    docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.3.0" if atrophy else "2.1.3",
+            "version": "2.4.0" if consensus else "2.3.0" if atrophy else "2.1.3",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -233,7 +240,10 @@ def rescore(package_dir: Path) -> int:
     version) without retraining, then re-measure its figures and rewrite its card."""
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
-    current = brain_t1_spec(atrophy=bool(spec["provenance"].get("recipe_args", {}).get("atrophy_fraction"))).to_json()
+    trained_with = spec["provenance"].get("recipe_args", {})
+    current = brain_t1_spec(
+        atrophy=bool(trained_with.get("atrophy_fraction")), consensus=trained_with.get("labels") == "consensus"
+    ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
     spec["provenance"]["rescored"] = "inference settings from recipes/brain_t1.py applied to the trained weights"
@@ -450,6 +460,13 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument(
         "--atrophy-fraction", type=float, default=0.0, help="share of volumes whose brain is shrunk inside the skull"
     )
+    parser.add_argument(
+        "--labels",
+        choices=("per-copy", "consensus"),
+        default="per-copy",
+        help="per-copy: each FSL copy with its own package's mask; consensus: every copy with the signed-distance "
+        "mean of them (meddl.data.consensus_labels)",
+    )
     parser.add_argument("--brain-only-fraction", type=float, default=0.3)
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
@@ -482,6 +499,8 @@ def main(argv: List[str] = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     pairs = fsl_mni152_brain_pairs()
+    if args.labels == "consensus":
+        pairs = consensus_labels(pairs)
     datalist = [
         {"name": p.name, "image": p.image, "label": p.label, "tissues": intensity_classes(p.image, p.label)}
         for p in pairs
@@ -516,7 +535,7 @@ def main(argv: List[str] = None) -> int:
         "threads": args.threads,
     }
     package = train_segmentation(
-        brain_t1_spec(atrophy=bool(args.atrophy_fraction)),
+        brain_t1_spec(atrophy=bool(args.atrophy_fraction), consensus=args.labels == "consensus"),
         datalist,
         staging,
         epochs=args.epochs,
