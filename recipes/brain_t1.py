@@ -295,7 +295,7 @@ def write_model_card(package: Path) -> Path:
             f"`{stress['command']}` ({stress['measured_utc']} UTC): **{stress['cases_meeting_targets']} of "
             f"{stress['cases']} cases** meet Dice >= {stress['targets']['dice']} and HD95 <= "
             f"{stress['targets']['hd95_mm']} mm; worst case {worst['case']} (Dice {worst['dice']:.4f}, HD95 "
-            f"{worst['hd95_mm']:.2f} mm). Source held out of training entirely: {stress['held_out_source']}.\n\n"
+            f"{worst['hd95_mm']:.2f} mm). Sources held out of training entirely: {stress['held_out_source']}.\n\n"
             + "\n".join(stress_rows)
         )
         if stress.get("probes"):
@@ -374,7 +374,11 @@ All data come from installed packages (see `../shared/DATA.md`); nothing is down
 * **Held-out test:** nilearn's ICBM152 2009a T1 (another average, **already skull-stripped**), reference
   `T1 / max > 0.2` (nilearn's own brain-mask definition). Never used for training or checkpoint choice.
   Licence: nilearn is BSD-3-Clause; the template data's licence is "unknown" in nilearn's description.
-* No lesions and no hand-drawn labels are involved: the labels are the templates' own brain masks.
+* **Held out for the stress set:** Colin27 (`ch2`, Debian's mricron-data, BSD-3-Clause), one real adult head
+  with skull at 1 mm; reference its BET brain (`ch2bet > 0`) closed by 4 mm. Never used for training or
+  checkpoint choice.
+* No lesions and no hand-drawn labels are involved: the labels are the templates' own brain masks (and BET's
+  for Colin27).
 
 Because there is a single head with skull, the recipe teaches shape rather than contrast: tissue-class maps
 of that head are turned into images with a random intensity per class (SynthStrip-style synthesis), brains
@@ -435,7 +439,7 @@ Held-out test (never seen in training or validation):
   skull there and drew 3-4 % more brain. docs/brain-model.md compares the two.
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
   and nothing else" more than skull removal; the validation rows measure skull removal on the training
-  subject under unseen poses and acquisitions.
+  subject under unseen poses and acquisitions, and the stress set's Colin27 cases on a real head with skull.
 """
     path = Path(package) / "MODEL_CARD.md"
     return write_text_atomic(path, text)
