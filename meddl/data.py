@@ -10,8 +10,8 @@ Three subjects matter for brain extraction, and they must never be mixed up:
   ways), with brain masks — the training subject;
 * the ICBM152 2009a average T1 (nilearn, 1 mm), **already skull-stripped**, reference ``T1/max > 0.2``
   exactly as ``nilearn.datasets.load_mni152_brain_mask`` defines it — held out for the demo and tests;
-* Colin27 (Debian's mricron-data, 1 mm): one real adult's head **with skull**, and its brain as FSL BET drew
-  it — held out for the brain model's stress benchmark.
+* Colin27 (Debian's mricron-data, 1 mm): one real adult's head **with skull**, and MRIcron's brain-extracted
+  copy of it (``ch2bet``, BET by its name) — held out for the brain model's stress benchmark.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -129,7 +129,7 @@ def fsl_mni152_brain_pairs() -> List[VolumePair]:
     return pairs
 
 
-def _signed_distance_mm(mask: np.ndarray, spacing_kji) -> np.ndarray:
+def _signed_distance_mm(mask: np.ndarray, spacing_kji: Sequence[float]) -> np.ndarray:
     """Distance to the mask's surface in mm: negative inside, positive outside."""
     from scipy import ndimage
 
@@ -187,9 +187,10 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
     """Colin27 (``ch2``, MRIcron's copy from Debian's mricron-data): one real adult head with skull, 1 mm.
 
     It is an average of 27 scans of one man, so it has a single subject's anatomy (the MNI templates average
-    many). The reference is MRIcron's BET brain (``ch2bet > 0``), whose edge runs into sulci and, at the vertex,
-    in flat steps through the cortex; it is closed by a ball of ``closing_mm`` (so the brain's envelope, sulcal
-    CSF included, as the templates' masks draw it), holes filled, largest component kept.
+    many). The reference is MRIcron's brain-extracted copy (``ch2bet > 0``, BET by its name), whose edge runs
+    into sulci and, at the vertex, in flat steps through the cortex; it is closed by a ball of ``closing_mm`` (so
+    the brain's envelope, sulcal CSF included, as the templates' masks draw it), holes filled, largest component
+    kept.
     """
     from scipy import ndimage
 
