@@ -194,23 +194,21 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
     """
     from scipy import ndimage
 
+    from meddl.infer import keep_largest_component, open_mm
+
     folder = Path("/usr/share/mricron/templates")
     paths = [folder / "ch2.nii.gz", folder / "ch2bet.nii.gz"]
     for path in paths:
         if not path.is_file():
             raise InputError(f"Colin27 is missing; install it with `{INSTALL_HINTS['mricron-data']}`", path)
     image, brain = (read_image(path) for path in paths)
-    radius = [int(round(closing_mm / s)) for s in brain.spacing[::-1]]
-    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-    ball = sum((g * s) ** 2 for g, s in zip(grid, brain.spacing[::-1])) <= closing_mm**2
-    pad = [(r, r) for r in radius]
-    closed = ndimage.binary_closing(np.pad(brain.array > 0, pad), ball)
-    closed = ndimage.binary_fill_holes(closed[tuple(slice(r, -r) for r in radius)])
-    parts, count = ndimage.label(closed)
-    largest = 1 + int(np.argmax(ndimage.sum(closed, parts, range(1, count + 1))))
+    # A closing is the opening of the outside; the distance transforms see no brain beyond the grid, so the
+    # outside runs on past the faces, as padding with air would make it.
+    closed = ndimage.binary_fill_holes(~open_mm(~(brain.array > 0), brain.spacing[::-1], closing_mm))
+    keep_largest_component(closed)
     return VolumePair(
         "colin27-1mm-mricron",
         image,
-        image.with_array((parts == largest).astype(np.uint8)),
+        image.with_array(closed.astype(np.uint8)),
         f"mricron-data (Debian): ch2.nii.gz, label ch2bet.nii.gz > 0 closed by {closing_mm:g} mm",
     )

@@ -42,6 +42,8 @@ __all__ = [
     "head_pose_rotation",
     "object_widths",
     "object_tilt_deg",
+    "open_mm",
+    "keep_largest_component",
 ]
 
 logger = logging.getLogger(__name__)
@@ -329,11 +331,11 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
             continue
         mask = view == value
         if opening_mm > 0:
-            opened = _open(mask, spacing_kji, opening_mm)
+            opened = open_mm(mask, spacing_kji, opening_mm)
             if opened.any():  # a label thinner than the ball everywhere is kept as it is rather than erased
                 view[mask & ~opened] = 0
                 mask = opened
-        if largest and _keep_largest_component(mask):
+        if largest and keep_largest_component(mask):
             view[(view == value) & ~mask] = 0
         if fill:
             filled = ndimage.binary_fill_holes(mask)
@@ -343,7 +345,7 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
     return labels
 
 
-def _open(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> np.ndarray:
+def open_mm(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> np.ndarray:
     """Morphological opening of ``mask`` by a ball of ``radius_mm``, exact in mm on anisotropic grids.
 
     Erosion keeps the voxels farther than the radius from the background; dilation then takes back every voxel
@@ -358,7 +360,7 @@ def _open(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> n
     return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
 
 
-def _keep_largest_component(mask: np.ndarray) -> bool:
+def keep_largest_component(mask: np.ndarray) -> bool:
     """Reduce boolean ``mask`` in place to its largest connected component; True when anything was dropped."""
     components, count = _components(mask)
     if count > 1:
@@ -568,7 +570,7 @@ def object_points_and_cut(
     mask = probabilities[label] > 0.5
     if not mask.any():
         return np.zeros((0, 3)), 0.0
-    _keep_largest_component(mask)
+    keep_largest_component(mask)
     imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
     edge = ndimage.binary_dilation(~imaged)
     for axis in range(3):
