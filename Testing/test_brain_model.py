@@ -1,5 +1,6 @@
 """The bundled brain-t1 model on what users feed it: a thick-slice coronal acquisition (labels on the input
-grid without the model grid's staircase) and a DICOM series of the wrong modality (refused, unless forced).
+grid without the model grid's staircase) and a CT, as a DICOM series tagged CT or as a NIfTI with no modality
+(refused, unless forced).
 
 The in-process refusal with a tiny model is covered in test_cli_segment.py; here it is the bundled model, as
 a user runs it (a real ``meddl segment`` process and its exit code)."""
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import package_dir
 
 from meddl.cli import main
-from meddl.io import Image, image_from_sitk, image_to_sitk, read_image
+from meddl.io import Image, image_from_sitk, image_to_sitk, read_image, write_image
 from meddl.metrics import segmentation_metrics
 from meddl.models import load_model
 from meddl.transforms import resample_to_grid
@@ -260,6 +262,31 @@ def test_the_mr_brain_model_refuses_a_ct_series_in_one_line(ct_series, tmp_path)
     assert len(lines) == 1, done.stderr
     assert str(ct_series) in lines[0] and "CT" in lines[0] and "MR" in lines[0], lines[0]
     assert not output.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_mr_brain_model_refuses_a_ct_in_hounsfield_units_whose_file_names_no_modality(tmp_path):
+    # A real CT (pydicom-data's enhanced CT, HU) saved as NIfTI, as a CT leaves Slicer or a converter: no modality tag.
+    ct = read_image(package_dir("data_store") / "data" / "eCT_Supplemental.dcm")
+    assert ct.metadata["modality"] == "CT"
+    nifti = tmp_path / "head_ct.nii.gz"
+    write_image(ct.with_array(ct.array.astype(np.int16)), nifti)
+    assert read_image(nifti).metadata.get("modality") is None
+    output = tmp_path / "brain.nii.gz"
+    command = [sys.executable, "-m", "meddl", "segment", "--model", str(MODEL), "--input", str(nifti)]
+    done = subprocess.run(command + ["--output", str(output)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(nifti) in lines[0], done.stderr
+    assert "Hounsfield" in lines[0] and "expects MR" in lines[0] and "--force-modality" in lines[0], lines[0]
+    assert not output.exists()
+
+
+def test_an_mr_with_a_few_strongly_negative_voxels_is_not_taken_for_a_ct(nibabel_anatomical):
+    from meddl.infer import CT_AIR_HU, check_input
+
+    image = read_image(nibabel_anatomical)
+    assert image.array.min() <= CT_AIR_HU  # a real MRI whose noise floor dips below CT air, in a few voxels
+    check_input(image, load_model(MODEL, "cpu"))  # no InputError
 
 
 def test_force_modality_segments_the_series_anyway(ct_series, fsl_brain_mask_2mm, tmp_path, capsys):

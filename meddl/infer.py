@@ -31,6 +31,7 @@ __all__ = [
     "select_device",
     "configure_threads",
     "check_input",
+    "hounsfield_air_fraction",
     "predict_probabilities",
     "probabilities_to_labels",
     "segment_image",
@@ -53,6 +54,9 @@ PathLike = Union[str, os.PathLike]
 # is 32 MB of float32 per class, small next to the volume itself and large enough that ITK's
 # per-call overhead does not show.
 SLAB_VOXELS = 8_000_000
+# A volume with this share of voxels at or below -500 is a CT in Hounsfield units (air -1000), not an MR.
+CT_AIR_HU = -500.0
+CT_AIR_FRACTION = 0.05
 
 
 @dataclass
@@ -109,12 +113,31 @@ def check_input(image: Image, package: ModelPackage) -> None:
         raise InputError("the volume is empty", source)
     expected = package.spec.modality
     found = image.metadata.get("modality")
-    if expected and found and str(found).upper() != str(expected).upper() and not image.metadata.get("force"):
+    if not expected or image.metadata.get("force"):
+        return
+    if found and str(found).upper() != str(expected).upper():
         raise InputError(
             f"the file's modality is {found} but model '{package.spec.name}' expects {expected} "
             "(use --force-modality to run it anyway)",
             source,
         )
+    air = hounsfield_air_fraction(image.array) if not found and str(expected).upper() == "MR" else 0.0
+    if air >= CT_AIR_FRACTION:
+        raise InputError(
+            f"the file names no modality, but {100 * air:.0f} % of its voxels are at {CT_AIR_HU:g} or below, as air "
+            f"in a CT in Hounsfield units; model '{package.spec.name}' expects {expected} "
+            "(use --force-modality to run it anyway)",
+            source,
+        )
+
+
+def hounsfield_air_fraction(array: np.ndarray) -> float:
+    """The fraction of voxels at or below ``CT_AIR_HU``: air in a CT stored in Hounsfield units (-1000).
+
+    Magnitude MR is never negative, so a volume with a few per cent of such voxels is a CT whatever its file
+    says (NIfTI and NRRD carry no modality; Slicer converts DICOM CT to Hounsfield units on load).
+    """
+    return float(np.count_nonzero(array <= CT_AIR_HU)) / max(1, array.size)
 
 
 def predict_probabilities(
