@@ -87,7 +87,7 @@ class MedDLSegmentParameterNode:
     inputVolume: the volume to segment.
     outputSegmentation: where the result goes (a new node when None).
     modelPath: the selected model package or model home.
-    useTTA: average the prediction over flipped inputs.
+    useTTA: average the prediction over the flips the model learnt (its package's flip_axes).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode

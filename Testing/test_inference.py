@@ -17,7 +17,7 @@ from meddl.errors import Cancelled, InputError
 from meddl.infer import configure_threads, probabilities_to_labels, segment_file, segment_image
 from meddl.io import Image, read_image, write_image
 from meddl.metrics import segmentation_metrics
-from meddl.models import build_network, load_model, save_model, unet_segmentation_spec
+from meddl.models import ModelPackage, ModelSpec, build_network, load_model, save_model, unet_segmentation_spec
 from meddl.progress import CancelToken
 from meddl.transforms import normalize_intensity, resample_to_grid, to_model_grid
 
@@ -176,12 +176,18 @@ def test_fast_labels_equal_brute_force_labels_on_an_oblique_grid(brain_model, he
     assert np.mean(fast == expected) > 0.99999  # float rounding may flip an exact tie
 
 
-def test_flip_tta_runs_four_passes_and_still_segments(brain_model, heads):
+def test_flip_tta_runs_a_pass_per_declared_flip_and_still_segments(brain_model, heads):
     t1, reference = heads
     plain = segment_image(t1, brain_model, tta=False)
     flipped = segment_image(t1, brain_model, tta=True)
+    assert "flip_axes" not in brain_model.spec.inference  # an older package: symmetric under every axis
     assert flipped.windows == 4 * plain.windows > 0
     assert dice_against(flipped.labelmap, reference) > 0.9
+    # A package that declares left-right symmetry only (a head; what meddl.train learns) gets one mirrored pass.
+    spec = ModelSpec.from_json({**brain_model.spec.to_json(), "inference": {"flip_axes": ["i"]}})
+    mirrored = segment_image(t1, ModelPackage(spec=spec, network=brain_model.network, path=None), tta=True)
+    assert mirrored.windows == 2 * plain.windows
+    assert dice_against(mirrored.labelmap, reference) > 0.9
 
 
 def test_threads_follow_meddl_num_threads(monkeypatch):

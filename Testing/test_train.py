@@ -100,6 +100,8 @@ def test_training_learns_and_a_stopped_run_resumes(tmp_path, brain_4mm):
     chance = 2 * share / (1 + share)
     assert result["metrics"]["validation"]["dice"]["brain"] > chance + 0.2
     assert result["provenance"]["seed"] == 3 and result["provenance"]["package_versions"]["monai"]
+    # Trained without augmentation, so without flips: test-time augmentation must not flip it either.
+    assert result["inference"]["flip_axes"] == []
 
     # The package loads and segments through the normal inference path, onto the input's own grid.
     package = load_model(final)
@@ -128,6 +130,13 @@ def test_bfloat16_training_learns_and_says_so(tmp_path, brain_4mm):
     assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
     with pytest.raises(InputError, match="precision"):
         train_segmentation(spec, datalist, tmp_path / "half", device="cpu", precision="fp16", **options)
+
+
+def test_a_package_trained_with_augmentation_declares_the_left_right_flip_it_learnt(tmp_path, brain_4mm):
+    datalist = [{"image": str(brain_4mm["image"]), "label": str(brain_4mm["label"])}]
+    options = dict(epochs=1, steps_per_epoch=1, seed=3, augment=True, patches_per_volume=1, device="cpu")
+    package = load_model(train_segmentation(tiny_spec(), datalist, tmp_path / "flips", **options))
+    assert package.spec.inference["flip_axes"] == ["i"] and package.spec.flip_axes == (2,)  # i: the last array axis
 
 
 def test_refuses_to_overwrite_a_finished_package(tmp_path, brain_4mm):

@@ -156,7 +156,7 @@ def predict_probabilities(
         model_image: the image on the model grid (see :func:`meddl.transforms.to_model_grid`).
         package: the loaded model.
         device: ``"cpu"`` or a CUDA device; on CUDA the network runs under float16 autocast.
-        tta: average over the identity and a flip along each spatial axis (4 passes).
+        tta: average over the identity and a flip along each axis the package declares (``flip_axes``).
         progress, cancel: progress reporting and cooperative cancellation (checked before every window).
         normalized: ``model_image`` is already intensity-normalised as the package asks.
         counter: when given, ``counter[0]`` is increased by the number of network windows run.
@@ -173,7 +173,7 @@ def predict_probabilities(
     progress = progress or no_progress
     data = model_image.array if normalized else normalize_intensity(model_image.array, spec.normalization)
     tensor = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(device)
-    flips = [()] + ([(2,), (3,), (4,)] if tta else [])
+    flips = [()] + ([(2 + axis,) for axis in spec.flip_axes] if tta else [])  # tensor dims: batch, channel, k, j, i
     cuda = str(device).startswith("cuda")
     # Mixed precision on the GPU: convolutions in float16, blending and softmax in float32.
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()

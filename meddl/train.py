@@ -48,11 +48,14 @@ __all__ = [
     "train_segmentation",
     "checkpoint_path",
     "git_commit",
+    "TRAINED_FLIP_AXES",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 CHECKPOINT_FILE = "state.safetensors"
 CHECKPOINT_FORMAT = "meddl-train-checkpoint-1"
+# The flips training_transforms applies (model-grid axes, as ModelSpec.flip_axes names them): left-right only.
+TRAINED_FLIP_AXES = ("i",)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -578,7 +581,7 @@ def training_transforms(
         ),
     ]
     if augment:
-        steps.append(mt.RandFlipd(keys, prob=0.5, spatial_axis=2))  # left-right
+        steps.append(mt.RandFlipd(keys, prob=0.5, spatial_axis=2))  # i: left-right (TRAINED_FLIP_AXES)
     steps.append(mt.EnsureTyped(keys, data_type="tensor", track_meta=False))
     return mt.Compose(steps)
 
@@ -995,6 +998,8 @@ def train_segmentation(
     }
     if init_from is not None:
         raw["parent"] = str(init_from)
+    # What the network learnt to be symmetric under: test-time flips use no other flip.
+    raw.setdefault("inference", {})["flip_axes"] = list(TRAINED_FLIP_AXES) if augment else []
     final_spec = ModelSpec.from_json(raw)
     network.to("cpu")
     written = _write_package(final_spec, network, best_state, output_dir, replace_existing=output_dir.exists())

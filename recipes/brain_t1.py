@@ -41,6 +41,7 @@ from meddl.data import (
 )
 from meddl.fsutil import write_text_atomic
 from meddl.models import ModelSpec
+from meddl.train import TRAINED_FLIP_AXES
 
 __all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "main"]
 
@@ -103,7 +104,13 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
             "postprocess": {"opening_mm": 6.0, "largest_component": True, "fill_holes": True},
-            "inference": {"overlap": 0.25, "tta_flips": False, "sw_batch_size": 1},
+            # Test-time flips left-right only: the network never saw a head upside down or back to front.
+            "inference": {
+                "overlap": 0.25,
+                "tta_flips": False,
+                "sw_batch_size": 1,
+                "flip_axes": list(TRAINED_FLIP_AXES),
+            },
         }
     )
 

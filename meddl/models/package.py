@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from meddl.errors import ModelError
 from meddl.fsutil import publish
@@ -56,6 +56,9 @@ ALLOWED_ARCHITECTURES = (
 )
 TASKS = ("segmentation", "classification")
 NORMALIZATIONS = ("percentile", "ct_window", "zscore", "none")
+# Model-grid axes a package may declare its network symmetric under (``inference.flip_axes``); on an LPS grid
+# i runs left-right, j front-back, k up-down. Packages that declare none are taken to be symmetric under all three.
+FLIP_AXES = ("i", "j", "k")
 
 
 @dataclass
@@ -104,6 +107,12 @@ class ModelSpec:
     @property
     def modality(self) -> Optional[str]:
         return self.input.get("modality")
+
+    @property
+    def flip_axes(self) -> Tuple[int, ...]:
+        """Array axes (0 = k, 1 = j, 2 = i) the network learnt to be symmetric under: the only flips test-time
+        augmentation may average over (a flip it never learnt, such as a head upside down, spoils the average)."""
+        return tuple(sorted(2 - FLIP_AXES.index(axis) for axis in self.inference.get("flip_axes", FLIP_AXES)))
 
     @property
     def foreground_labels(self) -> List[Label]:
@@ -222,6 +231,12 @@ class ModelSpec:
         need(
             value is None or (_is_number(value) and -90 <= value <= 90),
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
+        )
+        need(isinstance(data.get("inference", {}), dict), "inference must be an object")
+        flips = data.get("inference", {}).get("flip_axes", list(FLIP_AXES))
+        need(
+            isinstance(flips, list) and len(set(flips)) == len(flips) and all(axis in FLIP_AXES for axis in flips),
+            f"inference.flip_axes must list distinct axes out of {', '.join(FLIP_AXES)}",
         )
         normalization = spec_input.get("normalization", {"kind": "percentile"})
         need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
