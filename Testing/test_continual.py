@@ -268,3 +268,27 @@ def test_only_one_update_at_a_time(setup):
         with pytest.raises(ModelError, match="another update is running"):
             run_update(home, max_steps=2)
     assert ModelHome(home).champion() == "v1"
+
+
+def test_two_homes_built_from_the_same_cases_learn_the_same_update(base, tmp_path):
+    # Case ids order only to the second, then by a random suffix; the replay buffer must follow the order the
+    # cases were added, or the same data and seed give a different update in every home (and every benchmark run).
+    from meddl.continual import init_home
+    from meddl.models import load_model
+
+    head = read_image(base["a_image"])
+    replay = []
+    for index, scale in enumerate((1.0, 0.8, 1.2, 0.9, 1.1)):
+        path = write_image(head.with_array(head.array * scale), tmp_path / f"replay_{index}.nii.gz")
+        replay.append((path, base["label"], "A"))
+    weights = []
+    for name in ("first", "second"):
+        home = tmp_path / name
+        init_home(base["package"], home, regression=[(base["a_image"], base["label"], "A")], replay=replay)
+        prediction = tmp_path / f"{name}_prediction.nii.gz"
+        segment_file(resolve_model(home), base["b_image"], prediction)
+        submit_correction(home, base["b_image"], base["label"], prediction, site="B")
+        result = run_update(home, max_steps=STEPS, seed=0)
+        candidate = load_model(ModelHome(home).version_dir(result["candidate"]))
+        weights.append(torch.cat([t.flatten().float() for t in candidate.network.state_dict().values()]))
+    assert torch.equal(weights[0], weights[1])

@@ -270,7 +270,9 @@ class ModelHome:
         sql, params = "SELECT * FROM cases WHERE kind = ?", (kind,)
         if site is not None:
             sql, params = sql + " AND site = ?", (kind, site)
-        return [{**dict(row), "files": json.loads(row["files"])} for row in self.query(sql + " ORDER BY id", params)]
+        # In the order they were added (ids order by the second only, then by a random suffix).
+        rows = self.query(sql + " ORDER BY created, id", params)
+        return [{**dict(row), "files": json.loads(row["files"])} for row in rows]
 
     def gate_rules(self, version: Optional[str] = None) -> Dict[str, Any]:
         from meddl.models import load_spec

@@ -302,7 +302,8 @@ def _select_replay(home: ModelHome, earlier_ids: List[str], size: int, seed: int
     if earlier_ids:
         placeholders = ",".join("?" * len(earlier_ids))
         for row in home.query(
-            f"SELECT id, site FROM corrections WHERE status = 'active' AND id IN ({placeholders})", tuple(earlier_ids)
+            f"SELECT id, site FROM corrections WHERE status = 'active' AND id IN ({placeholders}) ORDER BY created, id",
+            tuple(earlier_ids),
         ):
             by_site.setdefault(row["site"], []).append({"origin": "correction", "id": row["id"], "site": row["site"]})
     queues = {site: [items[i] for i in rng.permutation(len(items))] for site, items in sorted(by_site.items())}
