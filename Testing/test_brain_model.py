@@ -124,6 +124,36 @@ def test_air_around_the_head_does_not_change_the_brain(package, fsl_t1_2mm, fsl_
     assert dice >= DICE_TARGET, dice
 
 
+def test_air_full_of_noise_as_in_mp2rage_is_set_to_zero_and_the_brain_comes_out_as_on_a_clean_scan(
+    package, fsl_t1_2mm, fsl_brain_mask_2mm
+):
+    """MP2RAGE "UNI" images fill the air with noise as bright as tissue; the templates' air is dark."""
+    from scipy import ndimage
+
+    from meddl.infer import segment_image
+
+    t1, mask = read_image(fsl_t1_2mm), read_image(fsl_brain_mask_2mm)
+    pad = int(20 / t1.spacing[0])
+    origin = np.asarray(t1.origin) - t1.direction @ (np.full(3, pad) * np.asarray(t1.spacing))
+    values = np.pad(t1.array.astype(np.float32), pad)
+    reference = np.pad((mask.array > 0.5).astype(np.uint8), pad)
+    top = float(np.percentile(values, 99))
+    head = ndimage.binary_fill_holes(ndimage.binary_closing(values > 0.08 * top, iterations=3))
+    noisy = values.copy()
+    noisy[~head] = np.random.default_rng(0).uniform(0, top, int((~head).sum()))
+
+    def segmented(array: np.ndarray):
+        result = segment_image(Image(array, t1.spacing, tuple(origin), t1.direction), package, device="cpu")
+        brain = segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, t1.spacing)["brain"]
+        return result.air_quieted, brain["dice"], brain["hd95_mm"]
+
+    clean_quieted, clean_dice, clean_hd95 = segmented(values)
+    quieted, dice, hd95 = segmented(noisy)
+    # 2.3.1 measured: clean Dice 0.9617 / HD95 5.66 mm, noisy 0.9606 / 5.66 (without the step: 0.9449 / 8.25).
+    assert not clean_quieted and quieted
+    assert dice >= DICE_TARGET and abs(dice - clean_dice) < 0.005 and hd95 <= clean_hd95 + 1.0, (dice, hd95)
+
+
 def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t1_2mm, fsl_brain_mask_2mm):
     """A sagittal MPRAGE covers 70-100 mm more neck than the template; the spinal cord is not brain."""
     from meddl.infer import segment_image

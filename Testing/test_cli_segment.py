@@ -404,6 +404,8 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("size_normalization", {"reference_extent_mm": [120, float("nan")]}, "size_normalization.reference_extent_mm"),
         ("pose_normalization", {"reference_tilt_deg": "level"}, "pose_normalization.reference_tilt_deg"),
         ("pose_normalization", {"reference_tilt_deg": -11.6, "max_change_deg": 120}, "max_change_deg"),
+        ("noisy_air", {"calm_std": -1}, "noisy_air.calm_std"),
+        ("noisy_air", "yes", "input.noisy_air"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

@@ -51,14 +51,14 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.0, else 2.1.3; ``consensus``: trained on the consensus labels, 2.4.0, not bundled;
-    docs/brain-model.md)."""
+    brains, the bundled 2.3.1, else 2.1.4; ``consensus``: trained on the consensus labels, 2.4.1, not bundled;
+    each one patch above the version first measured, which lacked ``noisy_air``; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.0" if consensus else "2.3.0" if atrophy else "2.1.3",
+            "version": "2.4.1" if consensus else "2.3.1" if atrophy else "2.1.4",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -90,6 +90,9 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # like one that stops under the cerebellum (neck probe in benchmarks/brain_stress.py; no stress
                 # case's head is taller than 212 mm on the model grid).
                 "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220},
+                # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
+                # saw it: set it to zero outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
+                "noisy_air": {"face_median": 0.1, "calm_std": 0.24},
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
                 # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
                 # height scaled with it). reference_extent_mm is the model's own first pass on the template

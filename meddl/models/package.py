@@ -206,6 +206,7 @@ class ModelSpec:
                 need(number is None or (_is_number(number) and number >= 0), f"input.{name}.{key} must be >= 0")
             return value or {}
 
+        settings("noisy_air", ("face_median", "calm_std"))
         sizing = settings("size_normalization", ("min_change", "max_cut_mm2"))
         extent = sizing.get("reference_extent_mm")
         need(
