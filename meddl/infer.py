@@ -739,6 +739,12 @@ def segment_file(
         "write": time.perf_counter() - started,
     }
     progress(1.0, f"wrote {Path(written).name}")
+    # What the engine did beyond one plain pass, so that a slower or surprising result explains itself.
+    notes = ["the air was noise: set to zero outside the head"] if result.air_quieted else []
+    if result.size_scale != 1.0:
+        notes.append(f"another pass for a head {result.size_scale:.2f}x the size the model learnt")
+    if result.tilt_correction_deg:
+        notes.append(f"another pass turned {result.tilt_correction_deg:.0f} deg to the pose the model learnt")
     return {
         "input": str(input_path),
         "output": str(written),
@@ -749,6 +755,7 @@ def segment_file(
         "size_scale": round(result.size_scale, 4),
         "tilt_correction_deg": round(result.tilt_correction_deg, 1),
         "air_quieted": result.air_quieted,
+        "notes": notes,
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},

@@ -179,15 +179,7 @@ def _timing_text(summary: Dict) -> str:
     timings = summary.get("timings_s", {})
     steps = ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "load_model")
     volumes = ", ".join(f"{name} {ml:.1f} ml" for name, ml in summary.get("label_volumes_ml", {}).items())
-    # What the engine did beyond one plain pass, so that a slower or surprising result explains itself.
-    notes = []
-    if summary.get("air_quieted"):
-        notes.append("the air was noise: set to zero outside the head")
-    if summary.get("size_scale", 1.0) != 1.0:
-        notes.append(f"another pass for a head {summary['size_scale']:.2f}x the size the model learnt")
-    if summary.get("tilt_correction_deg"):
-        notes.append(f"another pass turned {summary['tilt_correction_deg']:.0f} deg to the pose the model learnt")
-    return f"{summary['output']}  [{volumes}]  ({steps} s)" + "".join(f"; {note}" for note in notes)
+    return f"{summary['output']}  [{volumes}]  ({steps} s)" + "".join(f"; {note}" for note in summary.get("notes", []))
 
 
 def run(args: argparse.Namespace) -> int:
