@@ -544,6 +544,8 @@ def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.
         return image
     calm = ndimage.binary_opening(variance < limit, iterations=2)
     del variance
+    if not calm.any():  # nothing calm anywhere: no head to keep, so leave the volume as it came
+        return image
     keep_largest_component(calm)
     head = ndimage.binary_fill_holes(ndimage.binary_closing(calm, iterations=3) | calm)  # closing erodes at faces
     return image.with_array(np.where(head, image.array, 0).astype(image.array.dtype))
