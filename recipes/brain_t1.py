@@ -356,18 +356,27 @@ def write_model_card(package: Path) -> Path:
             f"learnt pose (a change of more than {posing.get('max_change_deg')}° is not trusted: such an axis is not "
             f"a brain's)."
         )
+    noisy = spec["input"].get("noisy_air")
+    noisy_text = (
+        f" whose air is noise as bright as tissue (MP2RAGE; the faces' median above {noisy.get('face_median')} and "
+        f"their 3×3×3 standard deviation above {noisy.get('calm_std')} of the 99th percentile) first set to zero "
+        "outside the head,"
+        if noisy
+        else ""
+    )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
 
 Labels: {", ".join(f"{lb['value']} = {lb['name']}" for lb in spec["labels"])} (brain colour
 {spec["labels"][1]["color"]}). Network: MONAI `{arch["name"]}` channels {args["channels"]}, strides
-{args["strides"]}, {args.get("num_res_units", 0)} residual unit(s), {args.get("norm", "INSTANCE")} norm; input
-resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
+{args["strides"]}, {args.get("num_res_units", 0)} residual unit(s), {args.get("norm", "INSTANCE")} norm;
+input{noisy_text} resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
 ({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
-`opening_mm`, the largest connected component, hole filling).{sizing_text}
+`opening_mm`, the largest connected component, hole filling).{sizing_text} Test-time flips (off by default)
+only along the model-grid axes {spec["inference"].get("flip_axes", ["i", "j", "k"])} (`i`: left-right).
 
 ## Data
 
