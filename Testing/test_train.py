@@ -139,6 +139,23 @@ def test_a_package_trained_with_augmentation_declares_the_left_right_flip_it_lea
     assert package.spec.inference["flip_axes"] == ["i"] and package.spec.flip_axes == (2,)  # i: the last array axis
 
 
+def test_the_same_weights_always_give_the_same_weights_file(tmp_path):
+    # A recipe that reproduces a package should reproduce its file, sha256 and all (safetensors orders several
+    # metadata entries at random).
+    import hashlib
+
+    from meddl.models import build_network, save_model
+
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    network = build_network(spec)
+    digests = set()
+    for index in range(8):
+        folder = save_model(spec, network, tmp_path / f"copy-{index}")
+        digests.add(hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
 def test_refuses_to_overwrite_a_finished_package(tmp_path, brain_4mm):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "model.json").write_text("{}")

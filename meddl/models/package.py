@@ -430,7 +430,9 @@ def save_model(spec: ModelSpec, network, folder: PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "name": spec.name})
+        # One metadata entry only: safetensors writes them from a hash map in random order, so two entries would
+        # give the same weights a different file (and sha256) from one run to the next.
+        save_file(state, str(staging / WEIGHTS), metadata={"format": "pt"})
         (staging / MODEL_JSON).write_text(json.dumps(spec.to_json(), indent=2) + "\n", encoding="utf-8")
         publish(staging, folder)
     finally:
