@@ -438,8 +438,11 @@ def segment_image(
     # The network's input: the image itself, or with noisy air set to zero (the labels still go onto `image`).
     seen, air_quieted = image, False
     if spec.input.get("noisy_air") is not None:
-        noisy_air = spec.input["noisy_air"]
-        seen = quiet_noisy_air(image, float(noisy_air.get("face_median", 0.1)), float(noisy_air.get("calm_std", 0.24)))
+        settings = spec.input["noisy_air"]
+        # quiet_noisy_air's defaults stand for any setting the package leaves out.
+        seen = quiet_noisy_air(
+            image, **{key: float(settings[key]) for key in ("face_median", "calm_std") if key in settings}
+        )
         air_quieted = seen is not image
         if air_quieted:
             progress(0.01, "the air around the head is noise (as in MP2RAGE): set to zero outside the head")

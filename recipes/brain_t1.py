@@ -41,6 +41,7 @@ from meddl.data import (
 )
 from meddl.fsutil import write_text_atomic
 from meddl.models import ModelSpec
+from meddl.models.package import FLIP_AXES
 from meddl.train import TRAINED_FLIP_AXES
 
 __all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "main"]
@@ -376,7 +377,7 @@ input{noisy_text} resampled to an LPS grid at {spec["input"]["spacing"]} mm, per
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
 `opening_mm`, the largest connected component, hole filling).{sizing_text} Test-time flips (off by default)
-only along the model-grid axes {spec["inference"].get("flip_axes", ["i", "j", "k"])} (`i`: left-right).
+only along the model-grid axes {spec["inference"].get("flip_axes", list(FLIP_AXES))} (`i`: left-right).
 
 ## Data
 
@@ -571,7 +572,7 @@ def main(argv: List[str] = None) -> int:
             # Real scans run further down the neck than the template: repeat its bottom slab, as background.
             RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
             # Older brains than the template's young adults: smaller inside the skull, with CSF around them (0.3
-            # trained the bundled 2.3.0). At 0 it is absent, not at probability 0, so that the run draws 2.1.0's
+            # trained 2.3.0, bundled as 2.3.1). At 0 it is absent, not at probability 0, so that the run draws 2.1.0's
             # random stream and gives its weights again (docs/brain-model.md).
             *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
