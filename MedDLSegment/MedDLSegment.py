@@ -50,6 +50,8 @@ _addImportPaths()
 
 from MedDLSegmentLib import batch, engine, jobs, models, nodes, session  # noqa: E402
 
+from meddl.errors import ModalityError  # noqa: E402
+
 logger = logging.getLogger("MedDLSegment")
 
 
@@ -310,7 +312,7 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._setStatus(runner.progress, runner.message)
             else:
                 self.ui.teachButton.text = f"Teaching... {runner.progress:.0%}" if runner.busy else "Teach the model"
-            if state == "failed":
+            if state == "failed" and not self._offerToSegmentAnyway(runner):
                 slicer.util.errorDisplay(str(runner.error), windowTitle="MedDL")
             if state is not None:
                 self._updateButtons()
@@ -321,13 +323,28 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
 
     def onSegmentButton(self) -> None:
+        self._segment(forceModality=False)
+
+    def _segment(self, forceModality: bool) -> None:
         node = self._parameterNode
         volume, model, tta = node.inputVolume, node.modelPath, node.useTTA
         self._start(
             self.runner,
-            lambda: self.logic.startSegment(volume, model, tta=tta),
+            lambda: self.logic.startSegment(volume, model, tta=tta, forceModality=forceModality),
             lambda job: self._onSegmentDone(job, volume, model),
         )
+
+    def _offerToSegmentAnyway(self, runner) -> bool:
+        """When the engine refused the volume as another modality than the model's (say, a CT given to an MR
+        model), ask whether to run it anyway, as the command line's --force-modality does; True if it runs again."""
+        if runner is not self.runner or not isinstance(runner.error, ModalityError):
+            return False
+        if not slicer.util.confirmYesNoDisplay(
+            f"{runner.error.problem}.\n\nSegment this volume with the model anyway?", windowTitle="MedDL: modality"
+        ):
+            return False
+        self._segment(forceModality=True)
+        return True
 
     def _onSegmentDone(self, job, volume, model: str) -> str:
         node = self._parameterNode
@@ -500,14 +517,22 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         return self.session.wait(job, progress, slicer.app.processEvents)
 
     # -- segmentation -----------------------------------------------------------------------------------
-    def startSegment(self, volumeNode, model: Optional[str] = None, tta: Optional[bool] = None):
-        """Write ``volumeNode`` for the worker and submit ``segment``; returns the job (see :meth:`finishSegment`)."""
+    def startSegment(
+        self, volumeNode, model: Optional[str] = None, tta: Optional[bool] = None, forceModality: bool = False
+    ):
+        """Write ``volumeNode`` for the worker and submit ``segment``; returns the job (see :meth:`finishSegment`).
+
+        The job fails with :class:`meddl.errors.ModalityError` when the volume looks like another modality than
+        the model's (CT air in Hounsfield units for an MR model); ``forceModality`` runs it anyway.
+        """
         if volumeNode is None:
             raise ValueError("no input volume selected")
         model = self.resolveModel(model)
         folder = self.session.new_job_folder("segment")
         inputPath = nodes.write_volume_file(slicer.mrmlScene, volumeNode, folder / "input.nrrd")
         params = {"model": model, "input": str(inputPath), "output": str(folder / "prediction.nrrd"), "tta": tta}
+        if forceModality:
+            params["force_modality"] = True
         return self.session.submit("segment", params)
 
     def finishSegment(self, job, volumeNode, model: Optional[str] = None, segmentationNode=None):
@@ -529,7 +554,15 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
         segmentation.CreateClosedSurfaceRepresentation()
         return segmentation
 
-    def segment(self, volumeNode, model: Optional[str] = None, progress=None, segmentationNode=None, tta=None):
+    def segment(
+        self,
+        volumeNode,
+        model: Optional[str] = None,
+        progress=None,
+        segmentationNode=None,
+        tta=None,
+        forceModality: bool = False,
+    ):
         """Segment ``volumeNode`` and return the segmentation node (segments named and coloured by the model).
 
         Args:
@@ -538,9 +571,13 @@ class MedDLSegmentLogic(ScriptedLoadableModuleLogic):
             progress: optional ``progress(fraction, message)`` callback.
             segmentationNode: reuse this node (its segments are replaced); a new node when None.
             tta: test-time flips (None: the model's default).
+            forceModality: run even when the volume looks like another modality than the model's.
+
+        Raises:
+            meddl.errors.ModalityError: the volume looks like another modality (unless ``forceModality``).
         """
         self.session.ensure_started(slicer.app.processEvents)
-        job = self.startSegment(volumeNode, model, tta)
+        job = self.startSegment(volumeNode, model, tta, forceModality)
         self.wait(job, progress)
         return self.finishSegment(job, volumeNode, model, segmentationNode)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BRAIN_MODEL = REPO / "Resources" / "models" / "brain-t1"
 sys.path.insert(0, str(REPO / "MedDLSegment"))
 
 sitk = pytest.importorskip("SimpleITK")
@@ -432,6 +433,33 @@ def test_session_waits_without_blocking_and_reports_errors(engine_session, model
     with pytest.raises(InputError, match="nowhere.nrrd"):
         engine_session.wait(job)
     assert engine_session.worker_running, "a bad request must not take the worker down"
+
+
+def test_a_ct_volume_node_is_refused_by_the_mr_model_until_forced(scene, engine_session, tmp_path):
+    """A CT loaded in Slicer reaches the worker as an NRRD with no modality tag; the MR brain model refuses it as a
+    ModalityError (which the widget turns into a "segment anyway?" question) with no command-line switch in the
+    message, and runs when the module passes force_modality."""
+    from conftest import package_dir
+    from MedDLSegmentLib import nodes
+
+    from meddl.errors import ModalityError
+    from meddl.io import read_image, write_image
+
+    ct = read_image(package_dir("data_store") / "data" / "eCT_Supplemental.dcm")  # a real CT in Hounsfield units
+    write_image(ct.with_array(ct.array.astype(np.int16)), tmp_path / "ct.nii.gz")
+    volume = nodes.read_volume_file(scene, tmp_path / "ct.nii.gz", name="head CT")
+    path = nodes.write_volume_file(scene, volume, tmp_path / "input.nrrd")  # what startSegment hands the worker
+    params = {"model": str(BRAIN_MODEL), "input": str(path), "output": str(tmp_path / "brain.nrrd")}
+    engine_session.ensure_started()
+    with pytest.raises(ModalityError) as refused:
+        engine_session.wait(engine_session.submit("segment", params))
+    message = str(refused.value)
+    assert "input.nrrd" in message and "Hounsfield" in message and "expects MR" in message, message
+    assert "--force-modality" not in message and not (tmp_path / "brain.nrrd").exists()
+    result = engine_session.wait(engine_session.submit("segment", dict(params, force_modality=True)))
+    written = sitk.ReadImage(result["output"])
+    assert written.GetSize() == sitk.ReadImage(str(path)).GetSize()
+    scene.RemoveNode(volume)
 
 
 def test_classify_heatmap_lands_on_the_volume_node(scene, engine_session, oblique_volume, tmp_path):

@@ -20,6 +20,7 @@ __all__ = [
     "EXIT_CANCELLED",
     "MedDLError",
     "InputError",
+    "ModalityError",
     "ModelError",
     "Cancelled",
 ]
@@ -56,6 +57,16 @@ class InputError(MedDLError):
 
     exit_code = EXIT_BAD_INPUT
     kind = "bad_input"
+
+
+class ModalityError(InputError):
+    """The input's modality (from its DICOM tags or its values) is not the one the model expects.
+
+    The message states the problem only; each caller says how to run it anyway (``--force-modality`` on the
+    command line, a question in Slicer), since the input may be right and the guess wrong.
+    """
+
+    kind = "wrong_modality"
 
 
 class ModelError(MedDLError):

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from meddl.errors import InputError, ModelError
+from meddl.errors import InputError, ModalityError, ModelError
 from meddl.io import Image, read_image, validate_for_inference, write_image
 from meddl.models import ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
@@ -118,17 +118,15 @@ def check_input(image: Image, package: ModelPackage) -> None:
     if not expected or image.metadata.get("force"):
         return
     if found and str(found).upper() != str(expected).upper():
-        raise InputError(
-            f"the file's modality is {found} but model '{package.spec.name}' expects {expected} "
-            "(use --force-modality to run it anyway)",
+        raise ModalityError(
+            f"the file's modality is {found} but model '{package.spec.name}' expects {expected}",
             source,
         )
     air = hounsfield_air_fraction(image.array) if not found and str(expected).upper() == "MR" else 0.0
     if air >= CT_AIR_FRACTION:
-        raise InputError(
+        raise ModalityError(
             f"the file names no modality, but {100 * air:.0f} % of its voxels are at {CT_AIR_HU:g} or below, as air "
-            f"in a CT in Hounsfield units; model '{package.spec.name}' expects {expected} "
-            "(use --force-modality to run it anyway)",
+            f"in a CT in Hounsfield units; model '{package.spec.name}' expects {expected}",
             source,
         )
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from meddl.errors import EXIT_USAGE, Cancelled, InputError, MedDLError, ModelError
+from meddl.errors import EXIT_USAGE, Cancelled, InputError, MedDLError, ModalityError, ModelError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -102,7 +102,8 @@ class WorkerExited(MedDLError):
 
 
 _ERROR_KINDS = {
-    cls.kind: cls for cls in (MedDLError, InputError, ModelError, Cancelled, ProtocolError, NotAvailable, WorkerExited)
+    cls.kind: cls
+    for cls in (MedDLError, InputError, ModalityError, ModelError, Cancelled, ProtocolError, NotAvailable, WorkerExited)
 }
 
 

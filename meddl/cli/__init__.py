@@ -17,9 +17,9 @@ import traceback
 from typing import List, Optional
 
 from meddl import __version__
-from meddl.errors import EXIT_CANCELLED, EXIT_INTERNAL, MedDLError
+from meddl.errors import EXIT_CANCELLED, EXIT_INTERNAL, MedDLError, ModalityError
 
-__all__ = ["main", "build_parser", "emit"]
+__all__ = ["main", "build_parser", "emit", "error_line"]
 
 # Modules that provide sub-commands, in the order `meddl --help` lists them.
 COMMAND_MODULES = [
@@ -59,6 +59,13 @@ def emit(args: argparse.Namespace, result: dict, text: str) -> None:
         print(text)
 
 
+def error_line(error: dict) -> str:
+    """The line the command line prints for an error (``MedDLError.to_dict()``): its message, and for a modality
+    refusal the switch that overrides it (the worker's clients offer their own way)."""
+    message = str(error.get("message", ""))
+    return f"{message} (use --force-modality to run it anyway)" if error.get("kind") == ModalityError.kind else message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MedDLError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"meddl {args.command}: {error}", file=sys.stderr)
+        print(f"meddl {args.command}: {error_line(error.to_dict())}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print(f"meddl {args.command}: cancelled", file=sys.stderr)

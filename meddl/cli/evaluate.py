@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from meddl.cli import error_line
 from meddl.errors import EXIT_OK, EXIT_PARTIAL
 from meddl.progress import CancelToken
 
@@ -85,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
     if report["failures"]:
         print(f"meddl evaluate: {len(report['failures'])} cases failed:", file=sys.stderr)
         for failure in report["failures"]:
-            print(f"  {failure['error']['message']}", file=sys.stderr)
+            print(f"  {error_line(failure['error'])}", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK

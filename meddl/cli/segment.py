@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from meddl.cli import error_line
 from meddl.errors import EXIT_OK, EXIT_PARTIAL, Cancelled, InputError, MedDLError
 from meddl.progress import CancelToken, ProgressCallback
 
@@ -285,6 +286,6 @@ def _run_batch(
     if failures:
         print(f"meddl segment: {len(failures)} of {len(cases)} volumes failed:", file=sys.stderr)
         for failure in failures:
-            print(f"  {failure['error']['message']}", file=sys.stderr)
+            print(f"  {error_line(failure['error'])}", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
