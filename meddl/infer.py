@@ -58,6 +58,9 @@ SLAB_VOXELS = 8_000_000
 # A volume with this share of voxels at or below -500 is a CT in Hounsfield units (air -1000), not an MR.
 CT_AIR_HU = -500.0
 CT_AIR_FRACTION = 0.05
+# The opening after thresholding runs on a grid no finer than this (mm): its distance transforms cost 7 s each on
+# a 0.5 mm head, and the mask they shape comes from a 2 mm grid.
+OPENING_FINEST_MM = 1.0
 
 
 @dataclass
@@ -368,19 +371,40 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
     return labels
 
 
-def open_mm(mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float) -> np.ndarray:
-    """Morphological opening of ``mask`` by a ball of ``radius_mm``, exact in mm on anisotropic grids.
+def open_mm(
+    mask: np.ndarray, spacing_kji: Sequence[float], radius_mm: float, finest_mm: float = OPENING_FINEST_MM
+) -> np.ndarray:
+    """Morphological opening of ``mask`` by a ball of ``radius_mm``, in mm on anisotropic grids.
 
     Erosion keeps the voxels farther than the radius from the background; dilation then takes back every voxel
     within the radius of what is left. Both are Euclidean distance transforms, so the cost does not grow with the
     ball's size as a structuring element's would. ``mask`` must have background on every face (a grown box).
+
+    Along axes finer than ``finest_mm`` the distances are taken on a grid coarser by a whole factor (a coarse voxel
+    is in the mask when at least half of its voxels are) and interpolated back, with half a coarse voxel of slack
+    for that rounding; the result is never more than ``mask``. The mask comes from probabilities on a 2 mm grid,
+    so this loses nothing that was there, and a 0.5 mm head's opening takes 2 s instead of 14.
     """
     from scipy import ndimage
 
-    eroded = ndimage.distance_transform_edt(mask, sampling=spacing_kji) > radius_mm
+    factors = [max(1, int(finest_mm // s)) for s in spacing_kji]
+    if factors == [1, 1, 1]:
+        eroded = ndimage.distance_transform_edt(mask, sampling=spacing_kji) > radius_mm
+        if not eroded.any():
+            return eroded
+        return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
+    padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
+    blocks = [n // f for n, f in zip(padded.shape, factors)]
+    share = padded.reshape(blocks[0], factors[0], blocks[1], factors[1], blocks[2], factors[2])
+    coarse = np.pad(share.mean(axis=(1, 3, 5), dtype=np.float32) >= 0.5, 1)  # background on every face
+    coarse_spacing = [s * f for s, f in zip(spacing_kji, factors)]
+    eroded = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing) > radius_mm
     if not eroded.any():
-        return eroded
-    return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
+        return np.zeros_like(mask)
+    distance = ndimage.distance_transform_edt(~eroded, sampling=coarse_spacing)[1:-1, 1:-1, 1:-1]
+    distance = ndimage.zoom(distance.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
+    slack = max(coarse_spacing) / 2.0
+    return mask & (distance[: mask.shape[0], : mask.shape[1], : mask.shape[2]] <= radius_mm + slack)
 
 
 def keep_largest_component(mask: np.ndarray) -> bool:
