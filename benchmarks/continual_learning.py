@@ -18,7 +18,7 @@ the base model's own output) and runs the real update (:func:`meddl.continual.ru
 step budget. The candidate is scored on held-out site-B cases (gain) and held-out site-A cases
 (forgetting), whatever the gate decided; the gate's decision is reported too.
 
-Run (about 10-20 min on 2 CPU cores)::
+Run (about a minute on 2 CPU cores)::
 
     nice .venv/bin/python benchmarks/continual_learning.py --output bench-continual
 """
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -36,12 +37,16 @@ from typing import Dict, List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from meddl.continual import ModelHome, init_home, run_update, submit_correction
-from meddl.continual.gate import mean_foreground_dice
-from meddl.data import fsl_mni152_brain_pairs
-from meddl.infer import segment_image
-from meddl.io import Image, image_from_sitk, image_to_sitk, write_image
-from meddl.models import load_model, unet_segmentation_spec
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's engine, also when run from another worktree
+    sys.path.insert(0, str(REPO))
+
+from meddl.continual import ModelHome, init_home, run_update, submit_correction  # noqa: E402
+from meddl.continual.gate import mean_foreground_dice  # noqa: E402
+from meddl.data import fsl_mni152_brain_pairs  # noqa: E402
+from meddl.infer import segment_image  # noqa: E402
+from meddl.io import Image, image_from_sitk, image_to_sitk, write_image  # noqa: E402
+from meddl.models import load_model, unet_segmentation_spec  # noqa: E402
 
 SPEC = unet_segmentation_spec(
     "bench-brain",
