@@ -252,6 +252,7 @@ def head_probes(
     atrophy: Sequence[Tuple[float, float]] = ((0.93, 0.3), (0.88, 0.3), (0.93, 0.5), (0.88, 0.5)),
     deface_margins_mm: Sequence[float] = (10.0, 4.0),
     isotropic_mm: Sequence[float] = (0.5, 3.0),
+    clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
     noise_levels: Sequence[float] = (0.6, 1.0),
     tta: bool = False,
 ) -> List[Dict]:
@@ -274,6 +275,8 @@ def head_probes(
       Colin27 (where installed): public data sets deface their scans before release;
     * resolution: the 1 mm heads (nimare's copy, Colin27) moved and re-acquired at ``isotropic_mm``, the ends of the
       0.5-3 mm range the model is meant for (the stress set holds their native 1 and 2 mm and 1×1×3 mm slabs);
+    * clinical slabs: the same heads re-acquired as axial ``clinical_slabs_mm`` (i, j, k) slabs, fine in plane and
+      thick across, as a hospital's 2D T1 series is (5 mm slices lie beyond the 3 mm the model is meant for);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are.
     """
@@ -326,14 +329,20 @@ def head_probes(
             cases.append((name, defaced(face_pair, margin), face_pair.label.array))
     nimare_1mm = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"]
     for source in [nimare_1mm] + colin:
+        source_name = "nimare 1 mm" if source is nimare_1mm else "Colin27"
         for spacing in isotropic_mm:
             image, label = acquire(source, (12.0, -15.0, 9.0), (spacing,) * 3, AXIAL)
             image = image.with_array(np.clip(image.array, 0, 32767).round().astype(np.int16))
-            name = f"{'nimare 1 mm' if source is nimare_1mm else 'Colin27'} moved, {spacing:g} mm isotropic"
+            name = f"{source_name} moved, {spacing:g} mm isotropic"
+            cases.append((name, image, label.array))
+        for slab in clinical_slabs_mm:
+            image, label = acquire(source, (12.0, -15.0, 9.0), slab, AXIAL)
+            image = image.with_array(np.clip(image.array, 0, 32767).round().astype(np.int16))
+            name = f"{source_name} moved, axial {'x'.join(f'{mm:g}' for mm in slab)} mm"
             cases.append((name, image, label.array))
         image, label = acquire(source, (10.0, -8.0, 5.0), source.image.spacing, AXIAL)
         for level in noise_levels:
-            name = f"{'nimare 1 mm' if source is nimare_1mm else 'Colin27'} moved, air noise to {level:g}x p99"
+            name = f"{source_name} moved, air noise to {level:g}x p99"
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
