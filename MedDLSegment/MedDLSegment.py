@@ -355,7 +355,7 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         seconds = job.result.get("timings_s", {}).get("total")
         volumes = job.result.get("label_volumes_ml", {})
         summary = ", ".join(f"{name} {ml:.1f} ml" for name, ml in volumes.items())
-        notes = "".join(f"; {note}" for note in job.result.get("notes", []))  # e.g. noisy air set to zero
+        notes = "".join(f"; {note}" for note in job.result.get("notes", []))  # e.g. noisy air blanked
         return f"Done{f' in {seconds:.1f} s' if seconds else ''}: {summary}{notes}"
 
     def onCancelButton(self) -> None:

@@ -73,7 +73,7 @@ class SegmentationResult:
     windows: int = 0
     size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran another pass
     tilt_correction_deg: float = 0.0  # how far the pose normalisation's pass turned the grid (degrees)
-    air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was set to zero outside the head
+    air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -457,7 +457,7 @@ def segment_image(
     timings: Dict[str, float] = {}
 
     started = time.perf_counter()
-    # The network's input: the image itself, or with noisy air set to zero (the labels still go onto `image`).
+    # The network's input: the image itself, or with noisy air blanked (the labels still go onto `image`).
     seen, air_quieted = image, False
     if spec.input.get("noisy_air") is not None:
         settings = spec.input["noisy_air"]
@@ -467,7 +467,7 @@ def segment_image(
         )
         air_quieted = seen is not image
         if air_quieted:
-            progress(0.01, "the air around the head is noise (as in MP2RAGE): set to zero outside the head")
+            progress(0.01, "the air around the head is noise (as in MP2RAGE): blanked outside the head")
     progress(0.02, "resampling to the model grid")
     model_image = model_input(seen, spec, spec.target_spacing)
     timings["preprocess"] = time.perf_counter() - started
@@ -541,30 +541,33 @@ def segment_image(
 
 
 def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.24) -> Image:
-    """``image`` with its air set to zero when the air is noise over the intensity range, else ``image`` itself.
+    """``image`` with its air blanked when the air is noise over the intensity range, else ``image`` itself.
 
     MP2RAGE "UNI" images and some reconstructions fill the air with noise as bright as tissue. The crop to the
     head (an intensity threshold) then takes in the whole field of view, and the network, which learnt dark air,
-    draws the brain's edge wrong or not at all. The air counts as noisy when the volume's six faces (air in a head
-    scan, whatever the field of view cuts) are bright, their median above ``face_median`` times the 99th
-    percentile, and rough, their median standard deviation over 3×3×3 voxels above ``calm_std`` times it (a block
-    cut from inside a head is bright but smooth). The head is then where the intensity is calm (white noise is
-    rough, tissue smooth): opened, largest component, closed and filled.
+    draws the brain's edge wrong or not at all. Intensities are measured from the 1st percentile (the darkest air)
+    over the span to the 99th, so that a volume stored with an offset, or as UNI images often are, from -0.5 to
+    0.5, is judged as the same volume from zero. The air counts as noisy when the volume's six faces (air in a head
+    scan, whatever the field of view cuts) are bright, their median above ``face_median`` times the span, and
+    rough, their median standard deviation over 3×3×3 voxels above ``calm_std`` times it (a block cut from inside a
+    head is bright but smooth). The head is then where the intensity is calm (white noise is rough, tissue smooth):
+    opened, largest component, closed and filled; what lies outside it is set to the 1st percentile.
     """
     from scipy import ndimage
 
     def faces(volume: np.ndarray) -> np.ndarray:
         return np.concatenate([np.moveaxis(volume, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)])
 
-    # Every input passes this test: a percentile of one voxel in 27 is as good a threshold and ten times cheaper.
-    top = float(np.percentile(image.array[::3, ::3, ::3], 99))
-    if top <= 0 or float(np.median(faces(image.array))) <= face_median * top:
+    # Every input passes this test: percentiles of one voxel in 27 are as good a threshold and ten times cheaper.
+    floor, top = (float(value) for value in np.percentile(image.array[::3, ::3, ::3], [1, 99]))
+    span = top - floor
+    if span <= 0 or float(np.median(faces(image.array))) - floor <= face_median * span:
         return image
     values = image.array.astype(np.float32)
     mean = ndimage.uniform_filter(values, 3)
     variance = ndimage.uniform_filter(values * values, 3) - mean * mean
     del mean
-    limit = (calm_std * top) ** 2
+    limit = (calm_std * span) ** 2
     if float(np.median(faces(variance))) <= limit:
         return image
     calm = ndimage.binary_opening(variance < limit, iterations=2)
@@ -573,7 +576,7 @@ def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.
         return image
     keep_largest_component(calm)
     head = ndimage.binary_fill_holes(ndimage.binary_closing(calm, iterations=3) | calm)  # closing erodes at faces
-    return image.with_array(np.where(head, image.array, 0).astype(image.array.dtype))
+    return image.with_array(np.where(head, image.array, floor).astype(image.array.dtype))
 
 
 def model_input(
@@ -767,7 +770,7 @@ def segment_file(
     }
     progress(1.0, f"wrote {Path(written).name}")
     # What the engine did beyond one plain pass, so that a slower or surprising result explains itself.
-    notes = ["the air was noise: set to zero outside the head"] if result.air_quieted else []
+    notes = ["the air was noise: blanked outside the head"] if result.air_quieted else []
     if result.size_scale != 1.0:
         notes.append(f"another pass for a head {result.size_scale:.2f}x the size the model learnt")
     if result.tilt_correction_deg:

@@ -360,8 +360,8 @@ def write_model_card(package: Path) -> Path:
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
         f" whose air is noise as bright as tissue (MP2RAGE; the faces' median above {noisy.get('face_median')} and "
-        f"their 3×3×3 standard deviation above {noisy.get('calm_std')} of the 99th percentile) first set to zero "
-        "outside the head,"
+        f"their 3×3×3 standard deviation above {noisy.get('calm_std')} of the span from the 1st to the 99th "
+        "percentile) first blanked outside the head (set to the 1st percentile),"
         if noisy
         else ""
     )
