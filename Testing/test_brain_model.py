@@ -319,6 +319,25 @@ def test_the_mr_brain_model_refuses_a_ct_in_hounsfield_units_whose_file_names_no
     assert not output.exists()
 
 
+@pytest.mark.parametrize("slices", [1, 5])
+def test_a_slab_thinner_than_a_head_is_refused_in_one_line(fsl_t1_2mm, tmp_path, slices):
+    # One or five 2 mm slices through the middle of the head (a localizer, a slab): the network drew a few ml of
+    # "brain" in such volumes; brain-t1 asks for 50 mm along every axis and says so.
+    t1 = read_image(fsl_t1_2mm)
+    middle = t1.array.shape[0] // 2
+    slab = tmp_path / "slab.nii.gz"
+    origin = np.asarray(t1.origin) + t1.direction @ np.array([0.0, 0.0, middle * t1.spacing[2]])
+    write_image(Image(t1.array[middle : middle + slices], t1.spacing, tuple(origin), t1.direction), slab)
+    output = tmp_path / "brain.nii.gz"
+    command = [sys.executable, "-m", "meddl", "segment", "--model", str(MODEL), "--input", str(slab)]
+    done = subprocess.run(command + ["--output", str(output)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(slab) in lines[0], done.stderr
+    assert f"spans only {2.0 * slices:.1f} mm along its k axis" in lines[0] and "at least 50 mm" in lines[0], lines[0]
+    assert not output.exists()
+
+
 def test_an_mr_with_a_few_strongly_negative_voxels_is_not_taken_for_a_ct(nibabel_anatomical):
     from meddl.infer import CT_AIR_HU, check_input
 

@@ -406,6 +406,7 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("pose_normalization", {"reference_tilt_deg": -11.6, "max_change_deg": 120}, "max_change_deg"),
         ("noisy_air", {"calm_std": -1}, "noisy_air.calm_std"),
         ("noisy_air", "yes", "input.noisy_air"),
+        ("min_extent_mm", -5, "input.min_extent_mm"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

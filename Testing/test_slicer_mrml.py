@@ -443,10 +443,12 @@ def test_a_ct_volume_node_is_refused_by_the_mr_model_until_forced(scene, engine_
     from MedDLSegmentLib import nodes
 
     from meddl.errors import ModalityError
-    from meddl.io import read_image, write_image
+    from meddl.io import Image, read_image, write_image
 
     ct = read_image(package_dir("data_store") / "data" / "eCT_Supplemental.dcm")  # a real CT in Hounsfield units
-    write_image(ct.with_array(ct.array.astype(np.int16)), tmp_path / "ct.nii.gz")
+    # Its two 10 mm slices, three times over: 60 mm, as thick as the brain model asks of any volume.
+    thick = Image(np.tile(ct.array, (3, 1, 1)).astype(np.int16), ct.spacing, ct.origin, ct.direction)
+    write_image(thick, tmp_path / "ct.nii.gz")
     volume = nodes.read_volume_file(scene, tmp_path / "ct.nii.gz", name="head CT")
     path = nodes.write_volume_file(scene, volume, tmp_path / "input.nrrd")  # what startSegment hands the worker
     params = {"model": str(BRAIN_MODEL), "input": str(path), "output": str(tmp_path / "brain.nrrd")}

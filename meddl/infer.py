@@ -111,25 +111,31 @@ def configure_threads(threads: Optional[int] = None) -> int:
 
 
 def check_input(image: Image, package: ModelPackage) -> None:
-    """Refuse inputs the model cannot take, naming the file: wrong dimensions, NaN/inf, constant, wrong modality."""
+    """Refuse inputs the model cannot take, naming the file: wrong dimensions, NaN/inf, constant, wrong modality,
+    thinner than the model's ``input.min_extent_mm``."""
     source = image.metadata.get("source")
     validate_for_inference(image)
     if min(image.array.shape) < 1:
         raise InputError("the volume is empty", source)
-    expected = package.spec.modality
-    found = image.metadata.get("modality")
-    if not expected or image.metadata.get("force"):
-        return
-    if found and str(found).upper() != str(expected).upper():
-        raise ModalityError(
-            f"the file's modality is {found} but model '{package.spec.name}' expects {expected}",
-            source,
-        )
-    air = hounsfield_air_fraction(image.array) if not found and str(expected).upper() == "MR" else 0.0
-    if air >= CT_AIR_FRACTION:
-        raise ModalityError(
-            f"the file names no modality, but {100 * air:.0f} % of its voxels are at {CT_AIR_HU:g} or below, as air "
-            f"in a CT in Hounsfield units; model '{package.spec.name}' expects {expected}",
+    spec = package.spec
+    expected, found = spec.modality, image.metadata.get("modality")
+    if expected and not image.metadata.get("force"):
+        if found and str(found).upper() != str(expected).upper():
+            raise ModalityError(f"the file's modality is {found} but model '{spec.name}' expects {expected}", source)
+        air = hounsfield_air_fraction(image.array) if not found and str(expected).upper() == "MR" else 0.0
+        if air >= CT_AIR_FRACTION:
+            raise ModalityError(
+                f"the file names no modality, but {100 * air:.0f} % of its voxels are at {CT_AIR_HU:g} or below, as "
+                f"air in a CT in Hounsfield units; model '{spec.name}' expects {expected}",
+                source,
+            )
+    extents = [size * spacing for size, spacing in zip(image.size, image.spacing)]
+    thinnest = int(np.argmin(extents))
+    if extents[thinnest] < spec.min_extent_mm:
+        raise InputError(
+            f"the volume spans only {extents[thinnest]:.1f} mm along its {'ijk'[thinnest]} axis "
+            f"({image.size[thinnest]} voxels of {image.spacing[thinnest]:g} mm); model '{spec.name}' needs at least "
+            f"{spec.min_extent_mm:g} mm along every axis",
             source,
         )
 

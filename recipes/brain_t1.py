@@ -52,14 +52,15 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.1, else 2.1.4; ``consensus``: trained on the consensus labels, 2.4.1, not bundled;
-    each one patch above the version first measured, which lacked ``noisy_air``; docs/brain-model.md)."""
+    brains, the bundled 2.3.2, else 2.1.5; ``consensus``: trained on the consensus labels, 2.4.2, not bundled;
+    each two patches above the version first measured, which lacked ``noisy_air`` and ``min_extent_mm``;
+    docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.1" if consensus else "2.3.1" if atrophy else "2.1.4",
+            "version": "2.4.2" if consensus else "2.3.2" if atrophy else "2.1.5",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -92,8 +93,12 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # case's head is taller than 212 mm on the model grid).
                 "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220},
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
-                # saw it: set it to zero outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
+                # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
                 "noisy_air": {"face_median": 0.1, "calm_std": 0.24},
+                # A slab thinner than this is no head: central axial slabs of nimare's 1 mm copy and Colin27 met the
+                # targets from 60 mm, missed them at 40 mm (HD95 9-14 mm) and drew 6 ml of "brain" at 10 mm
+                # (docs/brain-model.md). Refused with one line rather than answered wrong.
+                "min_extent_mm": 50,
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
                 # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
                 # height scaled with it). reference_extent_mm is the model's own first pass on the template
@@ -365,6 +370,8 @@ def write_model_card(package: Path) -> Path:
         if noisy
         else ""
     )
+    extent = spec["input"].get("min_extent_mm")
+    extent_text = f" (refused when it spans less than {extent} mm along any axis: a slab, not a head)" if extent else ""
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
@@ -372,7 +379,7 @@ def write_model_card(package: Path) -> Path:
 Labels: {", ".join(f"{lb['value']} = {lb['name']}" for lb in spec["labels"])} (brain colour
 {spec["labels"][1]["color"]}). Network: MONAI `{arch["name"]}` channels {args["channels"]}, strides
 {args["strides"]}, {args.get("num_res_units", 0)} residual unit(s), {args.get("norm", "INSTANCE")} norm;
-input{noisy_text} resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
+input{extent_text}{noisy_text} resampled to an LPS grid at {spec["input"]["spacing"]} mm, percentile normalisation
 ({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
@@ -572,7 +579,7 @@ def main(argv: List[str] = None) -> int:
             # Real scans run further down the neck than the template: repeat its bottom slab, as background.
             RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
             # Older brains than the template's young adults: smaller inside the skull, with CSF around them (0.3
-            # trained 2.3.0, bundled as 2.3.1). At 0 it is absent, not at probability 0, so that the run draws 2.1.0's
+            # trained 2.3.0, bundled as 2.3.2). At 0 it is absent, not at probability 0, so that the run draws 2.1.0's
             # random stream and gives its weights again (docs/brain-model.md).
             *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),

@@ -109,6 +109,11 @@ class ModelSpec:
         return self.input.get("modality")
 
     @property
+    def min_extent_mm(self) -> float:
+        """The least the input must span along each of its axes (mm): thinner volumes are refused (0: any)."""
+        return float(self.input.get("min_extent_mm", 0.0))
+
+    @property
     def flip_axes(self) -> Tuple[int, ...]:
         """Array axes (0 = k, 1 = j, 2 = i) the network learnt to be symmetric under: the only flips test-time
         augmentation may average over (a flip it never learnt, such as a head upside down, spoils the average)."""
@@ -206,6 +211,8 @@ class ModelSpec:
                 need(number is None or (_is_number(number) and number >= 0), f"input.{name}.{key} must be >= 0")
             return value or {}
 
+        value = spec_input.get("min_extent_mm")
+        need(value is None or (_is_number(value) and value >= 0), "input.min_extent_mm must be a finite number >= 0")
         settings("noisy_air", ("face_median", "calm_std"))
         sizing = settings("size_normalization", ("min_change", "max_cut_mm2"))
         extent = sizing.get("reference_extent_mm")
