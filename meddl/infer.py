@@ -569,7 +569,7 @@ def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.
     span = top - floor
     if span <= 0 or float(np.median(faces(image.array))) - floor <= face_median * span:
         return image
-    values = image.array.astype(np.float32)
+    values = image.array.astype(np.float32) - np.float32(floor)  # near zero: E[x²] - E[x]² keeps its precision
     mean = ndimage.uniform_filter(values, 3)
     variance = ndimage.uniform_filter(values * values, 3) - mean * mean
     del mean
