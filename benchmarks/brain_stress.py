@@ -230,6 +230,20 @@ def defaced(pair: VolumePair, margin_mm: float) -> Image:
     return pair.image.with_array(np.where(face, 0, pair.image.array).astype(pair.image.array.dtype))
 
 
+def cut_side(image: Image, label: Image, side: str, fraction: float) -> Tuple[Image, np.ndarray]:
+    """The volume (on an axial LPS grid) with ``fraction`` of the brain's extent cut off at its ``side``
+    ("front", "back" or "left"), as a field of view that is too short front to back, or too narrow, cuts it."""
+    array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
+    present = np.flatnonzero(label.array.any(axis=tuple(a for a in range(3) if a != array_axis)))
+    cut = int(round(fraction * (present[-1] - present[0] + 1)))
+    kept = [slice(None)] * 3
+    kept[array_axis] = slice(0, present[-1] + 1 - cut) if from_end else slice(present[0] + cut, None)
+    start_ijk = np.array([s.start or 0 for s in kept][::-1], dtype=np.float64)
+    origin = tuple(np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing)))
+    cropped = Image(np.ascontiguousarray(image.array[tuple(kept)]), image.spacing, origin, image.direction)
+    return cropped, np.ascontiguousarray(label.array[tuple(kept)])
+
+
 def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
     """``image`` with the air around the head (below 8 % of the 99th percentile, outside the closed, filled head)
     filled with uniform noise up to ``level`` times that percentile, as MP2RAGE "UNI" images have it."""
@@ -253,6 +267,7 @@ def head_probes(
     deface_margins_mm: Sequence[float] = (10.0, 4.0),
     isotropic_mm: Sequence[float] = (0.5, 3.0),
     clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
+    side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.6, 1.0),
     tta: bool = False,
 ) -> List[Dict]:
@@ -278,7 +293,9 @@ def head_probes(
     * clinical slabs: the same heads re-acquired as axial ``clinical_slabs_mm`` (i, j, k) slabs, fine in plane and
       thick across, as a hospital's 2D T1 series is (5 mm slices lie beyond the 3 mm the model is meant for);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
-      (:func:`noisy_air`), as MP2RAGE "UNI" images are.
+      (:func:`noisy_air`), as MP2RAGE "UNI" images are;
+    * side cuts: the same heads moved with ``side_cuts`` (side, fraction of the brain's extent) cut off by the field
+      of view (:func:`cut_side`), which the stress set cuts only at the vertex and the cerebellum.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -344,6 +361,10 @@ def head_probes(
         for level in noise_levels:
             name = f"{source_name} moved, air noise to {level:g}x p99"
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
+        image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+        for side, fraction in side_cuts:
+            name = f"{source_name} moved, {side} {fraction:.0%} of brain cut"
+            cases.append((name, *cut_side(image, label, side, fraction)))
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
