@@ -111,37 +111,30 @@ def acquire(
     return image, mask
 
 
-def _crop_along_superior(image: Image, label: Image, keep_from: float, keep_to: float) -> Tuple[Image, Image]:
-    """Keep the part of the volume whose position along the brain's S extent is in [keep_from, keep_to]
-    (fractions of the brain's height), cutting along the index axis closest to S."""
+def cut_brain(image: Image, label: Image, array_axis: int, fraction: float, from_end: bool) -> Tuple[Image, Image]:
+    """The volume with ``fraction`` of the brain's extent along ``array_axis`` cut off at the end (``from_end``) or
+    the start of that axis, as a field of view that stops inside the brain does; the slices beyond the brain on
+    the other side are kept."""
+    present = np.flatnonzero(label.array.any(axis=tuple(a for a in range(3) if a != array_axis)))
+    cut = int(round(fraction * (present[-1] - present[0] + 1)))
+    kept = [slice(None)] * 3
+    kept[array_axis] = slice(0, present[-1] + 1 - cut) if from_end else slice(present[0] + cut, None)
+    start_ijk = np.array([s.start or 0 for s in kept][::-1], dtype=np.float64)
+    origin = tuple(np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing)))
+
+    def cut_one(volume: Image) -> Image:
+        array = np.ascontiguousarray(volume.array[tuple(kept)])
+        return Image(array, volume.spacing, origin, volume.direction, dict(volume.metadata))
+
+    return cut_one(image), cut_one(label)
+
+
+def cut_superior(image: Image, label: Image, fraction: float, top: bool) -> Tuple[Image, Image]:
+    """``fraction`` of the brain's height cut off at the vertex (``top``) or from below (the cerebellum), along the
+    index axis closest to superior."""
     axis = int(np.argmax(np.abs(image.direction[2, :])))  # i, j or k: the one most aligned with S
-    array_axis = 2 - axis
-    brain = np.nonzero(label.array.any(axis=tuple(a for a in range(3) if a != array_axis)))[0]
-    first, last = int(brain[0]), int(brain[-1])
     increases_up = image.direction[2, axis] > 0
-    height = last - first + 1
-    if increases_up:
-        start, stop = first + int(round(keep_from * height)), first + int(round(keep_to * height))
-    else:
-        start, stop = last + 1 - int(round(keep_to * height)), last + 1 - int(round(keep_from * height))
-    if keep_from == 0.0:  # nothing is cut at the bottom: keep all slices below the brain too
-        start, stop = (0, stop) if increases_up else (start, image.array.shape[array_axis])
-    else:  # nothing is cut at the top
-        start, stop = (start, image.array.shape[array_axis]) if increases_up else (0, stop)
-    index = [slice(None)] * 3
-    index[array_axis] = slice(start, stop)
-    origin = np.asarray(image.origin) + image.direction[:, axis] * image.spacing[axis] * start
-
-    def cut(volume: Image) -> Image:
-        return Image(
-            np.ascontiguousarray(volume.array[tuple(index)]),
-            volume.spacing,
-            tuple(origin),
-            volume.direction,
-            dict(volume.metadata),
-        )
-
-    return cut(image), cut(label)
+    return cut_brain(image, label, 2 - axis, fraction, from_end=top == increases_up)
 
 
 def _bias(shape: Sequence[int], rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -179,10 +172,10 @@ def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
             image, label = acquire(pair, angles, spacing, direction)
             values = image.array
             if perturbation == "vertex-cut":
-                image, label = _crop_along_superior(image, label, 0.0, 0.8)
+                image, label = cut_superior(image, label, 0.2, top=True)
                 values = image.array
             elif perturbation == "cerebellum-cut":
-                image, label = _crop_along_superior(image, label, 0.3, 1.0)
+                image, label = cut_superior(image, label, 0.3, top=False)
                 values = image.array
             elif perturbation == "bias":
                 values = values * _bias(values.shape, rng, math.log(2.0))
@@ -228,20 +221,6 @@ def defaced(pair: VolumePair, margin_mm: float) -> Image:
     face = front_bottom < float(front_bottom[brain].min()) - margin_mm * math.sqrt(2.0)
     face |= (lps[2] < float(lps[2][brain].min()) + 10.0) & (lps[1] < float(np.median(lps[1][brain])) - 30.0)
     return pair.image.with_array(np.where(face, 0, pair.image.array).astype(pair.image.array.dtype))
-
-
-def cut_side(image: Image, label: Image, side: str, fraction: float) -> Tuple[Image, np.ndarray]:
-    """The volume (on an axial LPS grid) with ``fraction`` of the brain's extent cut off at its ``side``
-    ("front", "back" or "left"), as a field of view that is too short front to back, or too narrow, cuts it."""
-    array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
-    present = np.flatnonzero(label.array.any(axis=tuple(a for a in range(3) if a != array_axis)))
-    cut = int(round(fraction * (present[-1] - present[0] + 1)))
-    kept = [slice(None)] * 3
-    kept[array_axis] = slice(0, present[-1] + 1 - cut) if from_end else slice(present[0] + cut, None)
-    start_ijk = np.array([s.start or 0 for s in kept][::-1], dtype=np.float64)
-    origin = tuple(np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing)))
-    cropped = Image(np.ascontiguousarray(image.array[tuple(kept)]), image.spacing, origin, image.direction)
-    return cropped, np.ascontiguousarray(label.array[tuple(kept)])
 
 
 def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
@@ -295,7 +274,7 @@ def head_probes(
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are;
     * side cuts: the same heads moved with ``side_cuts`` (side, fraction of the brain's extent) cut off by the field
-      of view (:func:`cut_side`), which the stress set cuts only at the vertex and the cerebellum.
+      of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -363,8 +342,10 @@ def head_probes(
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
         image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
         for side, fraction in side_cuts:
-            name = f"{source_name} moved, {side} {fraction:.0%} of brain cut"
-            cases.append((name, *cut_side(image, label, side, fraction)))
+            # On the axial LPS grid j runs to the back and i to the left.
+            array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
+            cut_image, cut_label = cut_brain(image, label, array_axis, fraction, from_end)
+            cases.append((f"{source_name} moved, {side} {fraction:.0%} of brain cut", cut_image, cut_label.array))
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
