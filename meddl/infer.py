@@ -394,22 +394,24 @@ def open_mm(
     from scipy import ndimage
 
     factors = [max(1, int(finest_mm // s)) for s in spacing_kji]
-    if factors == [1, 1, 1]:
-        eroded = ndimage.distance_transform_edt(mask, sampling=spacing_kji) > radius_mm
-        if not eroded.any():
-            return eroded
-        return ndimage.distance_transform_edt(~eroded, sampling=spacing_kji) <= radius_mm
-    padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
-    blocks = [n // f for n, f in zip(padded.shape, factors)]
-    share = padded.reshape(blocks[0], factors[0], blocks[1], factors[1], blocks[2], factors[2])
-    coarse = np.pad(share.mean(axis=(1, 3, 5), dtype=np.float32) >= 0.5, 1)  # background on every face
-    coarse_spacing = [s * f for s, f in zip(spacing_kji, factors)]
-    eroded = ndimage.distance_transform_edt(coarse, sampling=coarse_spacing) > radius_mm
+    exact = factors == [1, 1, 1]
+    grid, spacing = mask, list(spacing_kji)
+    if not exact:
+        padded = np.pad(mask, [(0, -n % f) for n, f in zip(mask.shape, factors)])
+        blocks = [n // f for n, f in zip(padded.shape, factors)]
+        share = padded.reshape(blocks[0], factors[0], blocks[1], factors[1], blocks[2], factors[2])
+        grid = np.pad(share.mean(axis=(1, 3, 5), dtype=np.float32) >= 0.5, 1)  # background on every face
+        spacing = [s * f for s, f in zip(spacing_kji, factors)]
+    eroded = ndimage.distance_transform_edt(grid, sampling=spacing) > radius_mm
     if not eroded.any():
-        return np.zeros_like(mask)
-    distance = ndimage.distance_transform_edt(~eroded, sampling=coarse_spacing)[1:-1, 1:-1, 1:-1]
-    distance = ndimage.zoom(distance.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
-    slack = max(coarse_spacing) / 2.0
+        return np.zeros(mask.shape, dtype=bool)
+    distance = ndimage.distance_transform_edt(~eroded, sampling=spacing)
+    if exact:
+        return distance <= radius_mm
+    distance = ndimage.zoom(
+        distance[1:-1, 1:-1, 1:-1].astype(np.float32), factors, order=1, grid_mode=True, mode="nearest"
+    )
+    slack = max(spacing) / 2.0
     return mask & (distance[: mask.shape[0], : mask.shape[1], : mask.shape[2]] <= radius_mm + slack)
 
 
