@@ -24,7 +24,14 @@ from meddl.errors import InputError, ModalityError, ModelError
 from meddl.io import Image, read_image, validate_for_inference, write_image
 from meddl.models import ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
-from meddl.transforms import bounding_box, crop_to_foreground, normalize_intensity, resample_to_grid, to_model_grid
+from meddl.transforms import (
+    bounding_box,
+    crop_box,
+    crop_to_foreground,
+    normalize_intensity,
+    resample_to_grid,
+    to_model_grid,
+)
 
 __all__ = [
     "SegmentationResult",
@@ -74,6 +81,7 @@ class SegmentationResult:
     size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran another pass
     tilt_correction_deg: float = 0.0  # how far the pose normalisation's pass turned the grid (degrees)
     air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
+    neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -520,6 +528,21 @@ def segment_image(
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.6, 0.85), cancel, normalized=True, counter=windows
         )
+    # A scan that runs down the neck frames the head lower in the window than training ever did: look again with
+    # no more below the brain than the package allows.
+    below_mm = (spec.input.get("crop_foreground") or {}).get("max_below_object_mm")
+    trimmed = trim_below_object(model_image, probabilities, brain_label, below_mm) if below_mm is not None else None
+    neck_trimmed_mm = 0.0
+    if trimmed is not None:
+        neck_trimmed_mm = float(model_image.array.shape[0] - trimmed.array.shape[0]) * model_image.spacing[2]
+        progress(
+            0.85,
+            f"the scan runs {neck_trimmed_mm:.0f} mm further down the neck than the model learnt: a pass without it",
+        )
+        model_image = trimmed
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, scaled(progress, 0.85, 0.86), cancel, normalized=True, counter=windows
+        )
     timings["forward"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -545,6 +568,7 @@ def segment_image(
         size_scale=size_scale,
         tilt_correction_deg=tilt,
         air_quieted=air_quieted,
+        neck_trimmed_mm=neck_trimmed_mm,
     )
 
 
@@ -609,6 +633,27 @@ def model_input(
             float(height) * height_scale if height is not None else None,
         )
     return model_image
+
+
+def trim_below_object(
+    model_image: Image, probabilities: np.ndarray, label: int, max_below_mm: float
+) -> Optional[Image]:
+    """``model_image`` without its rows more than ``max_below_mm`` under the base of the largest object of
+    ``label`` in ``probabilities``, or None when it has none to drop (or nothing was found).
+
+    The crop to the head keeps ``max_height_mm`` below the top of the head, enough for a tall or tilted head; a
+    scan that runs down the neck then frames the head higher in the window than the template's field of view did.
+    The base is the height with 1 % of the object below it: a brainstem drawn on down the cord does not move it.
+    Rows are the model grid's k axis, which points superior.
+    """
+    mask = probabilities[label] > 0.5
+    if not mask.any() or model_image.direction[2, 2] <= 0:
+        return None
+    keep_largest_component(mask)
+    rows = np.cumsum(mask.sum(axis=(1, 2)))
+    base = int(np.searchsorted(rows, 0.01 * rows[-1]))
+    drop = base - int(math.ceil(max_below_mm / model_image.spacing[2]))
+    return crop_box(model_image, (slice(drop, None), slice(None), slice(None))) if drop > 0 else None
 
 
 def object_tilt_deg(points: np.ndarray) -> float:
@@ -783,6 +828,8 @@ def segment_file(
         notes.append(f"another pass for a head {result.size_scale:.2f}x the size the model learnt")
     if result.tilt_correction_deg:
         notes.append(f"another pass turned {result.tilt_correction_deg:.0f} deg to the pose the model learnt")
+    if result.neck_trimmed_mm:
+        notes.append(f"another pass without {result.neck_trimmed_mm:.0f} mm of neck below the brain")
     return {
         "input": str(input_path),
         "output": str(written),

@@ -22,6 +22,7 @@ __all__ = [
     "to_model_grid",
     "normalize_intensity",
     "bounding_box",
+    "crop_box",
     "crop_to_foreground",
 ]
 
@@ -137,6 +138,15 @@ def bounding_box(mask: np.ndarray, grow: Sequence[int] = (1, 1, 1)) -> Optional[
     return tuple(box)
 
 
+def crop_box(image: Image, box: Tuple[slice, ...]) -> Image:
+    """``image`` cut to ``box`` (array order k, j, i; plain slices within the array), every kept voxel where it was."""
+    start_ijk = np.array([box[2].start or 0, box[1].start or 0, box[0].start or 0], dtype=np.float64)
+    origin = np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing))
+    return Image(
+        np.ascontiguousarray(image.array[box]), image.spacing, tuple(origin), image.direction, dict(image.metadata)
+    )
+
+
 def crop_to_foreground(
     image: Image, threshold: float = 0.1, margin_mm: float = 10.0, max_height_mm: Optional[float] = None
 ) -> Image:
@@ -168,8 +178,4 @@ def crop_to_foreground(
             superior_at_stop = image.direction[2, 2] > 0
             rows = slice(rows.stop - keep, rows.stop) if superior_at_stop else slice(rows.start, rows.start + keep)
             box = (rows, *box[1:])
-    start_ijk = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)
-    origin = np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing))
-    cropped = Image(np.ascontiguousarray(image.array[box]), image.spacing, tuple(origin), image.direction)
-    cropped.metadata = dict(image.metadata)
-    return cropped
+    return crop_box(image, box)

@@ -194,12 +194,12 @@ class ModelSpec:
         )
         crop = spec_input.get("crop_foreground")
         need(crop is None or isinstance(crop, dict), "input.crop_foreground must be an object")
-        for key in ("threshold", "margin_mm", "max_height_mm"):
+        for key in ("threshold", "margin_mm", "max_height_mm", "max_below_object_mm"):
             value = (crop or {}).get(key)
+            positive = key.startswith("max_")
             need(
-                value is None or (_is_number(value) and value >= 0 and (key != "max_height_mm" or value > 0)),
-                f"input.crop_foreground.{key} must be a finite number"
-                + (" > 0" if key == "max_height_mm" else " >= 0"),
+                value is None or (_is_number(value) and (value > 0 if positive else value >= 0)),
+                f"input.crop_foreground.{key} must be a finite number" + (" > 0" if positive else " >= 0"),
             )
 
         def settings(name: str, non_negative: Sequence[str]) -> Dict[str, Any]:
