@@ -365,6 +365,13 @@ def write_model_card(package: Path) -> Path:
             f"learnt pose (a change of more than {posing.get('max_change_deg')}° is not trusted: such an axis is not "
             f"a brain's)."
         )
+    below = (spec["input"].get("crop_foreground") or {}).get("max_below_object_mm")
+    if below is not None:
+        sizing_text += (
+            f" Necks: when the model grid keeps more than {below} mm below the base of the brain the passes found (the "
+            "height with 1 % of it below), one more pass runs without the rows beyond, so a scan that runs down the "
+            "neck frames the head as the template did."
+        )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
         f" whose air is noise as bright as tissue (MP2RAGE; the faces' median above {noisy.get('face_median')} and "
