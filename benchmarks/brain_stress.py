@@ -59,6 +59,7 @@ from meddl.data import (  # noqa: E402
 )
 from meddl.errors import InputError  # noqa: E402
 from meddl.io import Image, write_image  # noqa: E402
+from meddl.transforms import crop_box  # noqa: E402
 
 __all__ = ["stress_cases", "acquire", "main"]
 
@@ -120,14 +121,7 @@ def cut_brain(image: Image, label: Image, array_axis: int, fraction: float, from
     cut = int(round(fraction * (present[-1] - present[0] + 1)))
     kept = [slice(None)] * 3
     kept[array_axis] = slice(0, present[-1] + 1 - cut) if from_end else slice(present[0] + cut, None)
-    start_ijk = np.array([s.start or 0 for s in kept][::-1], dtype=np.float64)
-    origin = tuple(np.asarray(image.origin) + image.direction @ (start_ijk * np.asarray(image.spacing)))
-
-    def cut_one(volume: Image) -> Image:
-        array = np.ascontiguousarray(volume.array[tuple(kept)])
-        return Image(array, volume.spacing, origin, volume.direction, dict(volume.metadata))
-
-    return cut_one(image), cut_one(label)
+    return crop_box(image, tuple(kept)), crop_box(label, tuple(kept))
 
 
 def cut_superior(image: Image, label: Image, fraction: float, top: bool) -> Tuple[Image, Image]:
@@ -224,18 +218,23 @@ def defaced(pair: VolumePair, margin_mm: float) -> Image:
     return pair.image.with_array(np.where(face, 0, pair.image.array).astype(pair.image.array.dtype))
 
 
+def _neck_rows(image: Image, neck_mm: float) -> Tuple[int, int, Tuple[float, float, float]]:
+    """Where a neck of ``neck_mm`` goes under ``image``'s head: the lowest row with tissue, how many rows the neck
+    takes, and the origin of the volume that starts with them. Array axis k must run inferior to superior."""
+    if image.direction[2, 2] <= 0:
+        raise ValueError("a neck needs a volume whose k axis runs inferior to superior")
+    bottom = int(np.flatnonzero(image.array.reshape(image.array.shape[0], -1).max(axis=1) > 0)[0])
+    rows = int(round(neck_mm / image.spacing[2]))
+    shift = np.array([0.0, 0.0, (bottom - rows) * image.spacing[2]])
+    return bottom, rows, tuple(np.asarray(image.origin) + image.direction @ shift)
+
+
 def with_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image]:
     """``image`` and ``label`` run ``neck_mm`` further down, as a scan of the neck does: the empty rows below the
     head dropped, then the lowest row with tissue repeated (labelled background). Array axis k must run inferior to
     superior."""
-    if image.direction[2, 2] <= 0:
-        raise ValueError("with_neck needs a volume whose k axis runs inferior to superior")
-    bottom = int(np.flatnonzero(image.array.reshape(image.array.shape[0], -1).max(axis=1) > 0)[0])
-    rows = int(round(neck_mm / image.spacing[2]))
+    bottom, rows, origin = _neck_rows(image, neck_mm)
     widths = [(rows, 0), (0, 0), (0, 0)]
-    origin = tuple(
-        np.asarray(image.origin) + image.direction @ np.array([0.0, 0.0, (bottom - rows) * image.spacing[2]])
-    )
 
     def grown(volume: Image, mode: str) -> Image:
         return Image(np.pad(volume.array[bottom:], widths, mode=mode), volume.spacing, origin, volume.direction)
@@ -249,11 +248,8 @@ def drawn_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image
     network takes for brain): an ellipse of 55 × 60 mm radii under the lowest brain, a rim of fat (bright on T1),
     muscle, a vertebral body's marrow in front of the cord, the cord in CSF and the airway, in fractions of the head's
     99th percentile. The label there is background. Array axis k must run inferior to superior."""
-    if image.direction[2, 2] <= 0:
-        raise ValueError("drawn_neck needs a volume whose k axis runs inferior to superior")
-    values, brain = image.array.astype(np.float32), label.array > 0
-    bottom = int(np.flatnonzero(values.reshape(values.shape[0], -1).max(axis=1) > 0)[0])
-    values, brain = values[bottom:], brain[bottom:]
+    bottom, rows, origin = _neck_rows(image, neck_mm)
+    values, brain = image.array[bottom:].astype(np.float32), label.array[bottom:] > 0
     top = float(np.percentile(values, 99))
     lowest = np.flatnonzero(brain.any(axis=(1, 2)))[:5]
     cord_j, cord_i = np.argwhere(brain[lowest].any(axis=0)).mean(axis=0) * np.array(image.spacing[1::-1])
@@ -272,10 +268,6 @@ def drawn_neck(image: Image, label: Image, neck_mm: float) -> Tuple[Image, Image
         (cord_j - 45, 8.0, 6.0, 0.0),  # airway
     ):
         section[inside(centre_j, radius_i, radius_j)] = level * top
-    rows = int(round(neck_mm / image.spacing[2]))
-    origin = tuple(
-        np.asarray(image.origin) + image.direction @ np.array([0.0, 0.0, (bottom - rows) * image.spacing[2]])
-    )
     necked = np.concatenate([np.repeat(section[None], rows, axis=0), values], axis=0)
     labels = np.concatenate([np.zeros((rows,) + brain.shape[1:], np.uint8), brain.astype(np.uint8)], axis=0)
     return Image(necked, image.spacing, origin, image.direction), Image(labels, image.spacing, origin, image.direction)
