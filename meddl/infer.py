@@ -635,6 +635,15 @@ def model_input(
     return model_image
 
 
+def largest_object(probabilities: np.ndarray, label: int) -> Optional[np.ndarray]:
+    """The largest connected object of ``label`` where its probability is above 0.5 (what a pass found), or None."""
+    mask = probabilities[label] > 0.5
+    if not mask.any():
+        return None
+    keep_largest_component(mask)
+    return mask
+
+
 def trim_below_object(
     model_image: Image, probabilities: np.ndarray, label: int, max_below_mm: float
 ) -> Optional[Image]:
@@ -646,10 +655,9 @@ def trim_below_object(
     The base is the height with 1 % of the object below it: a brainstem drawn on down the cord does not move it.
     Rows are the model grid's k axis, which points superior.
     """
-    mask = probabilities[label] > 0.5
-    if not mask.any() or model_image.direction[2, 2] <= 0:
+    mask = largest_object(probabilities, label)
+    if mask is None or model_image.direction[2, 2] <= 0:
         return None
-    keep_largest_component(mask)
     rows = np.cumsum(mask.sum(axis=(1, 2)))
     base = int(np.searchsorted(rows, 0.01 * rows[-1]))
     drop = base - int(math.ceil(max_below_mm / model_image.spacing[2]))
@@ -718,10 +726,9 @@ def object_points_and_cut(
     """
     from scipy import ndimage
 
-    mask = probabilities[label] > 0.5
-    if not mask.any():
+    mask = largest_object(probabilities, label)
+    if mask is None:
         return np.zeros((0, 3)), 0.0
-    keep_largest_component(mask)
     imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
     edge = ndimage.binary_dilation(~imaged)
     for axis in range(3):
