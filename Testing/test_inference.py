@@ -334,17 +334,25 @@ def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_
     ball[2, 2, 2] = 1.0
     probabilities = np.stack([1 - ball, ball])
     grid = Image(np.zeros((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    points, cut_mm2 = object_points_and_cut(probabilities, grid, grid, 1)
-    width_i, width_j = object_widths(points)
+    whole = object_points_and_cut(probabilities, grid, grid, 1)
+    width_i, width_j = object_widths(whole.points)
     # The 2nd to 98th percentile of a ball's voxels along an axis spans 2 x 0.84 x its radius ((2 + 3x - x³)/4 = 0.98).
-    assert width_i == width_j and 64 <= width_i <= 72 and cut_mm2 == 0
+    assert width_i == width_j and 64 <= width_i <= 72 and whole.cut_mm2 == 0 and whole.side_cut_mm2() == 0
 
     # The scan's field of view ends 20 mm above the ball's centre (a vertex cut): the cut face is a disc of radius
-    # sqrt(40² - 20²) = 34.6 mm, 3770 mm²; the widths are those of the whole ball still.
+    # sqrt(40² - 20²) = 34.6 mm, 3770 mm²; the widths are those of the whole ball still, and the cut lies (but for
+    # the face's rim) inside the band they are measured over.
     scan = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
-    points, cut_mm2 = object_points_and_cut(probabilities * (k < 80)[None], grid, scan, 1)
-    assert 0.8 * np.pi * (40**2 - 20**2) < cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)
-    assert abs(object_widths(points)[0] - width_i) <= 4
+    top_cut = object_points_and_cut(probabilities * (k < 80)[None], grid, scan, 1)
+    assert 0.8 * np.pi * (40**2 - 20**2) < top_cut.cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)
+    assert top_cut.side_cut_mm2() < 0.1 * top_cut.cut_mm2
+    assert abs(object_widths(top_cut.points)[0] - width_i) <= 4
+
+    # The same field of view ending 20 mm behind the centre instead (too short front to back): it cuts the ball
+    # where its front-back width is measured, all of the cut counts.
+    short = Image(np.zeros((60, 40, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    back_cut = object_points_and_cut(probabilities * (j < 80)[None], grid, short, 1)
+    assert back_cut.side_cut_mm2() == back_cut.cut_mm2 > 0.8 * np.pi * (40**2 - 20**2)
 
 
 @pytest.mark.parametrize("pitch_deg", [-30.0, 0.0, 25.0])

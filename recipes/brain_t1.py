@@ -52,15 +52,15 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.3, else 2.1.6; ``consensus``: trained on the consensus labels, 2.4.3, not bundled;
-    each three patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm`` and
-    ``max_below_object_mm``; docs/brain-model.md)."""
+    brains, the bundled 2.3.4, else 2.1.7; ``consensus``: trained on the consensus labels, 2.4.4, not bundled;
+    each four patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
+    ``max_below_object_mm`` and ``max_side_cut_mm2``; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.3" if consensus else "2.3.3" if atrophy else "2.1.6",
+            "version": "2.4.4" if consensus else "2.3.4" if atrophy else "2.1.7",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -105,8 +105,10 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
                 # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
                 # height scaled with it). reference_extent_mm is the model's own first pass on the template
-                # (calibrate_second_pass, after training); min_change and max_cut_mm2: docs/brain-model.md.
-                "size_normalization": {"min_change": 0.07, "max_cut_mm2": 1000, "limits": [0.75, 1.25]},
+                # (calibrate_second_pass, after training); min_change: docs/brain-model.md. The widths are measured
+                # across the brain, so only a cut there (beyond their 2-98 % band: a field of view too short front to
+                # back or too narrow) turns the pass off; a cut vertex or cerebellum leaves them as they were.
+                "size_normalization": {"min_change": 0.07, "max_side_cut_mm2": 1000, "limits": [0.75, 1.25]},
                 # ... and one pose: a head tilted back 30° (chin up) puts its eyes where the frontal lobe was, and the
                 # network took them for brain. When the first pass's brain is pitched more than 15° from the model's
                 # own first pass on the template (reference_tilt_deg, calibrated with the widths), the second pass
@@ -223,7 +225,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
-        points, _ = object_points_and_cut(probabilities, model_image, pair.image, 1)
+        points = object_points_and_cut(probabilities, model_image, pair.image, 1).points
         widths.append([round(w, 1) for w in object_widths(points)])
         tilts.append(round(object_tilt_deg(points), 1))
     spec_path = package_dir / "model.json"
@@ -348,8 +350,14 @@ def write_model_card(package: Path) -> Path:
     )
     sizing = spec["input"].get("size_normalization", {})
     sizing_text = (
-        f" Head size: when the first pass finds a whole brain (meeting the field of view's edge on less than "
-        f"{sizing.get('max_cut_mm2')} mm²) whose size, the geometric mean of its left-right and anterior-posterior "
+        " Head size: when the first pass finds a brain "
+        + (
+            f"whose widths the field of view does not cut (on less than {sizing['max_side_cut_mm2']} mm² beyond their "
+            "2-98 % band; a cut vertex or cerebellum does not count)"
+            if sizing.get("max_side_cut_mm2") is not None
+            else f"that is whole (meeting the field of view's edge on less than {sizing.get('max_cut_mm2')} mm²)"
+        )
+        + f" whose size, the geometric mean of its left-right and anterior-posterior "
         f"widths over the {sizing['reference_extent_mm']} mm the model finds on its training template, is off by "
         f"more than {sizing.get('min_change', 0):.0%}, another pass runs on a grid and a crop height scaled by that "
         f"factor (within {sizing.get('limits')})."

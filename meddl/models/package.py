@@ -214,7 +214,7 @@ class ModelSpec:
         value = spec_input.get("min_extent_mm")
         need(value is None or (_is_number(value) and value >= 0), "input.min_extent_mm must be a finite number >= 0")
         settings("noisy_air", ("face_median", "calm_std"))
-        sizing = settings("size_normalization", ("min_change", "max_cut_mm2"))
+        sizing = settings("size_normalization", ("min_change", "max_cut_mm2", "max_side_cut_mm2"))
         extent = sizing.get("reference_extent_mm")
         need(
             extent is None
