@@ -325,6 +325,32 @@ def test_a_long_neck_is_cropped_from_the_top_of_the_head_down():
     assert np.array_equal(capped_flipped.array, capped.array[::-1])
 
 
+def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_whole_one_does_not():
+    from meddl.transforms import crop_to_foreground, frame_cut_top
+
+    # A "head" (ball of 80 mm radius) in a 2 mm grid with k superior, cropped as inference crops it.
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (100, 100, 100)), indexing="ij")
+    ball = ((i - 100) ** 2 + (j - 100) ** 2 + (k - 100) ** 2 <= 80**2).astype(np.float32)
+    whole = crop_to_foreground(Image(ball, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    assert frame_cut_top(whole, 0.5, 10000.0, 400.0) is whole  # its crown holds a few cm²: nothing is cut
+
+    # The field of view stops 40 mm under the top of the head: the cut face (139 mm across) is in the top row.
+    cut = crop_to_foreground(Image(ball[:70].copy(), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    framed = frame_cut_top(cut, 0.5, 10000.0, 176.0)
+    assert framed.array.shape == (88, *cut.array.shape[1:]) and framed.origin == cut.origin
+    assert (
+        np.array_equal(framed.array[: cut.array.shape[0]], cut.array) and not framed.array[cut.array.shape[0] :].any()
+    )
+    assert framed.metadata["air_above_cut_mm"] == (88 - cut.array.shape[0]) * 2.0
+    # Framing twice adds nothing more; a face smaller than the limit, a grid as tall already and a grid turned upside
+    # down are left as they are.
+    assert frame_cut_top(framed, 0.5, 10000.0, 176.0) is framed
+    assert frame_cut_top(cut, 0.5, 30000.0, 176.0) is cut
+    assert frame_cut_top(cut, 0.5, 10000.0, cut.array.shape[0] * 2.0) is cut
+    upside_down = Image(cut.array[::-1].copy(), cut.spacing, cut.origin, np.diag([1.0, 1.0, -1.0]))
+    assert frame_cut_top(upside_down, 0.5, 10000.0, 176.0) is upside_down
+
+
 def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
     from meddl.infer import object_points_and_cut, object_widths
 
@@ -337,7 +363,7 @@ def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_
     whole = object_points_and_cut(probabilities, grid, grid, 1)
     width_i, width_j = object_widths(whole.points)
     # The 2nd to 98th percentile of a ball's voxels along an axis spans 2 x 0.84 x its radius ((2 + 3x - x³)/4 = 0.98).
-    assert width_i == width_j and 64 <= width_i <= 72 and whole.cut_mm2 == 0 and whole.side_cut_mm2() == 0
+    assert width_i == width_j and 64 <= width_i <= 72 and whole.cut_mm2 == 0 and whole.cut_except_top_mm2() == 0
 
     # The scan's field of view ends 20 mm above the ball's centre (a vertex cut): the cut face is a disc of radius
     # sqrt(40² - 20²) = 34.6 mm, 3770 mm²; the widths are those of the whole ball still, and the cut lies (but for
@@ -345,14 +371,17 @@ def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_
     scan = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     top_cut = object_points_and_cut(probabilities * (k < 80)[None], grid, scan, 1)
     assert 0.8 * np.pi * (40**2 - 20**2) < top_cut.cut_mm2 < 1.6 * np.pi * (40**2 - 20**2)
-    assert top_cut.side_cut_mm2() < 0.1 * top_cut.cut_mm2
+    assert top_cut.cut_except_top_mm2() < 0.1 * top_cut.cut_mm2
     assert abs(object_widths(top_cut.points)[0] - width_i) <= 4
 
     # The same field of view ending 20 mm behind the centre instead (too short front to back): it cuts the ball
-    # where its front-back width is measured, all of the cut counts.
+    # where its front-back width is measured, all of the cut counts; so it does for a cut base.
     short = Image(np.zeros((60, 40, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     back_cut = object_points_and_cut(probabilities * (j < 80)[None], grid, short, 1)
-    assert back_cut.side_cut_mm2() == back_cut.cut_mm2 > 0.8 * np.pi * (40**2 - 20**2)
+    assert back_cut.cut_except_top_mm2() == back_cut.cut_mm2 > 0.8 * np.pi * (40**2 - 20**2)
+    above = Image(np.zeros((40, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 40.0))
+    base_cut = object_points_and_cut(probabilities * (k >= 40)[None], grid, above, 1)
+    assert base_cut.cut_except_top_mm2() == base_cut.cut_mm2 > 0.8 * np.pi * (40**2 - 20**2)
 
 
 @pytest.mark.parametrize("pitch_deg", [-30.0, 0.0, 25.0])

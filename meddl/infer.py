@@ -28,6 +28,7 @@ from meddl.transforms import (
     bounding_box,
     crop_box,
     crop_to_foreground,
+    frame_cut_top,
     normalize_intensity,
     resample_to_grid,
     to_model_grid,
@@ -83,6 +84,7 @@ class SegmentationResult:
     tilt_correction_deg: float = 0.0  # how far the pose normalisation's pass turned the grid (degrees)
     air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
     neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
+    air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -540,7 +542,7 @@ def segment_image(
             0.85,
             f"the scan runs {neck_trimmed_mm:.0f} mm further down the neck than the model learnt: a pass without it",
         )
-        model_image = trimmed
+        model_image = framed_cut_top(trimmed, spec, size_scale)  # the trim keeps the top: a cut one stays framed
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.85, 0.86), cancel, normalized=True, counter=windows
         )
@@ -570,6 +572,7 @@ def segment_image(
         tilt_correction_deg=tilt,
         air_quieted=air_quieted,
         neck_trimmed_mm=neck_trimmed_mm,
+        air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
     )
 
 
@@ -633,7 +636,21 @@ def model_input(
             float(crop.get("margin_mm", 10)),
             float(height) * height_scale if height is not None else None,
         )
-    return model_image
+    return framed_cut_top(model_image, spec, height_scale)
+
+
+def framed_cut_top(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
+    """``model_image`` with air above a head the field of view cuts at the top, as the package's
+    ``crop_foreground.cut_top_height_mm`` (times ``height_scale``) asks (:func:`meddl.transforms.frame_cut_top`)."""
+    crop = spec.input.get("crop_foreground") or {}
+    if crop.get("cut_top_height_mm") is None:
+        return model_image
+    return frame_cut_top(
+        model_image,
+        float(crop.get("threshold", 0.1)),
+        float(crop.get("cut_top_min_area_mm2", 10000.0)),
+        float(crop["cut_top_height_mm"]) * height_scale,
+    )
 
 
 def largest_object(probabilities: np.ndarray, label: int) -> Optional[np.ndarray]:
@@ -680,14 +697,15 @@ def head_size_factor(found: FoundObject, sizing: Dict) -> float:
 
     ``found`` is the brain a pass found (:func:`object_points_and_cut`). The size is the geometric mean of its widths
     (:func:`object_widths`) over ``reference_extent_mm`` (the model's own first pass on its training template). 1.0
-    when the field of view cuts it where its widths are measured, on more than ``max_side_cut_mm2``
-    (:meth:`FoundObject.side_cut_mm2`: a cut top or bottom leaves the widths as they were), or, in a package that
-    does not give that limit, anywhere on more than ``max_cut_mm2``; when the factor is within ``min_change`` of 1
-    (nothing to gain from another pass) or when nothing was found. Clipped to ``limits``.
+    when the field of view cuts it on more than ``max_cut_except_top_mm2`` anywhere but its top
+    (:meth:`FoundObject.cut_except_top_mm2`: a cut vertex leaves the widths as they were; on a cut base the pass did
+    more harm than good, docs/brain-model.md), or, in a package that does not give that limit, anywhere on more than
+    ``max_cut_mm2``; when the factor is within ``min_change`` of 1 (nothing to gain from another pass) or when
+    nothing was found. Clipped to ``limits``.
     """
-    side_limit = sizing.get("max_side_cut_mm2")
-    if side_limit is not None:
-        cut_mm2, limit = found.side_cut_mm2(), float(side_limit)
+    limit = sizing.get("max_cut_except_top_mm2")
+    if limit is not None:
+        cut_mm2, limit = found.cut_except_top_mm2(), float(limit)
     else:
         cut_mm2, limit = found.cut_mm2, float(sizing.get("max_cut_mm2", 1000.0))
     if len(found.points) < 2 or cut_mm2 > limit:
@@ -734,15 +752,17 @@ class FoundObject(NamedTuple):
         """Where the edge of what was imaged cuts the object, anywhere (mm²)."""
         return len(self.cut_points) * self.voxel_face_mm2
 
-    def side_cut_mm2(self) -> float:
-        """The part of the cut (mm²) on or beyond the edges of the band its widths are measured over
-        (:func:`object_widths`): where a field of view too short front to back, or too narrow, cuts the object. A cut
-        top or bottom lies inside that band, away from the brain's widest level."""
+    def cut_except_top_mm2(self) -> float:
+        """The cut (mm²) but for a cut top: the part on or beyond the edges of the band the widths are measured over
+        (:func:`object_widths`), where a field of view too short front to back, or too narrow, cuts the object, and
+        the part below its centre of mass. A field of view that stops under the vertex cuts inside that band, away
+        from the brain's widest level, and leaves the widths as they were."""
         if len(self.points) < 2 or not len(self.cut_points):
             return 0.0
         low, high = _width_band(self.points)
-        outside = ((self.cut_points[:, :2] <= low) | (self.cut_points[:, :2] >= high)).any(axis=1)
-        return float(np.count_nonzero(outside)) * self.voxel_face_mm2
+        beyond_band = ((self.cut_points[:, :2] <= low) | (self.cut_points[:, :2] >= high)).any(axis=1)
+        below_centre = self.cut_points[:, 2] < self.points[:, 2].mean()
+        return float(np.count_nonzero(beyond_band | below_centre)) * self.voxel_face_mm2
 
 
 def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: Image, label: int) -> FoundObject:
@@ -876,6 +896,8 @@ def segment_file(
         notes.append(f"another pass turned {result.tilt_correction_deg:.0f} deg to the pose the model learnt")
     if result.neck_trimmed_mm:
         notes.append(f"another pass without {result.neck_trimmed_mm:.0f} mm of neck below the brain")
+    if result.air_above_cut_mm:
+        notes.append(f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it")
     return {
         "input": str(input_path),
         "output": str(written),

