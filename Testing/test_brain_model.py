@@ -341,17 +341,11 @@ def test_a_head_cut_at_the_vertex_is_framed_with_air_above_as_the_network_learnt
     # A whole head gets no air: its crown is no cut.
     assert segment_image(pair.image, package, device="cpu").air_above_cut_mm == 0.0
     # `meddl segment` says what it did.
-    write_image(head, tmp_path / "cut.nii.gz")
-    argv = [
-        "segment",
-        "--model",
-        str(MODEL),
-        "--input",
-        str(tmp_path / "cut.nii.gz"),
-        "--output",
-        str(tmp_path / "b.nrrd"),
-    ]
-    assert main(argv + ["--device", "cpu"]) == 0
+    scan, output = tmp_path / "cut.nii.gz", tmp_path / "brain.nrrd"
+    write_image(head, scan)
+    assert (
+        main(["segment", "--model", str(MODEL), "--input", str(scan), "--output", str(output), "--device", "cpu"]) == 0
+    )
     assert (
         f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air"
         in capsys.readouterr().out
