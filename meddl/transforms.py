@@ -190,8 +190,9 @@ def top_cut_area_mm2(image: Image, threshold: float) -> float:
     set and probes) unless the field of view stops under the vertex: then it is the cut face (123 cm² and more there).
     Rows are grid axis k, pointing superior.
     """
-    occupied = np.flatnonzero((image.array > threshold).any(axis=(1, 2)))
-    areas = [np.count_nonzero(image.array[row] > threshold) for row in occupied[-2:]]
+    above = image.array > threshold
+    occupied = np.flatnonzero(above.any(axis=(1, 2)))
+    areas = [np.count_nonzero(above[row]) for row in occupied[-2:]]
     return float(max(areas, default=0)) * float(image.spacing[0] * image.spacing[1])
 
 
@@ -209,6 +210,7 @@ def frame_cut_top(image: Image, threshold: float, min_area_mm2: float, height_mm
         return image
     if top_cut_area_mm2(image, threshold) <= min_area_mm2:
         return image
-    added = np.pad(image.array, [(0, rows - image.array.shape[0]), (0, 0), (0, 0)])  # k's far end is the top
-    air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + (rows - image.array.shape[0]) * image.spacing[2]
+    missing = rows - image.array.shape[0]
+    added = np.pad(image.array, [(0, missing), (0, 0), (0, 0)])  # k's far end is the top
+    air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + missing * image.spacing[2]
     return Image(added, image.spacing, image.origin, image.direction, {**image.metadata, "air_above_cut_mm": air_mm})
