@@ -384,18 +384,19 @@ def write_model_card(package: Path) -> Path:
             f"learnt pose (a change of more than {posing.get('max_change_deg')}° is not trusted: such an axis is not "
             f"a brain's)."
         )
-    below = (spec["input"].get("crop_foreground") or {}).get("max_below_object_mm")
+    crop = spec["input"].get("crop_foreground") or {}
+    below = crop.get("max_below_object_mm")
     if below is not None:
         sizing_text += (
             f" Necks: when the model grid keeps more than {below} mm below the base of the brain the passes found (the "
             "height with 1 % of it below), one more pass runs without the rows beyond, so a scan that runs down the "
             "neck frames the head as the template did."
         )
-    top_height = (spec["input"].get("crop_foreground") or {}).get("cut_top_height_mm")
+    top_height = crop.get("cut_top_height_mm")
     if top_height is not None:
         sizing_text += (
             " Cut tops: when the highest rows of the crop hold more than "
-            f"{spec['input']['crop_foreground'].get('cut_top_min_area_mm2')} mm² of head (the field of view stops "
+            f"{crop.get('cut_top_min_area_mm2')} mm² of head (the field of view stops "
             f"under the vertex), air goes above them up to {top_height} mm, the template's window, as training blanked "
             "cuts."
         )
