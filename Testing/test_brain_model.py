@@ -345,6 +345,28 @@ def test_a_head_cut_at_the_vertex_is_framed_with_air_above_as_the_network_learnt
     )
 
 
+def test_a_head_cut_at_the_vertex_on_a_scan_down_the_neck_keeps_its_brain_out_of_the_neck(package):
+    """An axial series that stops under the vertex and runs down the neck: cropped to 220 mm below the cut, as a
+    whole head is, the window showed more neck under the head than the network ever saw, and it drew the brain on
+    down into it. Since 2.3.6 such a crop keeps no more than the template's 176 mm window below the cut. On nimare's
+    2 mm copy at 0.9x with 80 mm of neck and the top 20 % of its brain cut off, measured on 2.3.6 (Dice / HD95 mm):
+    0.9774 / 3.46; without the limit (2.3.5) 0.8146 / 43.68 (docs/brain-model.md, cut-vertex probes)."""
+    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+
+    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
+    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    head, reference = cut_superior(*with_neck(*_scaled_about_centre(pair, 0.9), 80.0), 0.2, top=True)
+    lowest_brain = int(np.flatnonzero(reference.array.any(axis=(1, 2)))[0])  # k runs inferior to superior
+
+    result, brain = segment_and_score(package, head, reference.array)
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    # Nothing is drawn 20 mm or more below the lowest brain of the reference: the neck stays background.
+    assert not result.labelmap.array[: lowest_brain - int(20 / head.spacing[2])].any()
+    uncapped, alone = segment_and_score(package, head, reference.array, without="crop_foreground.cut_top_max_height_mm")
+    assert uncapped.labelmap.array[: lowest_brain - int(20 / head.spacing[2])].any()  # what 2.3.5 did
+    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
+
+
 def test_a_smaller_head_with_its_vertex_cut_gets_a_second_pass_at_its_size(package):
     """Clinical axial series often stop under the vertex, and most adult heads are smaller than the template. The
     brain's widths survive a cut top, so the pass at the head's size must run. On nimare's 2 mm copy at 0.85x with

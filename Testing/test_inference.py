@@ -350,6 +350,18 @@ def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_w
     upside_down = Image(cut.array[::-1].copy(), cut.spacing, cut.origin, np.diag([1.0, 1.0, -1.0]))
     assert frame_cut_top(upside_down, 0.5, 10000.0, 176.0) is upside_down
 
+    # A crop taller than the window below the cut (a scan down the neck) loses the rows furthest below it, with every
+    # kept voxel where it was; a whole head as tall keeps them all.
+    capped = frame_cut_top(cut, 0.5, 10000.0, 80.0, max_height_mm=100.0)
+    dropped = cut.array.shape[0] - 50
+    assert capped.array.shape == (50, *cut.array.shape[1:]) and "air_above_cut_mm" not in capped.metadata
+    assert np.array_equal(capped.array, cut.array[dropped:])
+    assert capped.origin == pytest.approx(tuple(np.asarray(cut.origin) + [0.0, 0.0, 2.0 * dropped]))
+    assert frame_cut_top(whole, 0.5, 10000.0, 80.0, max_height_mm=100.0) is whole
+    # Air full of noise (MP2RAGE) fills its whole row: that is no head's cut face, and nothing is added or dropped.
+    noisy = Image(np.ones((100, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    assert frame_cut_top(noisy, 0.5, 10000.0, 400.0, max_height_mm=100.0) is noisy
+
 
 def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
     from meddl.infer import object_points_and_cut, object_widths

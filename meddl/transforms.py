@@ -24,7 +24,7 @@ __all__ = [
     "bounding_box",
     "crop_box",
     "crop_to_foreground",
-    "top_cut_area_mm2",
+    "top_cut_face",
     "frame_cut_top",
 ]
 
@@ -183,34 +183,55 @@ def crop_to_foreground(
     return crop_box(image, box)
 
 
-def top_cut_area_mm2(image: Image, threshold: float) -> float:
-    """The area (mm²) above ``threshold`` in the highest two rows of ``image`` that hold any (the larger of them).
+def top_cut_face(image: Image, threshold: float) -> Tuple[float, float]:
+    """The area (mm²) above ``threshold`` in the highest two rows of ``image`` that hold any (the larger of them), and
+    the share of its row that area fills.
 
     On a head cropped by :func:`crop_to_foreground` that is the crown (30 cm² at most over the brain model's stress
-    set and probes) unless the field of view stops under the vertex: then it is the cut face (123 cm² and more there).
-    Rows are grid axis k, pointing superior.
+    set and probes) unless the field of view stops under the vertex: then it is the cut face (123 cm² and more there),
+    an oval inside the crop's box that fills 37-59 % of the row (π/4 at most). Air full of noise as bright as tissue
+    (MP2RAGE) passes the threshold too and fills 98-100 % of it. Rows are grid axis k, pointing superior.
     """
     above = image.array > threshold
     occupied = np.flatnonzero(above.any(axis=(1, 2)))
-    areas = [np.count_nonzero(above[row]) for row in occupied[-2:]]
-    return float(max(areas, default=0)) * float(image.spacing[0] * image.spacing[1])
+    voxels = max((np.count_nonzero(above[row]) for row in occupied[-2:]), default=0)
+    row_voxels = image.array.shape[1] * image.array.shape[2]
+    return float(voxels) * float(image.spacing[0] * image.spacing[1]), voxels / row_voxels if row_voxels else 0.0
 
 
-def frame_cut_top(image: Image, threshold: float, min_area_mm2: float, height_mm: float) -> Image:
+def frame_cut_top(
+    image: Image,
+    threshold: float,
+    min_area_mm2: float,
+    height_mm: float,
+    max_height_mm: Optional[float] = None,
+    max_share: float = 0.8,
+) -> Image:
     """``image`` with air (0) added above it up to ``height_mm`` when the field of view cuts the top of the head
-    (:func:`top_cut_area_mm2` above ``min_area_mm2``); otherwise, or when it is that tall already, ``image``.
+    and, with ``max_height_mm``, without its rows beyond that height below the cut; otherwise, or when it is that tall
+    already, ``image``. The top is cut when :func:`top_cut_face` finds more than ``min_area_mm2`` there, filling no
+    more than ``max_share`` of its row (more is air full of noise, not a head's cross-section).
 
     Training cuts blank what the field of view did not see and keep the template's window, so a head model learns
     cut heads with air above the cut and the base of the brain where the template had it; cropped to the cut, the
-    head would sit higher in the window than it ever did. Needs grid axis k pointing superior (the LPS model grid);
-    a grid turned upside down is returned as it is. The metadata's ``air_above_cut_mm`` counts the air added.
+    head would sit higher in the window than it ever did, and a crop as tall as a whole head's (which a scan down
+    the neck fills) would show the network more neck below the cut than it ever saw. Needs grid axis k pointing
+    superior (the LPS model grid); a grid turned upside down is returned as it is. The metadata's
+    ``air_above_cut_mm`` counts the air added.
     """
     rows = int(math.ceil(height_mm / image.spacing[2] - 1e-6))
-    if image.direction[2, 2] <= 0 or image.array.shape[0] >= rows:
+    kept = int(math.ceil(max_height_mm / image.spacing[2] - 1e-6)) if max_height_mm is not None else None
+    height = image.array.shape[0]
+    if image.direction[2, 2] <= 0 or rows <= height <= (kept if kept is not None else height):
         return image
-    if top_cut_area_mm2(image, threshold) <= min_area_mm2:
+    area_mm2, share = top_cut_face(image, threshold)
+    if area_mm2 <= min_area_mm2 or share > max_share:
         return image
-    missing = rows - image.array.shape[0]
-    added = np.pad(image.array, [(0, missing), (0, 0), (0, 0)])  # k's far end is the top
+    if kept is not None and height > kept:  # k's far end is the top: the rows dropped lie furthest below the cut
+        image, height = crop_box(image, (slice(height - kept, None), slice(None), slice(None))), kept
+    if height >= rows:
+        return image
+    missing = rows - height
+    added = np.pad(image.array, [(0, missing), (0, 0), (0, 0)])
     air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + missing * image.spacing[2]
     return Image(added, image.spacing, image.origin, image.direction, {**image.metadata, "air_above_cut_mm": air_mm})

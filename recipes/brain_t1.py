@@ -52,15 +52,16 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.5, else 2.1.8; ``consensus``: trained on the consensus labels, 2.4.5, not bundled;
-    each five patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
-    ``max_below_object_mm``, ``max_cut_except_top_mm2`` and the ``cut_top_`` framing; docs/brain-model.md)."""
+    brains, the bundled 2.3.6, else 2.1.9; ``consensus``: trained on the consensus labels, 2.4.6, not bundled;
+    each six patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
+    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing and its ``cut_top_max_height_mm``;
+    docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.5" if consensus else "2.3.5" if atrophy else "2.1.8",
+            "version": "2.4.6" if consensus else "2.3.6" if atrophy else "2.1.9",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -97,7 +98,9 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # A field of view that stops under the vertex leaves the cut face in the crop's top rows (123-238 cm² on
                 # the stress set's and probes' vertex cuts; a whole head's crown 30 cm² at most, 67 under the stress
                 # set's noise): training blanked such cuts inside the template's window, so air goes above the cut up
-                # to that window's height, 176 mm (88 rows of 2 mm on each training copy and on Colin27).
+                # to that window's height, 176 mm (88 rows of 2 mm on each training copy and on Colin27), and a crop
+                # taller than that window (a scan down the neck) keeps no more than it below the cut: with 220 mm the
+                # network drew the brain on down into the neck of small heads (docs/brain-model.md, cut vertex probes).
                 "crop_foreground": {
                     "threshold": 0.1,
                     "margin_mm": 0,
@@ -105,6 +108,7 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                     "max_below_object_mm": 36,
                     "cut_top_min_area_mm2": 10000,
                     "cut_top_height_mm": 176,
+                    "cut_top_max_height_mm": 176,
                 },
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
                 # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
@@ -398,7 +402,12 @@ def write_model_card(package: Path) -> Path:
             " Cut tops: when the highest rows of the crop hold more than "
             f"{crop.get('cut_top_min_area_mm2')} mm² of head (the field of view stops "
             f"under the vertex), air goes above them up to {top_height} mm, the template's window, as training blanked "
-            "cuts."
+            "cuts"
+            + (
+                f", and no more than {crop['cut_top_max_height_mm']} mm is kept below the cut."
+                if crop.get("cut_top_max_height_mm") is not None
+                else "."
+            )
         )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (

@@ -201,6 +201,7 @@ class ModelSpec:
             "max_below_object_mm",
             "cut_top_min_area_mm2",
             "cut_top_height_mm",
+            "cut_top_max_height_mm",
         ):
             value = (crop or {}).get(key)
             positive = key.startswith(("max_", "cut_top_"))
