@@ -363,6 +363,40 @@ def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_w
     assert frame_cut_top(noisy, 0.5, 10000.0, 400.0, max_height_mm=100.0) is noisy
 
 
+def test_a_head_cut_at_a_side_gets_air_beyond_the_cut_up_to_the_learnt_window_and_a_whole_one_does_not():
+    from meddl.transforms import crop_to_foreground, frame_cut_sides
+
+    # A "head" (ball of 80 mm radius) on a 2 mm grid, cropped as inference crops it; the window is 400 x 360 mm.
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (100, 100, 100)), indexing="ij")
+    ball = ((i - 100) ** 2 + (j - 100) ** 2 + (k - 100) ** 2 <= 80**2).astype(np.float32)
+    whole = crop_to_foreground(Image(ball, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    assert frame_cut_sides(whole, 0.5, 10000.0, (400.0, 360.0)) is whole  # its sides touch the box in a few cm²
+
+    # The field of view stops 40 mm short of its left side (high i): air goes beyond that side only.
+    left_cut = crop_to_foreground(Image(ball[:, :, :70].copy(), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    framed = frame_cut_sides(left_cut, 0.5, 10000.0, (400.0, 360.0))
+    assert framed.array.shape == (*left_cut.array.shape[:2], 200) and framed.origin == left_cut.origin
+    assert np.array_equal(framed.array[:, :, : left_cut.array.shape[2]], left_cut.array)
+    assert framed.metadata["air_beside_cut_mm"] == (200 - left_cut.array.shape[2]) * 2.0
+    # ... and 40 mm short of its front (low j): the air goes before it, every voxel of the head where it was.
+    front_cut = crop_to_foreground(Image(ball[:, 30:].copy(), (2.0, 2.0, 2.0), (0.0, 60.0, 0.0)), 0.5, 0.0)
+    framed = frame_cut_sides(front_cut, 0.5, 10000.0, (400.0, 360.0))
+    added = 180 - front_cut.array.shape[1]
+    assert framed.array.shape == (front_cut.array.shape[0], 180, front_cut.array.shape[2])
+    assert np.array_equal(framed.array[:, added:], front_cut.array) and not framed.array[:, :added].any()
+    assert framed.origin == pytest.approx(tuple(np.asarray(front_cut.origin) - [0.0, 2.0 * added, 0.0]))
+    # Cut on both sides of an axis (nothing says where the middle is), a grid as wide already, a face smaller than the
+    # limit and air full of noise filling its slice: left as they are.
+    both = crop_to_foreground(Image(ball[:, :, 30:70].copy(), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    assert frame_cut_sides(both, 0.5, 10000.0, (400.0, 60.0)) is both
+    assert frame_cut_sides(left_cut, 0.5, 10000.0, (100.0, 360.0)) is left_cut
+    assert frame_cut_sides(left_cut, 0.5, 30000.0, (400.0, 360.0)) is left_cut
+    noisy = Image(np.ones((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    noisy.array[:, :, -3:] = 0.0
+    noisy.array[25:30, 25:30, -3:] = 1.0  # its high end a small patch, as a whole head's side: only the low end counts
+    assert frame_cut_sides(noisy, 0.5, 10000.0, (400.0, 360.0)) is noisy
+
+
 def test_object_widths_and_cut_measure_a_whole_ball_and_a_ball_cut_by_the_field_of_view():
     from meddl.infer import object_points_and_cut, object_widths
 

@@ -28,6 +28,7 @@ from meddl.transforms import (
     bounding_box,
     crop_box,
     crop_to_foreground,
+    frame_cut_sides,
     frame_cut_top,
     normalize_intensity,
     resample_to_grid,
@@ -85,6 +86,7 @@ class SegmentationResult:
     air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
     neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
+    air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -542,7 +544,7 @@ def segment_image(
             0.85,
             f"the scan runs {neck_trimmed_mm:.0f} mm further down the neck than the model learnt: a pass without it",
         )
-        model_image = framed_cut_top(trimmed, spec, size_scale)  # the trim keeps the top: a cut one stays framed
+        model_image = framed_cuts(trimmed, spec, size_scale)  # the trim keeps the top: a cut one stays framed
         probabilities = predict_probabilities(
             model_image, package, device, tta, scaled(progress, 0.85, 0.86), cancel, normalized=True, counter=windows
         )
@@ -573,6 +575,7 @@ def segment_image(
         air_quieted=air_quieted,
         neck_trimmed_mm=neck_trimmed_mm,
         air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
+        air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
     )
 
 
@@ -636,24 +639,31 @@ def model_input(
             float(crop.get("margin_mm", 10)),
             float(height) * height_scale if height is not None else None,
         )
-    return framed_cut_top(model_image, spec, height_scale)
+    return framed_cuts(model_image, spec, height_scale)
 
 
-def framed_cut_top(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
-    """``model_image`` with air above a head the field of view cuts at the top, as the package's
-    ``crop_foreground.cut_top_height_mm`` asks, and no more below the cut than its ``cut_top_max_height_mm`` (both
-    times ``height_scale``; :func:`meddl.transforms.frame_cut_top`)."""
+def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
+    """``model_image`` framed where the field of view cuts the head, as the package's ``crop_foreground`` asks (sizes
+    times ``height_scale``): air above a cut top up to ``cut_top_height_mm`` and no more below it than
+    ``cut_top_max_height_mm`` (:func:`meddl.transforms.frame_cut_top`), air beyond a cut side up to
+    ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`)."""
     crop = spec.input.get("crop_foreground") or {}
-    if crop.get("cut_top_height_mm") is None:
-        return model_image
-    max_height = crop.get("cut_top_max_height_mm")
-    return frame_cut_top(
-        model_image,
-        float(crop.get("threshold", 0.1)),
-        float(crop.get("cut_top_min_area_mm2", 10000.0)),
-        float(crop["cut_top_height_mm"]) * height_scale,
-        float(max_height) * height_scale if max_height is not None else None,
-    )
+    threshold = float(crop.get("threshold", 0.1))
+    if crop.get("cut_top_height_mm") is not None:
+        max_height = crop.get("cut_top_max_height_mm")
+        model_image = frame_cut_top(
+            model_image,
+            threshold,
+            float(crop.get("cut_top_min_area_mm2", 10000.0)),
+            float(crop["cut_top_height_mm"]) * height_scale,
+            float(max_height) * height_scale if max_height is not None else None,
+        )
+    if crop.get("cut_side_extent_mm") is not None:
+        extents = [float(extent) * height_scale for extent in crop["cut_side_extent_mm"]]
+        model_image = frame_cut_sides(
+            model_image, threshold, float(crop.get("cut_side_min_area_mm2", 10000.0)), extents
+        )
+    return model_image
 
 
 def largest_object(probabilities: np.ndarray, label: int) -> Optional[np.ndarray]:
@@ -901,6 +911,8 @@ def segment_file(
         notes.append(f"another pass without {result.neck_trimmed_mm:.0f} mm of neck below the brain")
     if result.air_above_cut_mm:
         notes.append(f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it")
+    if result.air_beside_cut_mm:
+        notes.append(f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it")
     return {
         "input": str(input_path),
         "output": str(written),

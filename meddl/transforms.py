@@ -24,7 +24,8 @@ __all__ = [
     "bounding_box",
     "crop_box",
     "crop_to_foreground",
-    "top_cut_face",
+    "outer_face",
+    "frame_cut_sides",
     "frame_cut_top",
 ]
 
@@ -183,20 +184,31 @@ def crop_to_foreground(
     return crop_box(image, box)
 
 
-def top_cut_face(image: Image, threshold: float) -> Tuple[float, float]:
-    """The area (mm²) above ``threshold`` in the highest two rows of ``image`` that hold any (the larger of them), and
-    the share of its row that area fills.
+def outer_face(image: Image, threshold: float, axis: int, high: bool) -> Tuple[float, float]:
+    """The area (mm²) above ``threshold`` in the two outermost slices of ``image`` across array ``axis`` (at its high
+    or low end) that hold any (the larger of them), and the share of its slice that area fills.
 
-    On a head cropped by :func:`crop_to_foreground` that is the crown (30 cm² at most over the brain model's stress
-    set and probes) unless the field of view stops under the vertex: then it is the cut face (123 cm² and more there),
-    an oval inside the crop's box that fills 37-59 % of the row (π/4 at most). Air full of noise as bright as tissue
-    (MP2RAGE) passes the threshold too and fills 98-100 % of it. Rows are grid axis k, pointing superior.
+    On a head cropped by :func:`crop_to_foreground` that is where the head meets the crop's box: a few cm² where the box
+    touches a whole head (the crown: 30 cm² at most over the brain model's stress set and probes; a side 72 under the
+    stress set's noise) and a cut face where the field of view cuts it (the top: 123 cm² and more, 37-59 % of the
+    slice; the front, back or side: 172-286 cm², 50-71 %), an oval inside the crop's box (π/4 of it at most). Air
+    full of noise as bright as tissue (MP2RAGE) passes the threshold too and fills 98-100 % of the slice.
     """
     above = image.array > threshold
-    occupied = np.flatnonzero(above.any(axis=(1, 2)))
-    voxels = max((np.count_nonzero(above[row]) for row in occupied[-2:]), default=0)
-    row_voxels = image.array.shape[1] * image.array.shape[2]
-    return float(voxels) * float(image.spacing[0] * image.spacing[1]), voxels / row_voxels if row_voxels else 0.0
+    others = tuple(a for a in range(3) if a != axis)
+    occupied = np.flatnonzero(above.any(axis=others))
+    ends = occupied[-2:] if high else occupied[:2]
+    voxels = max((np.count_nonzero(np.take(above, index, axis=axis)) for index in ends), default=0)
+    slice_voxels = int(np.prod([image.array.shape[a] for a in others]))
+    voxel_mm2 = float(np.prod([image.spacing[2 - a] for a in others]))  # spacing runs (i, j, k), arrays (k, j, i)
+    return float(voxels) * voxel_mm2, voxels / slice_voxels if slice_voxels else 0.0
+
+
+def _is_cut_face(face: Tuple[float, float], min_area_mm2: float, max_share: float) -> bool:
+    """Whether an :func:`outer_face` is where the field of view cuts the head: large, and no more of its slice than
+    a head's cross-section fills (more is air full of noise)."""
+    area_mm2, share = face
+    return area_mm2 > min_area_mm2 and share <= max_share
 
 
 def frame_cut_top(
@@ -209,7 +221,7 @@ def frame_cut_top(
 ) -> Image:
     """``image`` with air (0) added above it up to ``height_mm`` when the field of view cuts the top of the head
     and, with ``max_height_mm``, without its rows beyond that height below the cut; otherwise, or when it is that tall
-    already, ``image``. The top is cut when :func:`top_cut_face` finds more than ``min_area_mm2`` there, filling no
+    already, ``image``. The top is cut when :func:`outer_face` finds more than ``min_area_mm2`` there, filling no
     more than ``max_share`` of its row (more is air full of noise, not a head's cross-section).
 
     Training cuts blank what the field of view did not see and keep the template's window, so a head model learns
@@ -224,8 +236,7 @@ def frame_cut_top(
     height = image.array.shape[0]
     if image.direction[2, 2] <= 0 or rows <= height <= (kept if kept is not None else height):
         return image
-    area_mm2, share = top_cut_face(image, threshold)
-    if area_mm2 <= min_area_mm2 or share > max_share:
+    if not _is_cut_face(outer_face(image, threshold, 0, high=True), min_area_mm2, max_share):
         return image
     if kept is not None and height > kept:  # k's far end is the top: the rows dropped lie furthest below the cut
         image, height = crop_box(image, (slice(height - kept, None), slice(None), slice(None))), kept
@@ -235,3 +246,41 @@ def frame_cut_top(
     added = np.pad(image.array, [(0, missing), (0, 0), (0, 0)])
     air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + missing * image.spacing[2]
     return Image(added, image.spacing, image.origin, image.direction, {**image.metadata, "air_above_cut_mm": air_mm})
+
+
+def frame_cut_sides(
+    image: Image, threshold: float, min_area_mm2: float, extents_mm: Sequence[float], max_share: float = 0.8
+) -> Image:
+    """``image`` with air (0) added beyond a side of the head the field of view cuts, up to ``extents_mm`` along grid
+    axes i and j (left-right and front-back on the LPS model grid); ``image`` itself when nothing is cut, when the
+    field of view cuts both sides of an axis (nothing then says where the head's middle is) or when the grid spans that
+    much already. A side is cut as :func:`frame_cut_top` tells a cut top.
+
+    Training cuts blank what the field of view did not see inside the template's window, so the network learnt a head
+    cut at the back or side where the whole head would lie; cropped to the cut, the rest of the head sat in the middle
+    of the window instead. The metadata's ``air_beside_cut_mm`` counts the air added.
+    """
+    added_mm = 0.0
+    for axis, extent_mm in zip((2, 1), extents_mm):  # array axes of grid axes i and j
+        spacing = image.spacing[2 - axis]
+        missing = int(math.ceil(extent_mm / spacing - 1e-6)) - image.array.shape[axis]
+        if missing <= 0:
+            continue
+        low, high = (
+            _is_cut_face(outer_face(image, threshold, axis, high=end), min_area_mm2, max_share) for end in (False, True)
+        )
+        if low == high:
+            continue
+        widths = [(0, 0)] * 3
+        widths[axis] = (missing, 0) if low else (0, missing)
+        origin = np.asarray(image.origin, dtype=np.float64)
+        if low:  # the grid now starts `missing` voxels earlier along this axis
+            origin = origin - image.direction[:, 2 - axis] * missing * spacing
+        image = Image(np.pad(image.array, widths), image.spacing, tuple(origin), image.direction, dict(image.metadata))
+        added_mm += missing * spacing
+    if added_mm:
+        air_mm = float(image.metadata.get("air_beside_cut_mm", 0.0)) + added_mm
+        image = Image(
+            image.array, image.spacing, image.origin, image.direction, {**image.metadata, "air_beside_cut_mm": air_mm}
+        )
+    return image

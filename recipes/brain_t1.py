@@ -52,16 +52,16 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.6, else 2.1.9; ``consensus``: trained on the consensus labels, 2.4.6, not bundled;
-    each six patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
-    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing and its ``cut_top_max_height_mm``;
-    docs/brain-model.md)."""
+    brains, the bundled 2.3.7, else 2.1.10; ``consensus``: trained on the consensus labels, 2.4.7, not bundled;
+    each seven patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
+    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm`` and
+    the ``cut_side_`` framing; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.6" if consensus else "2.3.6" if atrophy else "2.1.9",
+            "version": "2.4.7" if consensus else "2.3.7" if atrophy else "2.1.10",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -101,6 +101,9 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                 # to that window's height, 176 mm (88 rows of 2 mm on each training copy and on Colin27), and a crop
                 # taller than that window (a scan down the neck) keeps no more than it below the cut: with 220 mm the
                 # network drew the brain on down into the neck of small heads (docs/brain-model.md, cut vertex probes).
+                # A field of view that cuts the front, back or a side leaves a cut face of 172-286 cm² there (a whole
+                # head's sides 72 at most): air goes beyond it up to the template's window across that axis, 182 mm
+                # left-right and 212 mm front-back (the crop of every training copy and of Colin27 on the 2 mm grid).
                 "crop_foreground": {
                     "threshold": 0.1,
                     "margin_mm": 0,
@@ -109,6 +112,8 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
                     "cut_top_min_area_mm2": 10000,
                     "cut_top_height_mm": 176,
                     "cut_top_max_height_mm": 176,
+                    "cut_side_min_area_mm2": 10000,
+                    "cut_side_extent_mm": [182, 212],
                 },
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
                 # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
@@ -408,6 +413,14 @@ def write_model_card(package: Path) -> Path:
                 if crop.get("cut_top_max_height_mm") is not None
                 else "."
             )
+        )
+    side_extents = crop.get("cut_side_extent_mm")
+    if side_extents is not None:
+        sizing_text += (
+            " Cut sides: where the front, back or a side of the crop holds more than "
+            f"{crop.get('cut_side_min_area_mm2')} mm² of head, air goes beyond it up to the template's window, "
+            f"{side_extents[0]} mm left-right and "
+            f"{side_extents[1]} mm front-back."
         )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (

@@ -202,13 +202,20 @@ class ModelSpec:
             "cut_top_min_area_mm2",
             "cut_top_height_mm",
             "cut_top_max_height_mm",
+            "cut_side_min_area_mm2",
         ):
             value = (crop or {}).get(key)
-            positive = key.startswith(("max_", "cut_top_"))
+            positive = key.startswith(("max_", "cut_"))
             need(
                 value is None or (_is_number(value) and (value > 0 if positive else value >= 0)),
                 f"input.crop_foreground.{key} must be a finite number" + (" > 0" if positive else " >= 0"),
             )
+        extents = (crop or {}).get("cut_side_extent_mm")
+        need(
+            extents is None
+            or (isinstance(extents, list) and len(extents) == 2 and all(_is_number(v) and v > 0 for v in extents)),
+            "input.crop_foreground.cut_side_extent_mm must be two finite numbers > 0 (grid axes i and j, mm)",
+        )
 
         def settings(name: str, non_negative: Sequence[str]) -> Dict[str, Any]:
             """``input.<name>`` (absent: {}) after checking it is an object whose ``non_negative`` keys are >= 0."""
