@@ -211,6 +211,19 @@ def _is_cut_face(face: Tuple[float, float], min_area_mm2: float, max_share: floa
     return area_mm2 > min_area_mm2 and share <= max_share
 
 
+def _with_air(image: Image, axis: int, count: int, before: bool, **metadata: float) -> Image:
+    """``image`` with ``count`` slices of air (0) added before or after its end along array ``axis``, every voxel
+    where it was (the origin moves when they go before), and ``metadata`` set."""
+    widths = [(0, 0)] * 3
+    widths[axis] = (count, 0) if before else (0, count)
+    origin = np.asarray(image.origin, dtype=np.float64)
+    if before:
+        origin = origin - image.direction[:, 2 - axis] * count * image.spacing[2 - axis]
+    return Image(
+        np.pad(image.array, widths), image.spacing, tuple(origin), image.direction, {**image.metadata, **metadata}
+    )
+
+
 def frame_cut_top(
     image: Image,
     threshold: float,
@@ -243,9 +256,8 @@ def frame_cut_top(
     if height >= rows:
         return image
     missing = rows - height
-    added = np.pad(image.array, [(0, missing), (0, 0), (0, 0)])
     air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + missing * image.spacing[2]
-    return Image(added, image.spacing, image.origin, image.direction, {**image.metadata, "air_above_cut_mm": air_mm})
+    return _with_air(image, 0, missing, before=False, air_above_cut_mm=air_mm)
 
 
 def frame_cut_sides(
@@ -260,7 +272,6 @@ def frame_cut_sides(
     cut at the back or side where the whole head would lie; cropped to the cut, the rest of the head sat in the middle
     of the window instead. The metadata's ``air_beside_cut_mm`` counts the air added.
     """
-    added_mm = 0.0
     for axis, extent_mm in zip((2, 1), extents_mm):  # array axes of grid axes i and j
         spacing = image.spacing[2 - axis]
         missing = int(math.ceil(extent_mm / spacing - 1e-6)) - image.array.shape[axis]
@@ -269,18 +280,7 @@ def frame_cut_sides(
         low, high = (
             _is_cut_face(outer_face(image, threshold, axis, high=end), min_area_mm2, max_share) for end in (False, True)
         )
-        if low == high:
-            continue
-        widths = [(0, 0)] * 3
-        widths[axis] = (missing, 0) if low else (0, missing)
-        origin = np.asarray(image.origin, dtype=np.float64)
-        if low:  # the grid now starts `missing` voxels earlier along this axis
-            origin = origin - image.direction[:, 2 - axis] * missing * spacing
-        image = Image(np.pad(image.array, widths), image.spacing, tuple(origin), image.direction, dict(image.metadata))
-        added_mm += missing * spacing
-    if added_mm:
-        air_mm = float(image.metadata.get("air_beside_cut_mm", 0.0)) + added_mm
-        image = Image(
-            image.array, image.spacing, image.origin, image.direction, {**image.metadata, "air_beside_cut_mm": air_mm}
-        )
+        if low != high:
+            air_mm = float(image.metadata.get("air_beside_cut_mm", 0.0)) + missing * spacing
+            image = _with_air(image, axis, missing, before=low, air_beside_cut_mm=air_mm)
     return image

@@ -419,8 +419,7 @@ def write_model_card(package: Path) -> Path:
         sizing_text += (
             " Cut sides: where the front, back or a side of the crop holds more than "
             f"{crop.get('cut_side_min_area_mm2')} mm² of head, air goes beyond it up to the template's window, "
-            f"{side_extents[0]} mm left-right and "
-            f"{side_extents[1]} mm front-back."
+            f"{side_extents[0]} mm left-right and {side_extents[1]} mm front-back."
         )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
