@@ -203,8 +203,10 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
             raise InputError(f"Colin27 is missing; install it with `{INSTALL_HINTS['mricron-data']}`", path)
     image, brain = (read_image(path) for path in paths)
     # A closing is the opening of the outside; the distance transforms see no brain beyond the grid, so the
-    # outside runs on past the faces, as padding with air would make it.
-    closed = ndimage.binary_fill_holes(~open_mm(~(brain.array > 0), brain.spacing[::-1], closing_mm))
+    # outside runs on past the faces, as padding with air would make it. A reference is exact: its distances are
+    # taken on the 1 mm grid itself, not on the coarser grid inference opens its masks on for speed.
+    outside = open_mm(~(brain.array > 0), brain.spacing[::-1], closing_mm, finest_mm=min(brain.spacing))
+    closed = ndimage.binary_fill_holes(~outside)
     keep_largest_component(closed)
     return VolumePair(
         "colin27-1mm-mricron",
