@@ -293,6 +293,21 @@ def test_opening_on_a_half_millimetre_grid_cuts_the_bridge_as_the_exact_opening_
     assert off.size < 0.005 * exact.sum() and off.max() <= 3**0.5, (off.size, off.max())  # within a 1 mm voxel
 
 
+def test_the_openings_distances_are_exact_euclidean_distances_in_mm():
+    # ITK's transform gives the opening its distances; on an anisotropic grid they are scipy's exact ones, so a 6 mm
+    # opening means 6 mm whichever axis the slices run along.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    mask = ndimage.binary_dilation(rng.random((30, 40, 50)) > 0.995, iterations=4)
+    mask[[0, -1]], mask[:, [0, -1]], mask[:, :, [0, -1]] = False, False, False
+    spacing_kji = (1.2, 1.0, 0.7)
+    squared = infer.squared_distance_outside(mask, spacing_kji)
+    exact = ndimage.distance_transform_edt(mask, sampling=spacing_kji) ** 2
+    assert np.allclose(squared[mask], exact[mask], rtol=1e-5, atol=1e-4)
+    assert (squared[~mask] <= 0).all()
+
+
 def test_float32_header_spacing_does_not_add_a_model_grid_slice():
     from meddl.transforms import model_grid
 
