@@ -79,6 +79,22 @@ def test_one_file_gives_a_labelmap_on_its_grid_and_a_json_summary(model, fsl_t1_
     assert json.loads(out)["output"] == str(tmp_path / "MNI152_T1_2mm.nii.gz")
 
 
+def test_a_nifti_whose_qform_and_sform_disagree_is_segmented_with_a_note_and_both_in_the_labelmap(
+    model, fsl_t1_2mm, tmp_path, capsys
+):
+    import nibabel as nib
+    from test_io import shifted_qform_copy
+
+    path, sform, qform = shifted_qform_copy(fsl_t1_2mm, tmp_path)
+    code, out, err = run_cli(capsys, "segment", "--model", model, "--input", path, "--output", tmp_path / "seg.nii.gz")
+    assert code == 0, err
+    apart = np.linalg.norm(qform[:3, 3] - sform[:3, 3])
+    assert f"the input's qform and sform place it up to {apart:.1f} mm apart: the labelmap carries both" in out
+    labelmap = nib.load(tmp_path / "seg.nii.gz")
+    assert np.allclose(labelmap.affine, sform) and np.allclose(labelmap.get_qform(), qform)
+    assert read_image(tmp_path / "seg.nii.gz").same_grid(read_image(path))
+
+
 def test_a_dicom_series_folder_is_one_input(model, t1, tmp_path, capsys):
     from meddl.io.dicom import write_dicom_series
 

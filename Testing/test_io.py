@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
+from typing import Tuple
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from meddl.io import Image, read_image, write_image
 from meddl.io.dicom import write_dicom_series
 from meddl.io.isolated import run_child
 from meddl.io.safety import validate_for_inference
+from meddl.transforms import crop_box
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 WRITE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -282,6 +284,40 @@ def test_round_trip_keeps_geometry_and_voxels_in_every_format(tmp_path, request)
             atol = 1e-12 if suffix in (".nrrd", ".mha") else 1e-5 * max(1.0, np.abs(image.affine).max())
             np.testing.assert_allclose(back.affine, image.affine, atol=atol, rtol=0, err_msg=f"{name} {suffix}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
+
+
+def shifted_qform_copy(source_path: Path, folder: Path) -> Tuple[Path, np.ndarray, np.ndarray]:
+    """A copy of a NIfTI whose sform (code 2: aligned to another scan) is the source's and whose qform (code 1) is
+    5, -3 and 2 mm off it, as after a tool that rewrote one of the two; with the sform and the qform."""
+    source = nib.load(source_path)
+    qform = source.affine.copy()
+    qform[:3, 3] += (5.0, -3.0, 2.0)
+    copy = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
+    copy.set_sform(source.affine, code=2)
+    copy.set_qform(qform, code=1)
+    nib.save(copy, folder / "shifted_qform.nii.gz")
+    return folder / "shifted_qform.nii.gz", source.affine, qform
+
+
+def test_a_labelmap_keeps_both_placements_of_a_nifti_whose_qform_and_sform_disagree(tmp_path, fsl_t1_2mm):
+    # ITK (so Slicer and this engine) places such a file by its qform, nibabel and FSL by its sform: a labelmap
+    # with only the geometry ITK read would sit 6 mm off the image in FSL.
+    path, sform, qform = shifted_qform_copy(fsl_t1_2mm, tmp_path)
+    image = read_image(path)
+    labels = image.with_array((image.array > np.percentile(image.array, 60)).astype(np.uint8))
+    write_image(labels, tmp_path / "labels.nii.gz")
+    written = nib.load(tmp_path / "labels.nii.gz")
+    assert np.allclose(written.affine, sform) and int(written.header["sform_code"]) == 2
+    assert np.allclose(written.get_qform(), qform) and int(written.header["qform_code"]) == 1
+    back = read_image(tmp_path / "labels.nii.gz")
+    assert back.same_grid(image) and np.array_equal(back.array, labels.array)
+
+    # A crop no longer lies on the source's grid: it gets the one geometry ITK read, as qform and sform alike.
+    cropped = crop_box(labels, (slice(5, 40), slice(None), slice(None)))
+    write_image(cropped, tmp_path / "cropped.nii.gz")
+    written = nib.load(tmp_path / "cropped.nii.gz")
+    assert np.allclose(written.get_qform(), written.get_sform())
+    assert read_image(tmp_path / "cropped.nii.gz").same_grid(cropped)
 
 
 def test_labelmap_for_a_dicom_input_lies_on_it_compressed(tmp_path, nibabel_anatomical):

@@ -934,6 +934,11 @@ def segment_file(
         notes.append(f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it")
     if result.air_beside_cut_mm:
         notes.append(f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it")
+    xforms = result.labelmap.metadata.get("nifti_xforms")
+    if xforms and str(written).lower().endswith((".nii", ".nii.gz")):
+        notes.append(
+            f"the input's qform and sform place it up to {xforms['apart_mm']:.1f} mm apart: the labelmap carries both"
+        )
     return {
         "input": str(input_path),
         "output": str(written),

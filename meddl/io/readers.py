@@ -128,6 +128,10 @@ def read_image(
                 image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
             if facts is not None and tuple(image.size) != tuple(facts.shape):
                 raise InputError(f"decoded size {image.size} differs from the header's {facts.shape}", path)
+            if file_format == "nifti" and facts is not None:
+                xforms = disagreeing_xforms(facts.notes, image)
+                if xforms:
+                    image.metadata["nifti_xforms"] = xforms
         elif forced is False:
             image = _read_with_sitk(path, None)
         else:
@@ -135,6 +139,24 @@ def read_image(
         image.metadata.update({"source": str(path), "format": file_format or "other", "modality": None})
     image.metadata["dtype"] = str(image.array.dtype)
     return image
+
+
+def disagreeing_xforms(notes: dict, image: Image) -> Optional[dict]:
+    """A NIfTI header's qform and sform when they place the voxels more than 0.01 mm apart, else None.
+
+    ITK (and so Slicer, and this engine) reads the qform unless the sform's code is 1 (scanner); nibabel, FSL and
+    nilearn read the sform. A labelmap written with only the geometry ITK read would lie on the image for the first
+    and be shifted or turned for the others, so :func:`write_image` gives it both, as the source has them.
+    ``grid`` is the geometry they belong to; ``apart_mm`` how far apart they put a corner of the volume.
+    """
+    if "qform" not in notes or "sform" not in notes:
+        return None
+    corners = np.array([[c * (n - 1) for c, n in zip(corner, image.size)] + [1.0] for corner in np.ndindex(2, 2, 2)])
+    apart = np.linalg.norm((corners @ np.asarray(notes["qform"]).T - corners @ np.asarray(notes["sform"]).T), axis=1)
+    if apart.max() <= 0.01:
+        return None
+    xforms = {key: notes[key] for key in ("qform", "qform_code", "sform", "sform_code")}
+    return {**xforms, "grid": image.geometry(), "apart_mm": round(float(apart.max()), 2)}
 
 
 def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
@@ -239,6 +261,9 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
     if image.array.ndim != 3:
         raise InputError(f"can only write 3D volumes, got an array of shape {image.array.shape}", path)
     array = _writable_array(image, labelmap, path)
+    xforms = image.metadata.get("nifti_xforms") if suffix in (".nii", ".nii.gz") else None
+    if xforms and not _on_grid(image, xforms["grid"]):
+        xforms = None  # a crop or resample of the source: the source's header no longer describes it
     itk_image = image_to_sitk(Image(array, image.spacing, image.origin, image.direction))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,11 +272,14 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
     except OSError as error:
         raise InputError(f"cannot write here ({error.strerror or error})", path) from None
     try:
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO(image_io)
-        writer.SetFileName(temporary)
-        writer.SetUseCompression(bool(compress) and suffix != ".nii")
-        writer.Execute(itk_image)
+        if xforms:
+            _write_nifti_with_xforms(array, xforms, temporary)
+        else:
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO(image_io)
+            writer.SetFileName(temporary)
+            writer.SetUseCompression(bool(compress) and suffix != ".nii")
+            writer.Execute(itk_image)
         publish(temporary, path)
     except RuntimeError as error:
         raise InputError(f"cannot write the image ({itk_message(error)})", path) from None
@@ -261,3 +289,23 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def _on_grid(image: Image, grid: dict) -> bool:
+    """Whether ``image`` lies on ``grid`` (:meth:`Image.geometry`), to 1e-6 mm."""
+    mine = image.geometry()
+    return mine["size"] == list(grid["size"]) and all(
+        np.allclose(mine[key], grid[key], atol=1e-6) for key in ("spacing", "origin", "direction")
+    )
+
+
+def _write_nifti_with_xforms(array: np.ndarray, xforms: dict, path: str) -> None:
+    """Write ``array`` (k, j, i) as NIfTI with the source's qform and sform and their codes (nibabel, which
+    compresses by the name's .gz)."""
+    import nibabel as nib
+
+    nifti = nib.Nifti1Image(array.T, None)  # nibabel's axes are (i, j, k)
+    nifti.set_qform(np.asarray(xforms["qform"]), code=int(xforms["qform_code"]))
+    nifti.set_sform(np.asarray(xforms["sform"]), code=int(xforms["sform_code"]))
+    nifti.header.set_xyzt_units("mm")
+    nib.save(nifti, path)

@@ -483,12 +483,28 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
     check_size(shape, path)
     shape3 = check_dimensions(shape, path)
     spacing = check_spacing(zooms[:3], path)
-    facts = HeaderFacts("nifti", shape3, spacing, int(dtype.itemsize), path, compressed, {"dtype": str(dtype)})
+    notes = {"dtype": str(dtype), **_nifti_xforms(header)}
+    facts = HeaderFacts("nifti", shape3, spacing, int(dtype.itemsize), path, compressed, notes)
     if compressed:
         _check_gzip_stream(path, 0, offset + facts.voxels * facts.voxel_bytes, path)
     else:
         _check_raw_bytes(facts, offset, path)
     return facts
+
+
+def _nifti_xforms(header) -> dict:
+    """The header's qform and sform (4×4 lists, RAS) with their codes; each absent when its code is 0 or it is not
+    finite."""
+    xforms = {}
+    for name in ("qform", "sform"):
+        code = int(header[f"{name}_code"])
+        try:
+            matrix = header.get_qform() if name == "qform" else header.get_sform()
+        except Exception:  # noqa: BLE001 - a malformed quaternion is not this check's business
+            continue
+        if code > 0 and matrix is not None and np.all(np.isfinite(matrix)):
+            xforms[name], xforms[f"{name}_code"] = np.asarray(matrix, dtype=float).tolist(), code
+    return xforms
 
 
 # --- after reading --------------------------------------------------------------------------------------
