@@ -305,7 +305,12 @@ def _write_nifti_with_xforms(array: np.ndarray, xforms: dict, path: str) -> None
     import nibabel as nib
 
     nifti = nib.Nifti1Image(array.T, None)  # nibabel's axes are (i, j, k)
-    nifti.set_qform(np.asarray(xforms["qform"]), code=int(xforms["qform_code"]))
-    nifti.set_sform(np.asarray(xforms["sform"]), code=int(xforms["sform_code"]))
-    nifti.header.set_xyzt_units("mm")
-    nib.save(nifti, path)
+    try:
+        nifti.set_qform(np.asarray(xforms["qform"]), code=int(xforms["qform_code"]))
+        nifti.set_sform(np.asarray(xforms["sform"]), code=int(xforms["sform_code"]))
+        nifti.header.set_xyzt_units("mm")
+        nib.save(nifti, path)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - nibabel raises several types; write_image reports RuntimeError
+        raise RuntimeError(" ".join(str(error).split())[:200]) from None
