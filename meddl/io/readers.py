@@ -129,7 +129,7 @@ def read_image(
             if facts is not None and tuple(image.size) != tuple(facts.shape):
                 raise InputError(f"decoded size {image.size} differs from the header's {facts.shape}", path)
             if file_format == "nifti" and facts is not None:
-                xforms = disagreeing_xforms(facts.notes, image)
+                xforms = _disagreeing_xforms(facts.notes, image)
                 if xforms:
                     image.metadata["nifti_xforms"] = xforms
         elif forced is False:
@@ -141,7 +141,7 @@ def read_image(
     return image
 
 
-def disagreeing_xforms(notes: dict, image: Image) -> Optional[dict]:
+def _disagreeing_xforms(notes: dict, image: Image) -> Optional[dict]:
     """A NIfTI header's qform and sform when they place the voxels more than 0.01 mm apart, else None.
 
     ITK (and so Slicer, and this engine) reads the qform unless the sform's code is 1 (scanner); nibabel, FSL and
