@@ -264,7 +264,6 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
     xforms = image.metadata.get("nifti_xforms") if suffix in (".nii", ".nii.gz") else None
     if xforms and not _on_grid(image, xforms["grid"]):
         xforms = None  # a crop or resample of the source: the source's header no longer describes it
-    itk_image = image_to_sitk(Image(array, image.spacing, image.origin, image.direction))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -279,7 +278,7 @@ def write_image(image: Image, path: PathLike, labelmap: Optional[bool] = None, c
             writer.SetImageIO(image_io)
             writer.SetFileName(temporary)
             writer.SetUseCompression(bool(compress) and suffix != ".nii")
-            writer.Execute(itk_image)
+            writer.Execute(image_to_sitk(Image(array, image.spacing, image.origin, image.direction)))
         publish(temporary, path)
     except RuntimeError as error:
         raise InputError(f"cannot write the image ({itk_message(error)})", path) from None
