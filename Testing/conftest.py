@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Tuple
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +24,21 @@ def package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.fail(f"package '{name}' is not installed; run `make install` (it installs every test data package)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def shifted_qform_copy(source_path: Path, folder: Path) -> Tuple[Path, np.ndarray, np.ndarray]:
+    """A copy of a NIfTI whose sform (code 2: aligned to another scan) is the source's and whose qform (code 1) is
+    5, -3 and 2 mm off it, as after a tool that rewrote one of the two; with the sform and the qform."""
+    import nibabel as nib
+
+    source = nib.load(source_path)
+    qform = source.affine.copy()
+    qform[:3, 3] += (5.0, -3.0, 2.0)
+    copy = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
+    copy.set_sform(source.affine, code=2)
+    copy.set_qform(qform, code=1)
+    nib.save(copy, folder / "shifted_qform.nii.gz")
+    return folder / "shifted_qform.nii.gz", source.affine, qform
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,7 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_segmented_with_a_note_and_bot
     model, fsl_t1_2mm, tmp_path, capsys
 ):
     import nibabel as nib
-    from test_io import shifted_qform_copy
+    from conftest import shifted_qform_copy
 
     path, sform, qform = shifted_qform_copy(fsl_t1_2mm, tmp_path)
     code, out, err = run_cli(capsys, "segment", "--model", model, "--input", path, "--output", tmp_path / "seg.nii.gz")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
-from typing import Tuple
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import package_dir
+from conftest import package_dir, shifted_qform_copy
 from scipy.spatial.transform import Rotation
 
 from meddl.errors import InputError
@@ -284,19 +283,6 @@ def test_round_trip_keeps_geometry_and_voxels_in_every_format(tmp_path, request)
             atol = 1e-12 if suffix in (".nrrd", ".mha") else 1e-5 * max(1.0, np.abs(image.affine).max())
             np.testing.assert_allclose(back.affine, image.affine, atol=atol, rtol=0, err_msg=f"{name} {suffix}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []
-
-
-def shifted_qform_copy(source_path: Path, folder: Path) -> Tuple[Path, np.ndarray, np.ndarray]:
-    """A copy of a NIfTI whose sform (code 2: aligned to another scan) is the source's and whose qform (code 1) is
-    5, -3 and 2 mm off it, as after a tool that rewrote one of the two; with the sform and the qform."""
-    source = nib.load(source_path)
-    qform = source.affine.copy()
-    qform[:3, 3] += (5.0, -3.0, 2.0)
-    copy = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
-    copy.set_sform(source.affine, code=2)
-    copy.set_qform(qform, code=1)
-    nib.save(copy, folder / "shifted_qform.nii.gz")
-    return folder / "shifted_qform.nii.gz", source.affine, qform
 
 
 def test_a_labelmap_keeps_both_placements_of_a_nifti_whose_qform_and_sform_disagree(tmp_path, fsl_t1_2mm):
