@@ -319,6 +319,17 @@ def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
     return image.with_array(values)
 
 
+def coil_profile(image: Image, label: Image, edge_gain: float, radius_mm: float = 80.0) -> Image:
+    """``image`` under a receive coil's profile: ``edge_gain`` times brighter ``radius_mm`` from the brain's centre
+    than at it (less than 1: darker, as at 7 T), growing with the squared distance up to 1.5 times that gain's
+    exponent. An uncorrected scan from a 32-channel head coil shows its cortex 1.5-3 times brighter than its middle."""
+    kji = np.indices(image.array.shape, dtype=np.float32)
+    centre = np.argwhere(label.array > 0).mean(axis=0)
+    spacing = np.array(image.spacing[::-1], np.float32)
+    squared = sum(((axis - c) * s / radius_mm) ** 2 for axis, c, s in zip(kji, centre, spacing))
+    return image.with_array(image.array * np.exp(math.log(edge_gain) * np.minimum(squared, 1.5)).astype(np.float32))
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -332,6 +343,7 @@ def head_probes(
     clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.6, 1.0),
+    coil_gains: Sequence[float] = (1.5, 2.0, 3.0, 0.67, 0.5),
     necks_1mm_mm: Sequence[float] = (40.0, 80.0, 120.0),
     necked_draws: int = 10,
     cut_vertex_heads: Sequence[Tuple[float, float, float]] = tuple(
@@ -361,6 +373,8 @@ def head_probes(
       0.5-3 mm range the model is meant for (the stress set holds their native 1 and 2 mm and 1×1×3 mm slabs);
     * clinical slabs: the same heads re-acquired as axial ``clinical_slabs_mm`` (i, j, k) slabs, fine in plane and
       thick across, as a hospital's 2D T1 series is (5 mm slices lie beyond the 3 mm the model is meant for);
+    * coil profile: the same heads moved under a receive coil's intensity profile (:func:`coil_profile`), brighter
+      towards the surface by ``coil_gains`` (darker below 1), as scans are before bias-field correction;
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are;
     * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
@@ -431,6 +445,10 @@ def head_probes(
         for level in noise_levels:
             name = f"{source_name} moved, air noise to {level:g}x p99"
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
+        coil_image, coil_label = acquire(source, (8.0, -5.0, 4.0), source.image.spacing, AXIAL)
+        for gain in coil_gains:
+            name = f"{source_name} moved, coil profile {gain:g}x at 80 mm"
+            cases.append((name, coil_profile(coil_image, coil_label, gain), coil_label.array))
         for neck in necks_1mm_mm:
             necked = VolumePair(source.name, *with_neck(source.image, source.label, neck), source.source)
             image, label = acquire(necked, (10.0, 5.0, -5.0), source.image.spacing, AXIAL)

@@ -50,9 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 
 
-def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
+def brain_t1_spec(atrophy: bool = False, consensus: bool = False, coil_field: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
     brains, the bundled 2.3.8, else 2.1.11; ``consensus``: trained on the consensus labels, 2.4.8, not bundled;
+    ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
     each seven patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
     ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm`` and
     the ``cut_side_`` framing; docs/brain-model.md)."""
@@ -61,7 +62,7 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False) -> ModelSpec:
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.8" if consensus else "2.3.8" if atrophy else "2.1.11",
+            "version": "2.4.8" if consensus else "2.5.0" if coil_field else "2.3.8" if atrophy else "2.1.11",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -285,7 +286,9 @@ def rescore(package_dir: Path) -> int:
     spec = json.loads(spec_path.read_text())
     trained_with = spec["provenance"].get("recipe_args", {})
     current = brain_t1_spec(
-        atrophy=bool(trained_with.get("atrophy_fraction")), consensus=trained_with.get("labels") == "consensus"
+        atrophy=bool(trained_with.get("atrophy_fraction")),
+        consensus=trained_with.get("labels") == "consensus",
+        coil_field=bool(trained_with.get("coil_field_fraction")),
     ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
@@ -560,6 +563,12 @@ def main(argv: List[str] = None) -> int:
         "mean of them (meddl.data.consensus_labels; trained 2.4.0, not bundled: docs/brain-model.md)",
     )
     parser.add_argument("--brain-only-fraction", type=float, default=0.3)
+    parser.add_argument(
+        "--coil-field-fraction",
+        type=float,
+        default=0.0,
+        help="share of volumes under a receive coil's profile, edge over centre 0.5-3 (meddl.train.RandCoilFieldd)",
+    )
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
     parser.add_argument("--no-stress", action="store_true", help="skip benchmarks/brain_stress.py at the end")
@@ -581,6 +590,7 @@ def main(argv: List[str] = None) -> int:
     from meddl.train import (
         RandAtrophyd,
         RandBrainOnlyd,
+        RandCoilFieldd,
         RandInferiorExtensiond,
         RandSmoothDeformd,
         RandSynthesizeFromTissuesd,
@@ -622,12 +632,21 @@ def main(argv: List[str] = None) -> int:
         f"{args.synthetic_fraction}, brain-only input {args.brain_only_fraction}, smooth non-linear deformation up "
         "to 12 mm (0.5), field-of-view cuts removing up to 40 % of the brain's "
         "extent (half of them across the inferior-superior axis) before the rotation (oblique, 0.3) and after it "
-        "(0.3), RandAffined ±30° / ±15 % scale, thick slices, low resolution, bias field, gamma, intensity "
-        "scale/shift, noise, left-right flips",
+        "(0.3), RandAffined ±30° / ±15 % scale, thick slices, low resolution, bias field, "
+        + (
+            f"a receive coil's profile (edge over centre 0.5-3, {args.coil_field_fraction}), "
+            if args.coil_field_fraction
+            else ""
+        )
+        + "gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
     package = train_segmentation(
-        brain_t1_spec(atrophy=bool(args.atrophy_fraction), consensus=args.labels == "consensus"),
+        brain_t1_spec(
+            atrophy=bool(args.atrophy_fraction),
+            consensus=args.labels == "consensus",
+            coil_field=bool(args.coil_field_fraction),
+        ),
         datalist,
         staging,
         epochs=args.epochs,
@@ -645,6 +664,8 @@ def main(argv: List[str] = None) -> int:
             *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
             RandBrainOnlyd(prob=args.brain_only_fraction),
+            # A receive coil's profile on top of whatever contrast the head has now: absent at 0, as atrophy is.
+            *([RandCoilFieldd(prob=args.coil_field_fraction)] if args.coil_field_fraction else []),
             # Other head shapes than the one template: the brain-only inputs above need it most.
             RandSmoothDeformd(("image", "label"), prob=0.5, max_voxels=6.0),
         ],
