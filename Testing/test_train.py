@@ -24,6 +24,7 @@ from meddl.train import (  # noqa: E402
     RandAnisotropicLowResd,
     RandAtrophyd,
     RandBrainOnlyd,
+    RandCoilFieldd,
     RandFieldOfViewCutd,
     RandInferiorExtensiond,
     RandSmoothDeformd,
@@ -230,6 +231,19 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
     assert np.all(older["tissues"][0][vacated] == 1)
     untouched = ~brain & ~smaller
     assert np.array_equal(older["image"][0][untouched], whole["image"][0][untouched])
+    # A receive coil's profile: the head's surface brighter than its middle by the gain (darker below 1).
+    kji = np.indices(brain.shape)
+    radius = np.sqrt(((kji - np.argwhere(brain).mean(axis=0)[:, None, None, None]) ** 2).sum(axis=0))
+    surface, middle = (
+        brain & (radius > np.percentile(radius[brain], 90)),
+        brain & (radius < np.percentile(radius[brain], 10)),
+    )
+    for gain in (2.0, 0.5):
+        coil = RandCoilFieldd(prob=1.0, gain_range=(gain, gain), max_shift=0.0)(dict(whole))
+        field = coil["image"][0] / np.maximum(whole["image"][0], 1e-6)
+        edge_over_centre = float(field[surface].mean() / field[middle].mean())
+        assert edge_over_centre > 1.2 if gain > 1 else edge_over_centre < 1 / 1.2
+        assert coil["image"].dtype == np.float32 and np.array_equal(coil["label"], whole["label"])
     synthesis = RandSynthesizeFromTissuesd(prob=1.0)
     synthesis.set_random_state(seed=4)
     synthetic = synthesis({**whole, "tissues": item["tissues"]})["image"]
