@@ -516,12 +516,13 @@ class RandCoilFieldd(_RandomizableTransform, _MapTransform):
 
     A phased-array head coil sees the cortex and scalp near its elements brighter than the middle of the head (edge
     over centre 1.5-3 on an uncorrected 32-channel scan); at 7 T the middle is brighter instead. MONAI's
-    ``RandBiasFieldd`` draws smooth polynomials over the whole volume, whose edge-over-centre ratio on the template's
-    brain stays within 0.84-1.24, and the bundled model lost a real head's vertex and base to such a field
-    (docs/brain-model.md). The profile is ``gain ** min((r / R)², 1.5)``: ``r`` the distance from a point near the
-    head's centre (moved up to ``max_shift`` times R along each axis), R the 95th percentile of the head's distances
-    from its centre, ``gain`` log-uniform in ``gain_range``. The head is where the image exceeds 10 % of its 99th
-    percentile. Needs ``(1, k, j, i)`` arrays on an isotropic grid.
+    ``RandBiasFieldd`` as :func:`training_transforms` runs it draws smooth polynomials over the whole volume whose
+    edge over centre on the template's brain stays within 1.02-1.24 (5th-95th percentile), and under a stronger
+    profile the bundled model draws an orbit as brain (docs/brain-model.md). The profile is
+    ``gain ** min((r / R)², 1.5)``: ``r`` the distance from a point near the head's centre (moved up to ``max_shift``
+    times R along each axis), R the 95th percentile of the head's distances from its centre, ``gain`` log-uniform in
+    ``gain_range``. The head is where the image exceeds 10 % of its 99th percentile. Needs ``(1, k, j, i)`` arrays on
+    an isotropic grid.
     """
 
     def __init__(

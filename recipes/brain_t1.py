@@ -567,7 +567,7 @@ def main(argv: List[str] = None) -> int:
         "--coil-field-fraction",
         type=float,
         default=0.0,
-        help="share of volumes under a receive coil's profile, edge over centre 0.5-3 (meddl.train.RandCoilFieldd)",
+        help="share of volumes under a receive coil's profile, 0.5-3x at the head's surface (train.RandCoilFieldd)",
     )
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
@@ -634,7 +634,7 @@ def main(argv: List[str] = None) -> int:
         "extent (half of them across the inferior-superior axis) before the rotation (oblique, 0.3) and after it "
         "(0.3), RandAffined ±30° / ±15 % scale, thick slices, low resolution, bias field, "
         + (
-            f"a receive coil's profile (edge over centre 0.5-3, {args.coil_field_fraction}), "
+            f"a receive coil's profile (0.5-3x at the head's surface, {args.coil_field_fraction}), "
             if args.coil_field_fraction
             else ""
         )
