@@ -231,6 +231,11 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
     assert np.all(older["tissues"][0][vacated] == 1)
     untouched = ~brain & ~smaller
     assert np.array_equal(older["image"][0][untouched], whole["image"][0][untouched])
+    # Shrunk on the skull base instead: the brain's lowest level stays, its top draws in further.
+    on_base = RandAtrophyd(prob=1.0, factor_range=(0.88, 0.88), csf_range=(0.3, 0.3), anchor="base")(dict(whole))
+    levels = [np.flatnonzero(mask.any(axis=(1, 2))) for mask in (brain, smaller, on_base["label"][0] > 0)]
+    assert levels[2][0] - levels[0][0] <= 1 < levels[1][0] - levels[0][0]
+    assert levels[0][-1] - levels[2][-1] > levels[0][-1] - levels[1][-1]
     # A receive coil's profile: the head's surface brighter than its middle by the gain (darker below 1).
     kji = np.indices(brain.shape)
     radius = np.sqrt(((kji - np.argwhere(brain).mean(axis=0)[:, None, None, None]) ** 2).sum(axis=0))

@@ -344,6 +344,9 @@ def head_probes(
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.6, 1.0),
     coil_gains: Sequence[float] = (1.5, 2.0, 3.0, 0.67, 0.5),
+    atrophied_heads: Sequence[Tuple[float, float, float]] = tuple(
+        (scale, factor, csf) for scale in (0.88, 0.95) for factor in (0.95, 0.93) for csf in (0.25, 0.4)
+    ),
     necks_1mm_mm: Sequence[float] = (40.0, 80.0, 120.0),
     necked_draws: int = 10,
     cut_vertex_heads: Sequence[Tuple[float, float, float]] = tuple(
@@ -375,6 +378,9 @@ def head_probes(
       thick across, as a hospital's 2D T1 series is (5 mm slices lie beyond the 3 mm the model is meant for);
     * coil profile: the same heads moved under a receive coil's intensity profile (:func:`coil_profile`), brighter
       towards the surface by ``coil_gains`` (darker below 1), as scans are before bias-field correction;
+    * atrophied heads: the same heads at ``atrophied_heads`` (scale, the brain's factor inside the skull, CSF level),
+      the brain shrunk on the skull base (``RandAtrophyd(anchor="base")``), with 80 mm of drawn neck, moved and
+      acquired sagittal 1.2×1×1 mm: an older adult's research scan (a brain 0.93× across holds 0.80 of its volume);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are;
     * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
@@ -449,6 +455,16 @@ def head_probes(
         for gain in coil_gains:
             name = f"{source_name} moved, coil profile {gain:g}x at 80 mm"
             cases.append((name, coil_profile(coil_image, coil_label, gain), coil_label.array))
+        for scale, factor, csf in atrophied_heads:
+            head, label = _scaled_about_centre(source, scale)
+            shrink = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf), anchor="base")
+            older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
+            head, label = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
+            image, label = acquire(
+                VolumePair(source.name, head, label, source.source), (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL
+            )
+            name = f"{source_name} {scale:g}x, brain {factor:g}x on the skull base, CSF {csf:g}, 80 mm neck, sagittal"
+            cases.append((name, image, label.array))
         for neck in necks_1mm_mm:
             necked = VolumePair(source.name, *with_neck(source.image, source.label, neck), source.source)
             image, label = acquire(necked, (10.0, 5.0, -5.0), source.image.spacing, AXIAL)

@@ -453,8 +453,11 @@ class RandAtrophyd(_RandomizableTransform, _MapTransform):
     the bundled model, docs/brain-model.md). The brain's contents are
     scaled by a random factor in ``factor_range`` about its centre of mass; the voxels it leaves become background
     with a random CSF intensity, ``csf_range`` times the brain's median (dark on T1; brighter where thin CSF shares
-    voxels with tissue), and tissue class ``csf_class`` (see :func:`intensity_classes`). Needs ``(1, k, j, i)``
-    arrays.
+    voxels with tissue), and tissue class ``csf_class`` (see :func:`intensity_classes`). ``anchor="base"`` shrinks
+    about the centre's left-right and front-back position at the level with 5 % of the brain below it, instead of the
+    centre of mass: the brain stays on the skull base and its top and sides draw in, as an ageing brain's do (the
+    centre of mass lifts the cerebellum and brainstem off the skull base; docs/brain-model.md). Needs ``(1, k, j, i)``
+    arrays; for ``"base"``, with k running inferior to superior (the model grid's).
     """
 
     def __init__(
@@ -466,11 +469,14 @@ class RandAtrophyd(_RandomizableTransform, _MapTransform):
         factor_range: Tuple[float, float] = (0.85, 0.98),
         csf_range: Tuple[float, float] = (0.15, 0.6),
         csf_class: int = 1,
+        anchor: str = "centre",
     ) -> None:
+        if anchor not in ("centre", "base"):
+            raise ValueError(f"anchor must be 'centre' or 'base', not {anchor!r}")
         _MapTransform.__init__(self, [image_key, label_key, tissue_key], allow_missing_keys=True)
         _RandomizableTransform.__init__(self, prob)
         self.image_key, self.label_key, self.tissue_key = image_key, label_key, tissue_key
-        self.factor_range, self.csf_range, self.csf_class = factor_range, csf_range, csf_class
+        self.factor_range, self.csf_range, self.csf_class, self.anchor = factor_range, csf_range, csf_class, anchor
 
     def __call__(self, data):
         data = dict(data)
@@ -486,6 +492,9 @@ class RandAtrophyd(_RandomizableTransform, _MapTransform):
         factor = float(self.R.uniform(*self.factor_range))
         csf_level = float(self.R.uniform(*self.csf_range))
         centre = np.array(ndimage.center_of_mass(brain))
+        if self.anchor == "base":
+            rows = np.cumsum(brain.sum(axis=(1, 2)))
+            centre[0] = float(np.searchsorted(rows, 0.05 * rows[-1]))
         # Output voxel x shows the source at centre + (x - centre) / factor: the brain drawn `factor` times its size.
         matrix, offset = np.eye(3) / factor, centre - centre / factor
 
