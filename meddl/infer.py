@@ -50,6 +50,8 @@ __all__ = [
     "model_input",
     "FoundObject",
     "object_points_and_cut",
+    "coil_profile_slope",
+    "without_coil_profile",
     "head_size_factor",
     "head_pose_rotation",
     "object_widths",
@@ -89,6 +91,7 @@ class SegmentationResult:
     size_scale: float = 1.0  # the model grid's spacing factor when size normalisation ran another pass
     tilt_correction_deg: float = 0.0  # how far the pose normalisation's pass turned the grid (degrees)
     air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
+    coil_gain: float = 1.0  # the receive coil's profile a pass removed: brightness at its radius over the centre
     neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
@@ -531,6 +534,19 @@ def segment_image(
         normalized=True,
         counter=windows,
     )
+    # The network learnt bias-corrected heads: a receive coil's profile left in the scan (a brighter surface) makes it
+    # draw an orbit as brain. Take the profile out of the image and look again.
+    coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
+    coil_gain = 1.0
+    if coil:
+        corrected, coil_gain = without_coil_profile(seen, model_image, probabilities, coil)
+        if corrected is not None:
+            progress(0.25, f"the scan is {coil_gain:.2f}x as bright at its surface: a pass with that taken out")
+            seen = corrected
+            model_image = model_input(seen, spec, spec.target_spacing)
+            probabilities = predict_probabilities(
+                model_image, package, device, tta, scaled(progress, 0.25, 0.4), cancel, normalized=True, counter=windows
+            )
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
     brain_label = int((sizing or posing or {}).get("label", 1))
@@ -594,6 +610,7 @@ def segment_image(
         size_scale=size_scale,
         tilt_correction_deg=tilt,
         air_quieted=air_quieted,
+        coil_gain=coil_gain,
         neck_trimmed_mm=neck_trimmed_mm,
         air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
         air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
@@ -724,6 +741,65 @@ def object_tilt_deg(points: np.ndarray) -> float:
     tilted forward (chin down) or back (chin up) whatever its turn about the vertical.
     """
     return math.degrees(math.asin(float(np.clip(_front_back_axis(points)[2], -1.0, 1.0))))
+
+
+def coil_profile_slope(model_image: Image, mask: np.ndarray, radius_mm: float) -> Tuple[float, np.ndarray]:
+    """How the brain's brighter tissue brightens towards its surface, and the brain's centre (LPS mm).
+
+    The slope (log intensity per unit of ``(r / radius_mm)²``, ``r`` the distance from the brain's centre) of the
+    75th percentile of log intensity in ten bins of that squared distance, over ``mask`` less its outer voxel layer
+    (partial volume with CSF). Bias-corrected heads read about -0.1 (grey matter lies outside the white); a coil
+    profile ``gain`` times brighter at ``radius_mm`` adds about ln(gain) (docs/brain-model.md).
+    """
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask)
+    kji = np.argwhere(inner).astype(np.float64)
+    if len(kji) < 1000:
+        return 0.0, np.zeros(3)
+    points = (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(model_image.origin)
+    centre = points.mean(axis=0)
+    squared = ((points - centre) ** 2).sum(axis=1) / radius_mm**2
+    values = model_image.array[inner].astype(np.float64)
+    keep = values > 0
+    logs, bins = np.log(values[keep]), np.minimum((squared[keep] * 10).astype(int), 9)
+    levels = [(b + 0.5) / 10 for b in range(10) if np.count_nonzero(bins == b) > 50]
+    upper = [float(np.percentile(logs[bins == b], 75)) for b in range(10) if np.count_nonzero(bins == b) > 50]
+    if len(levels) < 3:
+        return 0.0, centre
+    return float(np.polyfit(levels, upper, 1)[0]), centre
+
+
+def without_coil_profile(
+    image: Image, model_image: Image, probabilities: np.ndarray, coil: Dict
+) -> Tuple[Optional[Image], float]:
+    """``image`` with the receive coil's profile the first pass shows taken out, and that profile's gain at
+    ``radius_mm``; (None, 1.0) when its slope (:func:`coil_profile_slope`) is within ``min_change`` of
+    ``reference_slope`` (the model's own first pass on its training template) or nothing was found.
+
+    The profile removed is ``exp(excess * min((r / radius_mm)², 1.5))`` about the brain's centre, ``excess`` the slope
+    over the reference: the form of a phased-array coil's sensitivity, brighter towards the surface.
+    """
+    mask = largest_object(probabilities, int(coil.get("label", 1)))
+    if mask is None:
+        return None, 1.0
+    radius = float(coil.get("radius_mm", 80.0))
+    slope, centre = coil_profile_slope(model_image, mask, radius)
+    excess = slope - float(coil["reference_slope"])
+    if abs(excess) <= float(coil.get("min_change", 0.2)):
+        return None, 1.0
+    # The squared distance of every input voxel from the centre, one LPS axis at a time (a sum of 1D terms each).
+    index = np.ogrid[tuple(slice(0, n) for n in image.array.shape)]
+    axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
+    squared = np.zeros(image.array.shape, np.float32)
+    for row, origin, middle in zip(axes, image.origin, centre):
+        position = row[0] * index[2] + row[1] * index[1] + row[2] * index[0] + np.float32(origin - middle)
+        squared += position**2
+    squared *= np.float32(1.0 / radius**2)
+    np.minimum(squared, 1.5, out=squared)
+    squared *= np.float32(-excess)
+    profile_removed = image.array.astype(np.float32) * np.exp(squared, out=squared)
+    return image.with_array(profile_removed), float(math.exp(excess))
 
 
 def head_size_factor(found: FoundObject, sizing: Dict) -> float:
@@ -924,6 +1000,8 @@ def segment_file(
     progress(1.0, f"wrote {Path(written).name}")
     # What the engine did beyond one plain pass, so that a slower or surprising result explains itself.
     notes = ["the air was noise: blanked outside the head"] if result.air_quieted else []
+    if result.coil_gain != 1.0:
+        notes.append(f"another pass without a coil profile {result.coil_gain:.2f}x as bright at the surface")
     if result.size_scale != 1.0:
         notes.append(f"another pass for a head {result.size_scale:.2f}x the size the model learnt")
     if result.tilt_correction_deg:
@@ -949,6 +1027,7 @@ def segment_file(
         "size_scale": round(result.size_scale, 4),
         "tilt_correction_deg": round(result.tilt_correction_deg, 1),
         "air_quieted": result.air_quieted,
+        "coil_gain": round(result.coil_gain, 3),
         "notes": notes,
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,

@@ -52,17 +52,17 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 def brain_t1_spec(atrophy: bool = False, consensus: bool = False, coil_field: bool = False) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.8, else 2.1.11; ``consensus``: trained on the consensus labels, 2.4.8, not bundled;
+    brains, the bundled 2.3.9, else 2.1.12; ``consensus``: trained on the consensus labels, 2.4.9, not bundled;
     ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
-    each seven patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
-    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm`` and
-    the ``cut_side_`` framing; docs/brain-model.md)."""
+    each eight patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
+    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm``,
+    the ``cut_side_`` framing and ``coil_normalization``; docs/brain-model.md)."""
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.8" if consensus else "2.5.0" if coil_field else "2.3.8" if atrophy else "2.1.11",
+            "version": "2.4.9" if consensus else "2.5.0" if coil_field else "2.3.9" if atrophy else "2.1.12",
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -137,6 +137,12 @@ def brain_t1_spec(atrophy: bool = False, consensus: bool = False, coil_field: bo
                 # own first pass on the template (reference_tilt_deg, calibrated with the widths), the second pass
                 # turns its grid to the learnt pose (docs/brain-model.md).
                 "pose_normalization": {"min_change_deg": 15, "max_change_deg": 45, "max_cut_mm2": 1000},
+                # ... and bias-corrected heads: a receive coil's profile left in the scan (a brighter surface) made it
+                # draw an orbit as brain. When the first pass's brain brightens outwards faster than the model's own
+                # first pass on the template (reference_slope, calibrated with the widths) by more than 0.2 (the
+                # stress set's 40 cases read within 0.1 of it; a surface 1.5x as bright 80 mm out adds 0.4), the
+                # profile is divided out and the passes run on that (2.3.9, docs/brain-model.md).
+                "coil_normalization": {"min_change": 0.2, "radius_mm": 80.0},
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
@@ -236,21 +242,31 @@ def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict
 
 def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     """Measure what the model's first pass finds on the unmoved training template (each copy): the brain's widths
-    (left-right, anterior-posterior) and its pitch. Their means become ``input.size_normalization.
-    reference_extent_mm`` and ``input.pose_normalization.reference_tilt_deg``: the head size and pose the network
-    learnt."""
-    from meddl.infer import model_input, object_points_and_cut, object_tilt_deg, object_widths, predict_probabilities
+    (left-right, anterior-posterior), its pitch and how it brightens outwards. Their means become
+    ``input.size_normalization.reference_extent_mm``, ``input.pose_normalization.reference_tilt_deg`` and
+    ``input.coil_normalization.reference_slope``: the head size, pose and intensity profile the network learnt."""
+    from meddl.infer import (
+        coil_profile_slope,
+        largest_object,
+        model_input,
+        object_points_and_cut,
+        object_tilt_deg,
+        object_widths,
+        predict_probabilities,
+    )
     from meddl.models import load_model
 
     package = load_model(package_dir)
     pairs = fsl_mni152_brain_pairs()
-    widths, tilts = [], []
+    radius = float(package.spec.input.get("coil_normalization", {}).get("radius_mm", 80.0))
+    widths, tilts, slopes = [], [], []
     for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
         points = object_points_and_cut(probabilities, model_image, pair.image, 1).points
         widths.append([round(w, 1) for w in object_widths(points)])
         tilts.append(round(object_tilt_deg(points), 1))
+        slopes.append(round(coil_profile_slope(model_image, largest_object(probabilities, 1), radius)[0], 3))
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
@@ -263,8 +279,13 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     posing["reference_note"] = "first-pass brain pitch (degrees) on the unmoved training template: " + (
         ", ".join(f"{pair.name} {t}" for pair, t in zip(pairs, tilts))
     )
+    if "coil_normalization" in spec["input"]:
+        coil = spec["input"]["coil_normalization"]
+        coil["reference_slope"] = round(float(np.mean(slopes)), 3)
+        coil["reference_note"] = "first-pass brain brightening (log intensity per (r/radius)²) on the unmoved training "
+        coil["reference_note"] += "template: " + ", ".join(f"{pair.name} {v}" for pair, v in zip(pairs, slopes))
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    return {"widths_mm": widths, "tilts_deg": tilts}
+    return {"widths_mm": widths, "tilts_deg": tilts, "coil_slopes": slopes}
 
 
 def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
