@@ -789,12 +789,12 @@ def without_coil_profile(
     if abs(excess) <= float(coil.get("min_change", 0.2)):
         return None, 1.0
     # The squared distance of every input voxel from the centre, one LPS axis at a time (a sum of 1D terms each).
-    index = np.ogrid[tuple(slice(0, n) for n in image.array.shape)]
+    index = [axis.astype(np.float32) for axis in np.ogrid[tuple(slice(0, n) for n in image.array.shape)]]
     axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
     squared = np.zeros(image.array.shape, np.float32)
     for row, origin, middle in zip(axes, image.origin, centre):
-        position = row[0] * index[2] + row[1] * index[1] + row[2] * index[0] + np.float32(origin - middle)
-        squared += position**2
+        position = row[0] * index[2] + row[1] * index[1] + (row[2] * index[0] + np.float32(origin - middle))
+        squared += np.square(position, out=position)
     squared *= np.float32(1.0 / radius**2)
     np.minimum(squared, 1.5, out=squared)
     squared *= np.float32(-excess)
