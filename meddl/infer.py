@@ -754,17 +754,17 @@ def coil_profile_slope(model_image: Image, mask: np.ndarray, radius_mm: float) -
     from scipy import ndimage
 
     inner = ndimage.binary_erosion(mask)
-    kji = np.argwhere(inner).astype(np.float64)
-    if len(kji) < 1000:
+    if np.count_nonzero(inner) < 1000:
         return 0.0, np.zeros(3)
-    points = (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(model_image.origin)
+    points = _lps_points(model_image, inner)
     centre = points.mean(axis=0)
     squared = ((points - centre) ** 2).sum(axis=1) / radius_mm**2
     values = model_image.array[inner].astype(np.float64)
     keep = values > 0
     logs, bins = np.log(values[keep]), np.minimum((squared[keep] * 10).astype(int), 9)
-    levels = [(b + 0.5) / 10 for b in range(10) if np.count_nonzero(bins == b) > 50]
-    upper = [float(np.percentile(logs[bins == b], 75)) for b in range(10) if np.count_nonzero(bins == b) > 50]
+    filled = [b for b, count in enumerate(np.bincount(bins, minlength=10)) if count > 50]
+    levels = [(b + 0.5) / 10 for b in filled]
+    upper = [float(np.percentile(logs[bins == b], 75)) for b in filled]
     if len(levels) < 3:
         return 0.0, centre
     return float(np.polyfit(levels, upper, 1)[0]), centre
@@ -896,14 +896,14 @@ def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: 
             index[axis] = end
             edge[tuple(index)] = True
 
-    def lps(voxels: np.ndarray) -> np.ndarray:
-        kji = np.argwhere(voxels).astype(np.float64)
-        return (kji[:, ::-1] * np.asarray(model_image.spacing)) @ model_image.direction.T + np.asarray(
-            model_image.origin
-        )
-
     # Cut faces are counted in voxels touching the edge, each worth one voxel face.
-    return FoundObject(lps(mask), lps(mask & edge), face_mm2)
+    return FoundObject(_lps_points(model_image, mask), _lps_points(model_image, mask & edge), face_mm2)
+
+
+def _lps_points(image: Image, voxels: np.ndarray) -> np.ndarray:
+    """LPS positions (mm), one row each, of the true voxels of boolean ``voxels`` on ``image``'s grid."""
+    kji = np.argwhere(voxels).astype(np.float64)
+    return (kji[:, ::-1] * np.asarray(image.spacing)) @ image.direction.T + np.asarray(image.origin)
 
 
 def _width_band(points: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
