@@ -1,9 +1,11 @@
-"""Time of one training step of the brain recipe's network, float32 against bfloat16 autocast. Prints ratios.
+"""Time of one training step of the brain recipe's network: float32 against bfloat16 autocast, and against MONAI's
+plain network in float32 (PyTorch's own choice of convolution path). Prints ratios.
 
     nice .venv/bin/python benchmarks/training_step.py [--threads 2] [--steps 8]
 
 One step is what `meddl.train.train_segmentation` does per patch: forward, Dice + cross-entropy, backward,
-AdamW update, on a 96³ patch of the FSL MNI152 T1 with its brain mask (the recipe's network, untrained).
+AdamW update, on a 96³ patch of the FSL MNI152 T1 with its brain mask (the recipe's network, untrained). The
+plain network is ``monai.networks.nets`` built from the same arguments, without ``meddl.models.convolution``.
 Also timed: the augmentation pipeline the recipe runs per step (it runs on the same cores, in the same
 thread). Each figure is the median of ``--steps`` steps after two warm-ups; the two precisions take turns.
 """
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
 
     import torch
     from monai.losses import DiceCELoss
+    from monai.networks import nets
 
     from meddl.data import fsl_mni152_brain_pairs
     from meddl.models import build_network
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     torch.manual_seed(0)
     networks = {name: build_network(spec) for name in ("fp32", "bf16")}
+    networks["fp32 plain"] = getattr(nets, spec.architecture)(**spec.architecture_args)
     optimizers = {name: torch.optim.AdamW(net.parameters(), lr=1e-3) for name, net in networks.items()}
     times = {name: [] for name in networks}
     for step in range(args.steps + 2):
@@ -69,11 +73,12 @@ def main(argv=None) -> int:
             if step >= 2:
                 times[name].append(time.perf_counter() - started)
 
-    fp32, bf16 = (statistics.median(times[name]) for name in ("fp32", "bf16"))
+    fp32, bf16, plain = (statistics.median(times[name]) for name in ("fp32", "bf16", "fp32 plain"))
     augment = statistics.median(pipeline_times)
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"'auto' precision on this CPU: {resolve_precision('auto', 'cpu')}")
     print(f"network step, patch {list(images.shape[2:])}: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s -> {fp32 / bf16:.2f}x")
+    print(f"network step, fp32: plain MONAI {plain:.3f} s, ours {fp32:.3f} s -> {plain / fp32:.2f}x")
     print(f"augmentation pipeline per step: {augment:.3f} s")
     print(
         f"whole step (augmentation + network): fp32 {augment + fp32:.3f} s, bf16 {augment + bf16:.3f} s -> "

@@ -380,13 +380,17 @@ def load_spec(path: PathLike) -> ModelSpec:
 
 
 def build_network(spec: ModelSpec):
-    """Instantiate the allow-listed MONAI network named by ``spec``."""
+    """Instantiate the allow-listed MONAI network named by ``spec``, its 3D convolutions on oneDNN on the CPU
+    (:mod:`meddl.models.convolution`)."""
     from monai.networks import nets
 
+    from meddl.models.convolution import use_onednn_convolutions
+
     try:
-        return getattr(nets, spec.architecture)(**spec.architecture_args)
+        network = getattr(nets, spec.architecture)(**spec.architecture_args)
     except (TypeError, ValueError, AssertionError, AttributeError) as error:
         raise ModelError(f"cannot build {spec.architecture} from architecture.args ({error})") from None
+    return use_onednn_convolutions(network)
 
 
 @dataclass
