@@ -388,6 +388,21 @@ def test_cancel_keeps_the_steps_done_and_the_next_run_continues(tmp_path, brain_
     assert result["training"]["complete"] is True and result["training"]["steps_done"] == 3
 
 
+def test_an_augmented_run_stopped_and_resumed_gives_the_weights_of_one_that_ran_through(tmp_path, brain_4mm):
+    # Each step's augmentation is drawn ahead, on another thread, from (seed, epoch, step) alone.
+    from safetensors.torch import load_file
+
+    datalist = [{"image": str(brain_4mm["image"]), "label": str(brain_4mm["label"])}]
+    options = dict(epochs=2, steps_per_epoch=3, seed=5, augment=True, patches_per_volume=1, device="cpu")
+    through = train_segmentation(tiny_spec(), datalist, tmp_path / "through", **options)
+    stopped = tmp_path / "stopped"
+    train_segmentation(tiny_spec(), datalist, stopped, max_seconds=0.0, **options)
+    resumed = train_segmentation(tiny_spec(), datalist, stopped, **options)
+    assert json.loads((resumed / "model.json").read_text())["training"]["resumed_from"] == [{"epoch": 0, "step": 1}]
+    first, second = (load_file(str(folder / "weights.safetensors")) for folder in (through, resumed))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_data_loaders_find_the_training_subject_and_name_missing_packages():
     from meddl.data import fsl_mni152_brain_pairs, package_root
 

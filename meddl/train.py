@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -970,51 +971,72 @@ def train_segmentation(
             loop["best_dice"], loop["best_epoch"] = mean, epoch + 1
             best_state.update({k: v.detach().cpu().clone() for k, v in network.state_dict().items()})
 
+    def step_seed(epoch: int, step: int) -> int:
+        return (seed * 1_000_003 + epoch * 10_007 + step) % (2**31)
+
+    def augmented_batch(epoch: int, step: int):
+        """The patches of (epoch, step), drawn from those two numbers alone: they can be made a step ahead."""
+        order = np.random.RandomState(seed + 7919 * epoch).permutation(steps * batch_size) % len(train_items)
+        pipeline.set_random_state(seed=step_seed(epoch, step))
+        patches = []
+        for index in order[step * batch_size : (step + 1) * batch_size]:
+            patches.extend(pipeline(dict(train_items[int(index)])))
+        images = torch.stack([p["image"] for p in patches]).float()
+        return images, torch.stack([p["label"] for p in patches]).float()
+
+    def following(epoch: int, step: int) -> Optional[Tuple[int, int]]:
+        return (epoch, step + 1) if step + 1 < steps else ((epoch + 1, 0) if epoch + 1 < epochs else None)
+
     stopped_early = False
     network.train()
-    while loop["epoch"] < epochs and not stopped_early:
-        epoch = loop["epoch"]
-        order = np.random.RandomState(seed + 7919 * epoch).permutation(steps * batch_size) % len(train_items)
-        losses = loop.pop("epoch_losses", [])
-        while loop["step"] < steps:
-            if cancel and cancel.cancelled:
-                # Keep what this epoch did so far, then stop as asked; the next run continues from here.
+    # One thread augments the next step's volume while the network trains on this one: the network's
+    # convolutions leave a core idle part of the time, and the augmentation is mostly single-threaded.
+    # Only that thread touches the pipeline, and the pipeline draws nothing from torch's generator.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="meddl-augment") as augmenter:
+        ahead: Optional[Tuple[Tuple[int, int], Any]] = None
+        while loop["epoch"] < epochs and not stopped_early:
+            epoch = loop["epoch"]
+            losses = loop.pop("epoch_losses", [])
+            while loop["step"] < steps:
+                if cancel and cancel.cancelled:
+                    # Keep what this epoch did so far, then stop as asked; the next run continues from here.
+                    loop["epoch_losses"] = losses
+                    loop["elapsed_s"] = elapsed_before + time.time() - started
+                    _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
+                    cancel.check()
+                step = loop["step"]
+                if ahead is None or ahead[0] != (epoch, step):
+                    ahead = ((epoch, step), augmenter.submit(augmented_batch, epoch, step))
+                batch = ahead[1].result()
+                upcoming = following(epoch, step)
+                ahead = (upcoming, augmenter.submit(augmented_batch, *upcoming)) if upcoming else None
+                images, labels = (tensor.to(device) for tensor in batch)
+                torch.manual_seed(step_seed(epoch, step))
+                set_learning_rate(epoch * steps + step)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    logits = network(images)
+                loss = loss_function(logits.float(), labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                loop["step"] = step + 1
+                done = epoch * steps + step + 1
+                progress(
+                    done / total_steps, f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} loss {losses[-1]:.4f}"
+                )
+                if max_seconds is not None and time.time() - started >= max_seconds and done < total_steps:
+                    stopped_early = True
+                    break
+            if loop["step"] >= steps:
+                record_epoch(epoch, losses)
+                loop["epoch"], loop["step"] = epoch + 1, 0
+            else:
                 loop["epoch_losses"] = losses
-                loop["elapsed_s"] = elapsed_before + time.time() - started
-                _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
-                cancel.check()
-            step = loop["step"]
-            step_seed = (seed * 1_000_003 + epoch * 10_007 + step) % (2**31)
-            pipeline.set_random_state(seed=step_seed)
-            torch.manual_seed(step_seed)
-            patches = []
-            for index in order[step * batch_size : (step + 1) * batch_size]:
-                patches.extend(pipeline(dict(train_items[int(index)])))
-            images = torch.stack([p["image"] for p in patches]).float().to(device)
-            labels = torch.stack([p["label"] for p in patches]).float().to(device)
-            set_learning_rate(epoch * steps + step)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = network(images)
-            loss = loss_function(logits.float(), labels)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            loop["step"] = step + 1
-            done = epoch * steps + step + 1
-            progress(done / total_steps, f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} loss {losses[-1]:.4f}")
-            if max_seconds is not None and time.time() - started >= max_seconds and done < total_steps:
-                stopped_early = True
-                break
-        if loop["step"] >= steps:
-            record_epoch(epoch, losses)
-            loop["epoch"], loop["step"] = epoch + 1, 0
-        else:
-            loop["epoch_losses"] = losses
-            if not loop["history"]:  # nothing validated yet: the interim package still needs measured weights
-                record_epoch(epoch, losses, partial=True)
-        loop["elapsed_s"] = elapsed_before + time.time() - started
-        _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
+                if not loop["history"]:  # nothing validated yet: the interim package still needs measured weights
+                    record_epoch(epoch, losses, partial=True)
+            loop["elapsed_s"] = elapsed_before + time.time() - started
+            _save_checkpoint(checkpoint, network, best_state, optimizer, loop)
 
     complete = loop["epoch"] >= epochs
     best = next((h for h in loop["history"] if h["epoch"] == loop["best_epoch"]), loop["history"][-1])
