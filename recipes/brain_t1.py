@@ -60,19 +60,29 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 
 
-def brain_t1_spec(atrophy: bool = False, consensus: bool = False, coil_field: bool = False) -> ModelSpec:
+def brain_t1_spec(
+    atrophy: bool = False, consensus: bool = False, coil_field: bool = False, bfloat16: bool = False
+) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.9, else 2.1.12; ``consensus``: trained on the consensus labels, 2.4.9, not bundled;
-    ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
+    brains, the bundled 2.3.9 under ``bfloat16`` autocast and 2.6.0 in float32, else 2.1.12; ``consensus``: trained
+    on the consensus labels, 2.4.9, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
     each eight patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
     ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm``,
     the ``cut_side_`` framing and ``coil_normalization``; docs/brain-model.md)."""
+    if consensus:
+        version = "2.4.9"
+    elif coil_field:
+        version = "2.5.0"
+    elif atrophy:
+        version = "2.3.9" if bfloat16 else "2.6.0"
+    else:
+        version = "2.1.12"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
             "schema_version": 1,
             "name": "brain-t1",
-            "version": "2.4.9" if consensus else "2.5.0" if coil_field else "2.3.9" if atrophy else "2.1.12",
+            "version": version,
             "task": "segmentation",
             "description": "Brain extraction (skull stripping) of T1-weighted head MRI, any orientation, 0.5-3 mm.",
             "architecture": {
@@ -320,6 +330,7 @@ def rescore(package_dir: Path) -> int:
         atrophy=bool(trained_with.get("atrophy_fraction")),
         consensus=trained_with.get("labels") == "consensus",
         coil_field=bool(trained_with.get("coil_field_fraction")),
+        bfloat16=spec["training"].get("precision") == "bf16",
     ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
@@ -578,8 +589,9 @@ def main(argv: List[str] = None) -> int:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default="auto",
-        help="network forward pass in bfloat16 (benchmarks/training_step.py measures the gain); "
-        "auto: bf16 where the CPU has it natively",
+        help="bf16: the network's forward pass under bfloat16 autocast, as the bundled 2.3.9 was trained (faster on "
+        "a CPU with native bfloat16, benchmarks/training_step.py); fp32: other weights (2.6.0, not bundled); auto: "
+        "bf16 where the CPU has it natively",
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
     parser.add_argument("--synthetic-fraction", type=float, default=0.5)
@@ -626,11 +638,13 @@ def main(argv: List[str] = None) -> int:
         RandSmoothDeformd,
         RandSynthesizeFromTissuesd,
         intensity_classes,
+        resolve_precision,
         train_segmentation,
     )
 
     torch.set_num_threads(args.threads)
     started = time.time()
+    precision = resolve_precision(args.precision, "cpu")  # the weights, and so the version, depend on it
     pairs = fsl_mni152_brain_pairs()
     if args.labels == "consensus":
         pairs = consensus_labels(pairs)
@@ -677,6 +691,7 @@ def main(argv: List[str] = None) -> int:
             atrophy=bool(args.atrophy_fraction),
             consensus=args.labels == "consensus",
             coil_field=bool(args.coil_field_fraction),
+            bfloat16=precision == "bf16",
         ),
         datalist,
         staging,
@@ -705,7 +720,7 @@ def main(argv: List[str] = None) -> int:
         max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         progress=_progress_printer(),
         device="cpu",
-        precision=args.precision,  # train_segmentation resolves "auto"; model.json records the outcome
+        precision=precision,  # model.json records it
     )
     spec_path = package / "model.json"
     spec = json.loads(spec_path.read_text())
