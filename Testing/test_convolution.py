@@ -3,7 +3,7 @@ MONAI's plain network gives: the same brain probabilities on a real head, the sa
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -18,13 +18,12 @@ from meddl.transforms import normalize_intensity, to_model_grid
 
 torch.set_num_threads(1)
 
-BRAIN_T1 = Path(__file__).resolve().parents[1] / "Resources" / "models" / "brain-t1"
 
-
-def _plain_monai(spec, weights: dict) -> nn.Module:
-    """MONAI's own network with ``weights``: every convolution as PyTorch runs it."""
+def _plain_monai(spec, weights: Optional[dict] = None) -> nn.Module:
+    """MONAI's own network for ``spec`` (with ``weights``): every convolution as PyTorch runs it."""
     network = getattr(nets, spec.architecture)(**spec.architecture_args)
-    network.load_state_dict(weights)
+    if weights is not None:
+        network.load_state_dict(weights)
     assert not any(isinstance(m, OneDnnConv3d) for m in network.modules())
     return network
 
@@ -49,8 +48,8 @@ def test_a_convolution_gives_plain_pytorch_values_and_gradients(depth, stride, k
     torch.testing.assert_close(ours.bias.grad, plain.bias.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_the_bundled_brain_model_draws_the_brain_monai_draws_and_trains_the_same():
-    package = load_model(BRAIN_T1)
+def test_the_bundled_brain_model_draws_the_brain_monai_draws_and_trains_the_same(repo):
+    package = load_model(repo / "Resources" / "models" / "brain-t1")
     network = package.network.eval()
     assert any(isinstance(m, OneDnnConv3d) for m in network.modules())
     plain = _plain_monai(package.spec, network.state_dict()).eval()
@@ -76,8 +75,6 @@ def test_the_bundled_brain_model_draws_the_brain_monai_draws_and_trains_the_same
     assert float((gradients[0] - gradients[1]).norm() / gradients[1].norm()) < 1e-3
 
 
-def test_build_network_keeps_monai_state_dict_keys():
-    spec = load_model(BRAIN_T1).spec
-    network = build_network(spec)
-    plain = getattr(nets, spec.architecture)(**spec.architecture_args)
-    assert list(network.state_dict()) == list(plain.state_dict())
+def test_build_network_keeps_monai_state_dict_keys(repo):
+    spec = load_model(repo / "Resources" / "models" / "brain-t1").spec
+    assert list(build_network(spec).state_dict()) == list(_plain_monai(spec).state_dict())

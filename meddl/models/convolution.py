@@ -5,8 +5,8 @@ PyTorch sends a float32 CPU convolution of one patch to oneDNN only when ``N·C�
 deep layers of a UNet (128 channels at 12³) fall below that and take the im2col reference path instead, which
 made up half of a training step of the bundled brain network (``benchmarks/training_step.py``). Cutting the
 patch into two halves along depth (each with the rows the kernel needs from the other) makes a batch of two,
-which always goes to oneDNN, and gives the same numbers up to float32 rounding. In channels-last layout,
-because oneDNN's blocked layout pads a layer of one or two channels to sixteen.
+which always goes to oneDNN, and gives the same numbers up to float32 rounding. The slabs go in channels-last
+layout, because oneDNN's blocked layout pads a layer of one or two channels to sixteen.
 
 Under autocast and on other devices PyTorch already picks well, and the convolution is left as it is: a
 bfloat16 run of the recipe keeps its arithmetic to the bit.
