@@ -27,6 +27,7 @@ from meddl.train import (  # noqa: E402
     RandCoilFieldd,
     RandFieldOfViewCutd,
     RandInferiorExtensiond,
+    RandLesiond,
     RandSmoothDeformd,
     RandSynthesizeFromTissuesd,
     checkpoint_path,
@@ -249,6 +250,17 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
         edge_over_centre = float(field[surface].mean() / field[middle].mean())
         assert edge_over_centre > 1.2 if gain > 1 else edge_over_centre < 1 / 1.2
         assert coil["image"].dtype == np.float32 and np.array_equal(coil["label"], whole["label"])
+    # A lesion: brain voxels take another intensity, nothing outside the brain changes, and it stays brain.
+    brain_median = float(np.median(whole["image"][0][brain]))
+    for seed, level in ((6, 0.1), (7, 1.5)):
+        lesion = RandLesiond(prob=1.0, radius_range=(3.0, 3.0), level_range=(level, level))
+        lesion.set_random_state(seed=seed)
+        lesioned = lesion(dict(whole))
+        changed = lesioned["image"][0] != whole["image"][0]
+        assert changed.sum() >= 20 and not (changed & ~brain).any()
+        assert np.array_equal(lesioned["label"], whole["label"])
+        core = lesioned["image"][0][changed & (np.abs(lesioned["image"][0] - level * brain_median) < 1e-4)]
+        assert core.size >= 1  # its core is at the drawn level
     synthesis = RandSynthesizeFromTissuesd(prob=1.0)
     synthesis.set_random_state(seed=4)
     synthetic = synthesis({**whole, "tissues": item["tissues"]})["image"]

