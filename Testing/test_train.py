@@ -261,6 +261,10 @@ def test_augmentation_pipeline_shapes_and_values(brain_4mm):
         assert np.array_equal(lesioned["label"], whole["label"])
         core = lesioned["image"][0][changed & (np.abs(lesioned["image"][0] - level * brain_median) < 1e-4)]
         assert core.size >= 1  # its core is at the drawn level
+    # A brain of one voxel off the coarse grid the centre is drawn on gets no lesion (and no error).
+    speck = np.zeros_like(whole["label"])
+    speck[0, 3, 3, 3] = 1
+    assert np.array_equal(RandLesiond(prob=1.0)({**whole, "label": speck})["image"], whole["image"])
     synthesis = RandSynthesizeFromTissuesd(prob=1.0)
     synthesis.set_random_state(seed=4)
     synthetic = synthesis({**whole, "tissues": item["tissues"]})["image"]

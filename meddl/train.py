@@ -609,6 +609,8 @@ class RandLesiond(_RandomizableTransform, _MapTransform):
         # Depth on a grid twice as coarse: a tenth of the cost, and a voxel's accuracy is plenty for a centre.
         depth = 2.0 * ndimage.distance_transform_edt(brain[::2, ::2, ::2])
         candidates = 2 * np.argwhere((depth > 0) & (depth <= radii.max()))
+        if not len(candidates):  # a brain of a few voxels, all between the coarse grid's points
+            return data
         centre = candidates[int(self.R.randint(len(candidates)))]
         # Only the lesion's bounding box is computed: the rest of the volume keeps its values.
         low = np.maximum(np.floor(centre - radii - 1).astype(int), 0)
