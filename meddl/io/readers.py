@@ -85,7 +85,8 @@ def read_image(
     """Read a 3D volume with its exact LPS geometry.
 
     Args:
-        path: a NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz) or MetaImage (.mha/.mhd) file, a DICOM series
+        path: a NRRD (.nrrd/.nhdr), NIfTI-1 (.nii/.nii.gz), MetaImage (.mha/.mhd) or FreeSurfer (.mgh/.mgz)
+            file, a DICOM series
             folder, or one DICOM file (its series in the same folder is read).
         series_uid: which DICOM series to read when the folder holds several.
         isolate: decode in a child process (True), in this process (False), or decide (None: a child for
@@ -118,11 +119,13 @@ def read_image(
             return _read_isolated(path, series_uid, timeout)
         image = read_dicom(plan, path)
     else:
-        if file_format in READ_IMAGE_IO:
+        if file_format in READ_IMAGE_IO or file_format == "mgh":
             facts = sniff_header(path, file_format)
             if forced:
                 return _read_isolated(path, series_uid, timeout)
-            if file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
+            if file_format == "mgh":
+                image = _read_mgh(path, facts.shape)
+            elif file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
                 image = _read_float_nifti(path, facts.shape)
             else:
                 image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
@@ -212,6 +215,24 @@ def _read_float_nifti(path: Path, shape) -> Image:
     geometry.SetDirection(np.asarray(direction, dtype=np.float64).ravel().tolist())
     template = image_from_sitk(geometry, path)
     return Image(array, template.spacing, template.origin, template.direction)
+
+
+def _read_mgh(path: Path, shape) -> Image:
+    """FreeSurfer MGH/MGZ, which ITK does not read: voxels and the voxel-to-RAS matrix from nibabel, in LPS."""
+    import nibabel as nib
+
+    try:
+        mgh = nib.load(str(path))
+        voxels = np.asanyarray(mgh.dataobj)
+        affine = np.asarray(mgh.affine, dtype=np.float64)
+    except Exception as error:  # noqa: BLE001 - nibabel/zlib raise several types on corrupt data
+        raise InputError(f"cannot read the MGH voxels ({' '.join(str(error).split())[:200]})", path) from None
+    # MGH stores big-endian; torch and most of numpy's fast paths want the machine's own byte order.
+    array = np.ascontiguousarray(voxels.reshape(tuple(shape), order="F").T, dtype=voxels.dtype.newbyteorder("="))
+    lps_from_ras = np.diag([-1.0, -1.0, 1.0])
+    spacing = check_spacing(np.linalg.norm(affine[:3, :3], axis=0), path)
+    direction = lps_from_ras @ affine[:3, :3] / np.asarray(spacing)
+    return Image(array, spacing, tuple(lps_from_ras @ affine[:3, 3]), direction)
 
 
 def _read_isolated(path: Path, series_uid: Optional[str], timeout: Optional[float]) -> Image:

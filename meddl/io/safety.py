@@ -44,6 +44,7 @@ PathLike = Union[str, os.PathLike]
 MAX_VOXELS = int(os.environ.get("MEDDL_MAX_VOXELS", str(2**31)))
 # No real NRRD/MetaImage header is near this; a "header" that is longer is not one.
 MAX_HEADER_BYTES = 1 << 20
+MGH_HEADER_BYTES = 284  # FreeSurfer's fixed MGH header; the voxels follow it
 
 NRRD_TYPE_BYTES = {
     "signed char": 1, "int8": 1, "int8_t": 1, "uchar": 1, "unsigned char": 1, "uint8": 1, "uint8_t": 1,
@@ -92,7 +93,7 @@ class HeaderFacts:
 def detect_format(path: PathLike) -> Optional[str]:
     """The format a file claims by name, confirmed or corrected by its first bytes; None when unknown.
 
-    Returns one of ``"nrrd"``, ``"metaimage"``, ``"nifti"``, ``"dicom"`` or None.
+    Returns one of ``"nrrd"``, ``"metaimage"``, ``"nifti"``, ``"mgh"`` (FreeSurfer), ``"dicom"`` or None.
     """
     path = Path(path)
     name = path.name.lower()
@@ -103,6 +104,8 @@ def detect_format(path: PathLike) -> Optional[str]:
         by_name = "metaimage"
     elif name.endswith((".nii", ".nii.gz")):
         by_name = "nifti"
+    elif name.endswith((".mgz", ".mgh", ".mgh.gz")):
+        by_name = "mgh"
     elif name.endswith((".dcm", ".dicom", ".ima")):
         by_name = "dicom"
     if by_name is not None:
@@ -142,6 +145,8 @@ def sniff_header(path: PathLike, file_format: Optional[str] = None) -> Optional[
             return _sniff_metaimage(path)
         if file_format == "nifti":
             return _sniff_nifti(path)
+        if file_format == "mgh":
+            return _sniff_mgh(path)
     return None
 
 
@@ -466,6 +471,9 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
             break
     if header_class is None:
         raise InputError("not a NIfTI file (header size field is neither 348 nor 540)", path)
+    if header_class is nib.Nifti2Header:
+        # ITK, and so Slicer and this engine, reads NIfTI-1 only; its reader would fail with a C-level message.
+        raise InputError("a NIfTI-2 file (540-byte header), which is not read here: save it as NIfTI-1", path)
     try:
         # check=False: nibabel's checks silently "fix" bad fields (zero pixdim becomes 1) and log about it;
         # the fields are checked here instead, as stored.
@@ -489,6 +497,40 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
         _check_gzip_stream(path, 0, offset + facts.voxels * facts.voxel_bytes, path)
     else:
         _check_raw_bytes(facts, offset, path)
+    return facts
+
+
+def _sniff_mgh(path: Path) -> HeaderFacts:
+    """FreeSurfer MGH (``.mgh``) or its gzip form (``.mgz``): a 284-byte big-endian header, then the voxels."""
+    from nibabel.freesurfer.mghformat import MGHHeader
+
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
+            raw = handle.read(MGH_HEADER_BYTES)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"not a readable MGH/MGZ file ({_first_line(error)})", path) from None
+    if len(raw) < MGH_HEADER_BYTES:
+        raise InputError(f"not an MGH/MGZ file (only {len(raw)} bytes, its header needs {MGH_HEADER_BYTES})", path)
+    try:
+        header = MGHHeader(raw, check=False)
+        version = int(header["version"])
+        shape = tuple(int(n) for n in header["dims"])
+        dtype = header.get_data_dtype()
+        zooms = [float(z) for z in header["delta"]]
+    except Exception as error:  # noqa: BLE001 - nibabel raises several types for malformed headers
+        raise InputError(f"malformed MGH header ({_first_line(error)})", path) from None
+    if version != 1:
+        raise InputError(f"not an MGH/MGZ file (version field {version}, not 1)", path)
+    check_size(shape, path)
+    shape3 = check_dimensions(shape, path)
+    spacing = check_spacing(zooms, path)
+    facts = HeaderFacts("mgh", shape3, spacing, int(dtype.itemsize), path, compressed, {"dtype": str(dtype)})
+    if compressed:
+        _check_gzip_stream(path, 0, MGH_HEADER_BYTES + facts.voxels * facts.voxel_bytes, path)
+    else:
+        _check_raw_bytes(facts, MGH_HEADER_BYTES, path)
     return facts
 
 
