@@ -335,12 +335,14 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def _offerToSegmentAnyway(self, runner) -> bool:
-        """When the engine refused the volume as another modality than the model's (say, a CT given to an MR
-        model), ask whether to run it anyway, as the command line's --force-modality does; True if it runs again."""
+        """When the engine refused the volume as not the model's kind of image (a CT given to an MR model, or a
+        volume where what the model drew follows no edge), ask whether to run it anyway, as the command line's
+        --force-modality does; True if it runs again."""
         if runner is not self.runner or not isinstance(runner.error, ModalityError):
             return False
         if not slicer.util.confirmYesNoDisplay(
-            f"{runner.error.problem}.\n\nSegment this volume with the model anyway?", windowTitle="MedDL: modality"
+            f"{runner.error.problem}.\n\nSegment this volume with the model anyway?",
+            windowTitle="MedDL: not the model's kind of image",
         ):
             return False
         self._segment(forceModality=True)

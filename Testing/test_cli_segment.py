@@ -444,14 +444,27 @@ def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
     assert not (tmp_path / "o.nrrd").exists()
 
 
-@pytest.mark.parametrize("inference", [{"flip_axes": ["x"]}, {"flip_axes": "i"}, {"flip_axes": ["i", "i"]}, []])
-def test_a_model_with_malformed_flip_axes_exits_4_naming_the_field(model, fsl_t1_2mm, tmp_path, capsys, inference):
+@pytest.mark.parametrize(
+    "section, value",
+    [
+        ("inference", {"flip_axes": ["x"]}),
+        ("inference", {"flip_axes": "i"}),
+        ("inference", {"flip_axes": ["i", "i"]}),
+        ("inference", []),
+        ("postprocess", {"min_edge_contrast": "high"}),
+        ("postprocess", {"min_edge_contrast": float("nan")}),
+        ("postprocess", []),
+    ],
+)
+def test_a_model_with_a_malformed_inference_or_postprocess_setting_exits_4_naming_it(
+    model, fsl_t1_2mm, tmp_path, capsys, section, value
+):
     broken = tmp_path / "broken-model"
     shutil.copytree(model, broken)
     spec = json.loads((broken / "model.json").read_text())
-    spec["inference"] = inference if isinstance(inference, list) else {**spec.get("inference", {}), **inference}
+    spec[section] = value if isinstance(value, list) else {**spec.get(section, {}), **value}
     (broken / "model.json").write_text(json.dumps(spec))
     code, _, err = run_cli(capsys, "segment", "--model", broken, "--input", fsl_t1_2mm, "--output", tmp_path / "o.nrrd")
     assert code == 4 and err.count("\n") == 1 and "Traceback" not in err
-    assert str(broken) in err and "inference" in err
+    assert str(broken) in err and section in err
     assert not (tmp_path / "o.nrrd").exists()

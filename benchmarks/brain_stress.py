@@ -28,7 +28,10 @@ heads defaced (face zeroed, as public data sets release scans); the 1 mm heads m
 slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated), cut at the front, back or side, and
 smaller with their vertex cut, and with a lesion that reaches the cortex; and the same two heads drawn with a neck
 under several differences at once. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the
-worst case's overlay, worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. The script
+worst case's overlay, worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. Every case
+and probe also gives the image's step into the brain drawn (``meddl.infer.edge_contrast``), which refuses volumes
+below the package's ``min_edge_contrast``; volumes with no head in them (noise, phantoms, a CT without its
+Hounsfield offset) are segmented anyway to show how far below it they lie. The script
 also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split.
 It never fails on a target: it prints how many cases meet them.
 """
@@ -533,10 +536,69 @@ def head_probes(
         cases.append((f"head tilted {'back' if tilt > 0 else 'forward'} {abs(tilt):.0f} deg", image, label.array))
     rows = []
     for name, image, label in cases:
-        predicted = segment_image(image, package, device="cpu", tta=tta).labelmap.array
-        brain = segmentation_metrics(predicted, label, {1: "brain"}, image.spacing)["brain"]
-        rows.append({"probe": name, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])})
+        result = segment_image(image, package, device="cpu", tta=tta)
+        brain = segmentation_metrics(result.labelmap.array, label, {1: "brain"}, image.spacing)["brain"]
+        row = {"probe": name, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])}
+        rows.append({**row, "edge_contrast": result.edge_contrast})
     return rows
+
+
+def no_head_inputs() -> List[Tuple[str, Image]]:
+    """Volumes with no head in them, as big as a head scan, that a user may still hand the brain model: noise
+    (uniform, Gaussian, smoothed), a cylinder and a torso-like phantom (a body ellipse with two organs), and the
+    InVesalius head CT stored without its Hounsfield offset (where Debian's invesalius-examples is installed)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    shape = (120, 140, 130)
+    _, j, i = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    across = np.hypot((j - 70) * 1.5, (i - 65) * 1.5)  # mm from the long axis
+    torso = np.where(((j - 70) / 45.0) ** 2 + ((i - 65) / 60.0) ** 2 <= 1, 300.0, 0.0)
+    torso[((j - 60) / 12.0) ** 2 + ((i - 45) / 14.0) ** 2 <= 1] = 800.0
+    torso[((j - 75) / 10.0) ** 2 + ((i - 90) / 16.0) ** 2 <= 1] = 120.0
+    volumes = [
+        ("uniform noise", rng.uniform(0, 1000, shape)),
+        ("Gaussian noise", np.abs(rng.normal(500, 200, shape))),
+        ("smooth noise", ndimage.gaussian_filter(rng.uniform(0, 1000, shape), 4)),
+        ("cylinder 140 mm across", (across < 70) * 600.0 + np.abs(rng.normal(0, 30, shape))),
+        ("torso phantom", torso + np.abs(rng.normal(0, 20, shape))),
+    ]
+    inputs = [(name, Image(v.astype(np.int16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3))) for name, v in volumes]
+    try:
+        from recipes.classifier_modality import invesalius_ct
+
+        ct = invesalius_ct()
+        inputs.append(("InVesalius head CT without its Hounsfield offset", ct.with_array(ct.array + 1024)))
+    except InputError:
+        pass  # a Debian package: the rest of the benchmark runs without it
+    return inputs
+
+
+def edge_figures(model: Path, rows: List[Dict], probes: List[Dict]) -> Dict:
+    """The image's step into the brain drawn (``meddl.infer.edge_contrast``) on the stress cases and probes, and on
+    :func:`no_head_inputs` segmented anyway, against the package's ``postprocess.min_edge_contrast``."""
+    from meddl.infer import segment_image
+    from meddl.models import load_model
+
+    package = load_model(model, "cpu")
+    no_head = {}
+    for name, image in no_head_inputs():
+        image.metadata["force"] = True  # the step, not the refusal, is what is measured
+        result = segment_image(image, package, device="cpu")
+        no_head[name] = {"edge_contrast": result.edge_contrast, "brain_ml": result.label_volumes_ml.get("brain", 0.0)}
+
+    def span(values: List[Optional[float]]) -> List[Optional[float]]:
+        known = [v for v in values if v is not None]
+        return [min(known), max(known)] if known else [None, None]
+
+    least_probe = min((p for p in probes if p.get("edge_contrast") is not None), key=lambda p: p["edge_contrast"])
+    return {
+        "min_edge_contrast": package.spec.postprocess.get("min_edge_contrast"),
+        "stress_cases": span([r.get("edge_contrast") for r in rows]),
+        "probes": span([p.get("edge_contrast") for p in probes]),
+        "least_probe": least_probe["probe"],
+        "no_head": no_head,
+    }
 
 
 def reference_agreement() -> Dict[str, float]:
@@ -618,6 +680,7 @@ def record_in_package(
     timing: Optional[Dict],
     probes: List[Dict],
     agreement: Dict[str, float],
+    edges: Dict,
 ) -> None:
     """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
     from meddl.fsutil import write_text_atomic
@@ -640,6 +703,12 @@ def record_in_package(
             {"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in probes
         ],
         "reference_agreement": {k: round(v, 4) for k, v in agreement.items()},
+        "edge_contrast": {
+            **edges,
+            "stress_cases": [round(v, 3) for v in edges["stress_cases"]],
+            "probes": [round(v, 3) for v in edges["probes"]],
+            "no_head": {k: {n: round(v, 3) for n, v in f.items()} for k, f in edges["no_head"].items()},
+        },
     }
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     write_model_card(model)
@@ -687,7 +756,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         brain = entry["metrics"]["brain"]
         dice, hd95 = float(brain["dice"]), float(brain["hd95_mm"])
-        rows.append({"case": name, "source": source, "perturbation": perturbation, "dice": dice, "hd95_mm": hd95})
+        rows.append(
+            {
+                "case": name,
+                "source": source,
+                "perturbation": perturbation,
+                "dice": dice,
+                "hd95_mm": hd95,
+                "edge_contrast": entry.get("edge_contrast"),
+            }
+        )
         held = " (held out)" if source in HELD_OUT else ""
         print(f"{name:58s} {'x'.join(str(n) for n in size):>15s} {dice:7.4f} {hd95:8.2f}{held}")
 
@@ -741,6 +819,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in probes:
         print(f"  {row['probe']:40s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
+    edges = edge_figures(args.model, rows, probes)
+    least = edges["min_edge_contrast"]
+    print(
+        f"\nthe image's step into the brain drawn (meddl.infer.edge_contrast; refused below {least}): stress cases "
+        f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} to "
+        f"{edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway:"
+    )
+    for name, figures in edges["no_head"].items():
+        refused = least is not None and figures["edge_contrast"] < least
+        print(
+            f"  {name:50s} step {figures['edge_contrast']:+.3f}, {figures['brain_ml'] / 1000:.2f} l of brain drawn: "
+            + ("refused" if refused else "NOT refused")
+        )
+
     timing = None
     if not args.no_timing:
         timing = time_segment(args.model, folder, args.threads)
@@ -756,7 +848,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.record:
-        record_in_package(args.model, args.seed, rows, per_perturbation, worst, n_meet, timing, probes, agreement)
+        record_in_package(
+            args.model, args.seed, rows, per_perturbation, worst, n_meet, timing, probes, agreement, edges
+        )
         print(f"recorded in {args.model / 'model.json'} and its MODEL_CARD.md")
     if args.json:
         args.json.write_text(
@@ -769,6 +863,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "timing": timing,
                     "probes": probes,
                     "reference_agreement": agreement,
+                    "edge_contrast": edges,
                 },
                 indent=2,
             )

@@ -68,22 +68,23 @@ def brain_t1_spec(
     lesions: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.9 under ``bfloat16`` autocast and 2.6.0 in float32, else 2.1.12; ``consensus``: trained
-    on the consensus labels, 2.4.9, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.0;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.0 in float32 and 2.7.1 under ``bfloat16``;
-    each eight patches above the version first measured, which lacked ``noisy_air``, ``min_extent_mm``,
-    ``max_below_object_mm``, ``max_cut_except_top_mm2``, the ``cut_top_`` framing, its ``cut_top_max_height_mm``,
-    the ``cut_side_`` framing and ``coil_normalization``; docs/brain-model.md)."""
+    brains, the bundled 2.3.10 under ``bfloat16`` autocast and 2.6.1 in float32, else 2.1.13; ``consensus``: trained
+    on the consensus labels, 2.4.10, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.1;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.2 in float32 and 2.7.3 under ``bfloat16``).
+    Each is one patch above the version its figures in docs/brain-model.md were measured as, which lacked
+    ``postprocess.min_edge_contrast``; the 2.1.x, 2.3.x and 2.4.x weights were first measured eight patches lower
+    still, without ``noisy_air``, ``min_extent_mm``, ``max_below_object_mm``, ``max_cut_except_top_mm2``, the
+    ``cut_top_`` framing, its ``cut_top_max_height_mm``, the ``cut_side_`` framing and ``coil_normalization``."""
     if consensus:
-        version = "2.4.9"
+        version = "2.4.10"
     elif coil_field:
-        version = "2.5.0"
+        version = "2.5.1"
     elif lesions:
-        version = "2.7.1" if bfloat16 else "2.7.0"
+        version = "2.7.3" if bfloat16 else "2.7.2"
     elif atrophy:
-        version = "2.3.9" if bfloat16 else "2.6.0"
+        version = "2.3.10" if bfloat16 else "2.6.1"
     else:
-        version = "2.1.12"
+        version = "2.1.13"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -173,7 +174,17 @@ def brain_t1_spec(
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
-            "postprocess": {"opening_mm": 6.0, "largest_component": True, "fill_holes": True},
+            # ... and a brain that follows no edge of the image is no brain: the network draws one into anything
+            # (2.5 l into uniform noise). Across the surface of what it drew, the image steps up by 0.23-0.73 of its
+            # normalised range on the stress set's heads and by 0.076 at the least on the probes (Colin27 atrophied,
+            # with bright CSF) and on Colin27 at gamma 3, but by -0.01 to +0.014 in noise, a cylinder, a torso and a CT
+            # stored without its Hounsfield offset: below 0.03 the volume is refused (docs/brain-model.md).
+            "postprocess": {
+                "opening_mm": 6.0,
+                "largest_component": True,
+                "fill_holes": True,
+                "min_edge_contrast": 0.03,
+            },
             # Test-time flips left-right only: the network never saw a head upside down or back to front.
             "inference": {
                 "overlap": 0.25,
@@ -410,6 +421,18 @@ def write_model_card(package: Path) -> Path:
                 f"{agreement['dice']:.4f}, HD95 {agreement['hd95_mm']:.2f} mm (each is a reference of the stress set "
                 "for its own copies of the template)."
             )
+        edges = stress.get("edge_contrast")
+        if edges:
+            no_head = "; ".join(
+                f"{name} {v['edge_contrast']:+.3f} ({v['brain_ml'] / 1000:.2f} l drawn)"
+                for name, v in edges["no_head"].items()
+            )
+            stress_text += (
+                f"\n\nThe image's step into the brain drawn (`meddl.infer.edge_contrast`; the volume is refused below "
+                f"{edges['min_edge_contrast']}): stress cases {edges['stress_cases'][0]:+.3f} to "
+                f"{edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} to {edges['probes'][1]:+.3f} "
+                f"(least: {edges['least_probe']}); volumes with no head in them, segmented anyway: {no_head}."
+            )
     else:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
@@ -486,6 +509,13 @@ def write_model_card(package: Path) -> Path:
     )
     extent = spec["input"].get("min_extent_mm")
     extent_text = f" (refused when it spans less than {extent} mm along any axis: a slab, not a head)" if extent else ""
+    edge = spec["postprocess"].get("min_edge_contrast")
+    edge_text = (
+        f"; the volume is refused when the image steps up into the brain drawn by less than {edge} of its normalised "
+        "range, median over the brain's surface (no edge there: no head, or not a T1)"
+        if edge is not None
+        else ""
+    )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
@@ -497,7 +527,7 @@ input{extent_text}{noisy_text} resampled to an LPS grid at {spec["input"]["spaci
 ({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
-`opening_mm`, the largest connected component, hole filling).{sizing_text} Test-time flips (off by default)
+`opening_mm`, the largest connected component, hole filling){edge_text}.{sizing_text} Test-time flips (off by default)
 only along the model-grid axes {spec["inference"].get("flip_axes", list(FLIP_AXES))} (`i`: left-right).
 
 ## Data

@@ -255,6 +255,9 @@ class ModelSpec:
             value is None or (_is_number(value) and -90 <= value <= 90),
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
         )
+        need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
+        value = data.get("postprocess", {}).get("min_edge_contrast")
+        need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
         need(isinstance(data.get("inference", {}), dict), "inference must be an object")
         flips = data.get("inference", {}).get("flip_axes", list(FLIP_AXES))
         need(
