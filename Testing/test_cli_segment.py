@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -163,10 +164,12 @@ def test_a_batch_goes_past_bad_files_and_reports_each_at_the_end(model, t1, niba
     assert leftovers(tmp_path / "out") == []
 
 
-def test_batch_format_option_and_output_names(model, t1, tmp_path, capsys):
+def test_batch_format_option_and_output_names(model, t1, fsl_t1_2mm, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     write_image(t1, tmp_path / "in" / "one.nii.gz")
     write_image(t1, tmp_path / "in" / "two.mha")
+    nifti = nib.load(fsl_t1_2mm)  # a FreeSurfer volume too: read by meddl.io, never written
+    nib.save(nib.MGHImage(np.asarray(nifti.dataobj).astype(np.float32), nifti.affine), tmp_path / "in" / "three.mgz")
     code, out, err = run_cli(
         capsys,
         "segment",
@@ -180,8 +183,9 @@ def test_batch_format_option_and_output_names(model, t1, tmp_path, capsys):
         "nrrd",
     )
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one.nrrd", "two.nrrd"]
-    assert "segmented 2 of 2" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one.nrrd", "three.nrrd", "two.nrrd"]
+    assert "segmented 3 of 3" in out
+    assert read_image(tmp_path / "out" / "three.nrrd").same_grid(read_image(tmp_path / "in" / "three.mgz"))
 
 
 @pytest.mark.parametrize("problem", ["missing", "random", "2d", "4d", "nan", "blank", "output_format"])

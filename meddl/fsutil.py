@@ -1,4 +1,4 @@
-"""Durable, atomic file publication shared by every writer in the engine.
+"""Durable, atomic file publication shared by every writer in the engine, and the volume file names it reads.
 
 A file or folder is built under a temporary name in its destination folder, flushed to disk, given
 ordinary permissions and renamed into place, then the folder entry itself is flushed: a kill at any
@@ -10,11 +10,23 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Tuple, Union
 
-__all__ = ["fsync_file", "fsync_dir", "publish", "write_text_atomic"]
+__all__ = ["fsync_file", "fsync_dir", "publish", "write_text_atomic", "VOLUME_SUFFIXES", "split_volume_suffix"]
 
 PathLike = Union[str, os.PathLike]
+# Volume files that meddl.io reads, longest first; in a batch folder anything else (notes, the .raw data files of
+# .mhd headers) is not a case. Here, free of SimpleITK, so that the Slicer module's client side can list them too.
+VOLUME_SUFFIXES = (".nii.gz", ".mgh.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".mgz", ".mgh")
+
+
+def split_volume_suffix(name: str) -> Tuple[str, str]:
+    """``name`` without its volume extension, and that extension in lower case ("" when it has none)."""
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
 
 
 def _default_mode(is_dir: bool) -> int:

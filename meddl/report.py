@@ -19,12 +19,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from meddl.errors import Cancelled, InputError, MedDLError
-from meddl.fsutil import write_text_atomic
+from meddl.fsutil import split_volume_suffix, write_text_atomic
 from meddl.metrics import METRIC_NAMES, json_safe, segmentation_metrics, summarize
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 
 __all__ = [
-    "VOLUME_SUFFIXES",
     "case_name",
     "list_volumes",
     "match_cases",
@@ -36,7 +35,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Name endings that tie a labelmap (or an nnU-Net channel file) to its image: "case1_seg.nii.gz" ↔ "case1".
 _LABEL_TAGS = re.compile(r"([_-](seg|segmentation|label|labels|labelmap|mask|gt|ref|reference|pred|prediction))$", re.I)
 _CHANNEL_TAG = re.compile(r"_\d{4}$")
@@ -44,11 +42,7 @@ _CHANNEL_TAG = re.compile(r"_\d{4}$")
 
 def case_name(path: Path) -> str:
     """A path's case name: its file name without the volume extension (a folder keeps its name)."""
-    lower = path.name.lower()
-    for suffix in VOLUME_SUFFIXES:
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
+    return split_volume_suffix(path.name)[0]
 
 
 def _match_key(name: str) -> str:
@@ -62,7 +56,7 @@ def list_volumes(path: Path) -> List[Path]:
     if path.is_file():
         return [path]
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    volumes = [p for p in entries if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)]
+    volumes = [p for p in entries if p.is_file() and split_volume_suffix(p.name)[1]]
     return volumes + [p for p in entries if p.is_dir()]
 
 

@@ -11,19 +11,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
 from meddl.errors import Cancelled, InputError, MedDLError
+from meddl.fsutil import VOLUME_SUFFIXES, split_volume_suffix
 
-__all__ = ["VOLUME_SUFFIXES", "list_volumes", "output_path_for", "segment_folder"]
+__all__ = ["list_volumes", "output_path_for", "segment_folder"]
 
 PathLike = Union[str, os.PathLike]
-VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def list_volumes(folder: PathLike) -> List[Path]:
@@ -35,7 +27,7 @@ def list_volumes(folder: PathLike) -> List[Path]:
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_file() and entry.name.lower().endswith(VOLUME_SUFFIXES):
+        if entry.is_file() and split_volume_suffix(entry.name)[1]:
             found.append(entry)
         elif entry.is_dir() and any(p.is_file() for p in entry.iterdir()):
             found.append(entry)
@@ -44,7 +36,7 @@ def list_volumes(folder: PathLike) -> List[Path]:
 
 def output_path_for(input_path: PathLike, output_folder: PathLike) -> Path:
     """``<output>/<input stem>_seg.nrrd``."""
-    return Path(output_folder) / f"{_stem(Path(input_path))}_seg.nrrd"
+    return Path(output_folder) / f"{split_volume_suffix(Path(input_path).name)[0]}_seg.nrrd"
 
 
 def segment_folder(

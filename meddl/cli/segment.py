@@ -14,17 +14,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional
 
 from meddl.cli import error_line
 from meddl.errors import EXIT_OK, EXIT_PARTIAL, Cancelled, InputError, MedDLError
+from meddl.fsutil import split_volume_suffix
 from meddl.progress import CancelToken, ProgressCallback
 
-__all__ = ["register", "run", "VOLUME_SUFFIXES", "batch_cases", "output_name", "resolve_model_path"]
+__all__ = ["register", "run", "batch_cases", "output_name", "resolve_model_path"]
 
-# Volume files a batch folder may hold; anything else in the folder (notes, .raw data files of .mhd
-# headers) is not a case.
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Output format for an input format: two-file formats become their one-file twin (atomic rename).
 _SAME_FORMAT = {
     ".nii.gz": ".nii.gz",
@@ -77,20 +75,12 @@ def resolve_model_path(model: str) -> Path:
     return Path(resolve_model(model))
 
 
-def _strip_suffix(name: str) -> Tuple[str, str]:
-    lower = name.lower()
-    for suffix in VOLUME_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    return name, ""
-
-
 def output_name(source: Path, output_format: str = "input") -> str:
     """File name of the labelmap for ``source``: its base name with the chosen format's extension."""
-    base, suffix = _strip_suffix(source.name)
+    base, suffix = split_volume_suffix(source.name)
     if output_format != "input":
         return f"{base}.{output_format}"
-    return base + _SAME_FORMAT.get(suffix, ".nii.gz")  # DICOM series folders (and files) → NIfTI
+    return base + _SAME_FORMAT.get(suffix, ".nii.gz")  # DICOM series and FreeSurfer volumes (not written) → NIfTI
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -107,7 +97,7 @@ def batch_cases(folder: Path, exclude: Optional[Path] = None) -> Optional[List[P
     """
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     exclude = exclude.resolve() if exclude is not None else None
-    volumes = [p for p in entries if p.is_file() and _strip_suffix(p.name)[1]]
+    volumes = [p for p in entries if p.is_file() and split_volume_suffix(p.name)[1]]
     series = [p for p in entries if p.is_dir() and p.resolve() != exclude]
     if not volumes and (not series or _holds_dicom(folder)):
         return None
