@@ -538,8 +538,8 @@ def head_probes(
     for name, image, label in cases:
         result = segment_image(image, package, device="cpu", tta=tta)
         brain = segmentation_metrics(result.labelmap.array, label, {1: "brain"}, image.spacing)["brain"]
-        row = {"probe": name, "dice": float(brain["dice"]), "hd95_mm": float(brain["hd95_mm"])}
-        rows.append({**row, "edge_contrast": result.edge_contrast})
+        dice, hd95 = float(brain["dice"]), float(brain["hd95_mm"])
+        rows.append({"probe": name, "dice": dice, "hd95_mm": hd95, "edge_contrast": result.edge_contrast})
     return rows
 
 

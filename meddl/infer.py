@@ -97,6 +97,7 @@ class SegmentationResult:
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
     edge_contrast: Optional[float] = None  # the intensity step across the foreground's surface (:func:`edge_contrast`)
+    no_edge: bool = False  # that step is below the package's min_edge_contrast: segmented only because forced
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -600,7 +601,8 @@ def segment_image(
     step = edge_contrast(image, labels > 0, spec.normalization)
     timings["postprocess"] = time.perf_counter() - started
     least = spec.postprocess.get("min_edge_contrast")
-    if least is not None and step is not None and step < float(least) and not image.metadata.get("force"):
+    no_edge = least is not None and step is not None and step < float(least)
+    if no_edge and not image.metadata.get("force"):
         names = " and ".join(label.name for label in spec.foreground_labels)
         kind = f"{spec.modality} images" if spec.modality else "images"
         raise ModalityError(
@@ -628,6 +630,7 @@ def segment_image(
         air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
         air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
         edge_contrast=step,
+        no_edge=no_edge,
     )
 
 
@@ -1049,8 +1052,7 @@ def segment_file(
         notes.append(f"another pass without {result.neck_trimmed_mm:.0f} mm of neck below the brain")
     if result.air_above_cut_mm:
         notes.append(f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it")
-    least = package.spec.postprocess.get("min_edge_contrast")
-    if least is not None and result.edge_contrast is not None and result.edge_contrast < float(least):
+    if result.no_edge:
         notes.append(f"run anyway: what the model drew follows no edge in the image (step {result.edge_contrast:+.2f})")
     if result.air_beside_cut_mm:
         notes.append(f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it")

@@ -86,8 +86,7 @@ def read_image(
 
     Args:
         path: a NRRD (.nrrd/.nhdr), NIfTI-1 (.nii/.nii.gz), MetaImage (.mha/.mhd) or FreeSurfer (.mgh/.mgz)
-            file, a DICOM series
-            folder, or one DICOM file (its series in the same folder is read).
+            file, a DICOM series folder, or one DICOM file (its series in the same folder is read).
         series_uid: which DICOM series to read when the folder holds several.
         isolate: decode in a child process (True), in this process (False), or decide (None: a child for
             formats without a header pre-check and for compressed DICOM; ``MEDDL_ISOLATE_READS=always|never``

@@ -504,9 +504,9 @@ def _sniff_mgh(path: Path) -> HeaderFacts:
     """FreeSurfer MGH (``.mgh``) or its gzip form (``.mgz``): a 284-byte big-endian header, then the voxels."""
     from nibabel.freesurfer.mghformat import MGHHeader
 
-    with open(path, "rb") as handle:
-        compressed = handle.read(2) == b"\x1f\x8b"
     try:
+        with open(path, "rb") as handle:
+            compressed = handle.read(2) == b"\x1f\x8b"
         with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
             raw = handle.read(MGH_HEADER_BYTES)
     except (OSError, EOFError, zlib.error) as error:
