@@ -493,12 +493,17 @@ def test_a_slab_thinner_than_a_head_is_refused_in_one_line(fsl_t1_2mm, tmp_path,
     assert f"spans only {2.0 * slices:.1f} mm along its k axis" in line and "at least 50 mm" in line, line
 
 
+@pytest.fixture(scope="module")
+def no_heads() -> dict:
+    return dict(no_head_inputs())
+
+
 @pytest.mark.parametrize("name", ["uniform noise", "torso phantom"])
-def test_a_volume_with_no_head_in_it_is_refused_in_one_line_and_runs_when_forced(tmp_path, capsys, name):
+def test_a_volume_with_no_head_in_it_is_refused_in_one_line_and_runs_when_forced(no_heads, tmp_path, capsys, name):
     # The network draws a brain-sized object into anything (2.3.9: 2.5 l in uniform noise, 1.9 l in this torso);
     # what it draws there follows no edge of the image, where on every head of the stress set it does
     # (docs/brain-model.md, "Refusals").
-    source = write_image(dict(no_head_inputs())[name], tmp_path / "no_head.nii.gz")
+    source = write_image(no_heads[name], tmp_path / "no_head.nii.gz")
     line = _refusal(source, tmp_path)
     assert "found no brain here" in line and "follows no edge" in line and "--force-modality" in line, line
 

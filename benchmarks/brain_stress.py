@@ -596,13 +596,16 @@ def no_head_inputs() -> List[Tuple[str, Image]]:
     return inputs
 
 
-def edge_figures(model: Path, rows: List[Dict], probes: List[Dict]) -> Dict:
+def edge_figures(model: Path, rows: List[Dict], probes: List[Dict]) -> Optional[Dict]:
     """The image's step into the brain drawn (``meddl.infer.edge_contrast``) on the stress cases and probes, and on
-    :func:`no_head_inputs` segmented anyway, against the package's ``postprocess.min_edge_contrast``."""
+    :func:`no_head_inputs` segmented anyway, against the package's ``postprocess.min_edge_contrast``; None for a
+    package without that check (the engine measures the step only where it is set)."""
     from meddl.infer import segment_image
     from meddl.models import load_model
 
     package = load_model(model, "cpu")
+    if package.spec.postprocess.get("min_edge_contrast") is None:
+        return None
     no_head = {}
     for name, image in no_head_inputs():
         image.metadata["force"] = True  # the step, not the refusal, is what is measured
@@ -702,7 +705,7 @@ def record_in_package(
     timing: Optional[Dict],
     probes: List[Dict],
     agreement: Dict[str, float],
-    edges: Dict,
+    edges: Optional[Dict],
 ) -> None:
     """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
     from meddl.fsutil import write_text_atomic
@@ -725,7 +728,9 @@ def record_in_package(
             {"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in probes
         ],
         "reference_agreement": {k: round(v, 4) for k, v in agreement.items()},
-        "edge_contrast": {
+        "edge_contrast": None
+        if edges is None
+        else {
             **edges,
             "stress_cases": [round(v, 3) for v in edges["stress_cases"]],
             "probes": [round(v, 3) for v in edges["probes"]],
@@ -842,18 +847,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  {row['probe']:40s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
     edges = edge_figures(args.model, rows, probes)
-    least = edges["min_edge_contrast"]
-    print(
-        f"\nthe image's step into the brain drawn (meddl.infer.edge_contrast; refused below {least}): stress cases "
-        f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} to "
-        f"{edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway:"
-    )
-    for name, figures in edges["no_head"].items():
-        refused = least is not None and figures["edge_contrast"] < least
+    if edges is None:
+        print("\nthe package sets no postprocess.min_edge_contrast: the image's step into the brain is not measured")
+    else:
+        least = edges["min_edge_contrast"]
         print(
-            f"  {name:50s} step {figures['edge_contrast']:+.3f}, {figures['brain_ml'] / 1000:.2f} l of brain drawn: "
-            + ("refused" if refused else "NOT refused")
+            f"\nthe image's step into the brain drawn (meddl.infer.edge_contrast; refused below {least}): stress cases "
+            f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} "
+            f"to {edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway:"
         )
+        for name, figures in edges["no_head"].items():
+            refused = figures["edge_contrast"] < least
+            print(
+                f"  {name:50s} step {figures['edge_contrast']:+.3f}, {figures['brain_ml'] / 1000:.2f} l of brain "
+                "drawn: " + ("refused" if refused else "NOT refused")
+            )
 
     timing = None
     if not args.no_timing:

@@ -177,7 +177,7 @@ def brain_t1_spec(
             # ... and a brain that follows no edge of the image is no brain: the network draws one into anything
             # (2.5 l into uniform noise). Across the surface of what it drew, the image steps up by 0.23-0.73 of its
             # normalised range on the stress set's heads and by 0.076 at the least on the probes (Colin27 atrophied,
-            # with bright CSF) and on Colin27 at gamma 3, but by -0.01 to +0.014 in noise, a cylinder, a torso and a CT
+            # with bright CSF) and on Colin27 at gamma 3, but by -0.031 to +0.015 in noise, a cylinder, a torso and a CT
             # stored without its Hounsfield offset: below 0.03 the volume is refused (docs/brain-model.md).
             "postprocess": {
                 "opening_mm": 6.0,
