@@ -841,12 +841,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{agreement['dice']:.4f}, HD95 {agreement['hd95_mm']:.2f} mm"
     )
 
+    started = time.perf_counter()
     probes = head_probes(args.model, tta=args.tta)
-    print(f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases):")
+    print(
+        f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases; "
+        f"{len(probes)} in {time.perf_counter() - started:.0f} s):"
+    )
     for row in probes:
         print(f"  {row['probe']:40s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
+    started = time.perf_counter()
     edges = edge_figures(args.model, rows, probes)
+    edges_s = time.perf_counter() - started
     if edges is None:
         print("\nthe package sets no postprocess.min_edge_contrast: the image's step into the brain is not measured")
     else:
@@ -854,7 +860,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(
             f"\nthe image's step into the brain drawn (meddl.infer.edge_contrast; refused below {least}): stress cases "
             f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} "
-            f"to {edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway:"
+            f"to {edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway "
+            f"({edges_s:.0f} s in all):"
         )
         for name, figures in edges["no_head"].items():
             refused = figures["edge_contrast"] < least
