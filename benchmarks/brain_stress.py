@@ -596,7 +596,7 @@ def no_head_inputs() -> List[Tuple[str, Image]]:
     return inputs
 
 
-def edge_figures(model: Path, rows: List[Dict], probes: List[Dict]) -> Optional[Dict]:
+def edge_figures(model: Path, rows: List[Dict], probes: Optional[List[Dict]]) -> Optional[Dict]:
     """The image's step into the brain drawn (``meddl.infer.edge_contrast``) on the stress cases and probes, and on
     :func:`no_head_inputs` segmented anyway, against the package's ``postprocess.min_edge_contrast``; None for a
     package without that check (the engine measures the step only where it is set)."""
@@ -616,12 +616,12 @@ def edge_figures(model: Path, rows: List[Dict], probes: List[Dict]) -> Optional[
         known = [v for v in values if v is not None]
         return [min(known), max(known)] if known else [None, None]
 
-    least_probe = min((p for p in probes if p.get("edge_contrast") is not None), key=lambda p: p["edge_contrast"])
+    measured = [p for p in probes or [] if p.get("edge_contrast") is not None]
     return {
         "min_edge_contrast": package.spec.postprocess.get("min_edge_contrast"),
         "stress_cases": span([r.get("edge_contrast") for r in rows]),
-        "probes": span([p.get("edge_contrast") for p in probes]),
-        "least_probe": least_probe["probe"],
+        "probes": span([p["edge_contrast"] for p in measured]) if measured else None,
+        "least_probe": min(measured, key=lambda p: p["edge_contrast"])["probe"] if measured else None,
         "no_head": no_head,
     }
 
@@ -703,7 +703,7 @@ def record_in_package(
     worst: Dict,
     n_meet: int,
     timing: Optional[Dict],
-    probes: List[Dict],
+    probes: Optional[List[Dict]],
     agreement: Dict[str, float],
     edges: Optional[Dict],
 ) -> None:
@@ -714,7 +714,8 @@ def record_in_package(
     spec_path = model / "model.json"
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     spec.setdefault("metrics", {})["stress"] = {
-        "command": f"python benchmarks/brain_stress.py --model PACKAGE --seed {seed} --record",
+        "command": f"python benchmarks/brain_stress.py --model PACKAGE --seed {seed} --record"
+        + (" --no-probes" if probes is None else ""),
         "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "targets": {"dice": DICE_TARGET, "hd95_mm": HD95_TARGET_MM},
         "held_out_source": ", ".join(sorted({r["source"] for r in rows} & set(HELD_OUT))),
@@ -724,16 +725,16 @@ def record_in_package(
         "per_case": {r["case"]: {"dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in rows},
         "worst_case": {"case": worst["case"], "dice": round(worst["dice"], 4), "hd95_mm": round(worst["hd95_mm"], 2)},
         "segment_256x256x160_s": round(timing["wall_s"], 2) if timing else None,
-        "probes": [
-            {"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in probes
-        ],
+        "probes": None  # not measured in this run (--no-probes)
+        if probes is None
+        else [{"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in probes],
         "reference_agreement": {k: round(v, 4) for k, v in agreement.items()},
         "edge_contrast": None
         if edges is None
         else {
             **edges,
             "stress_cases": [round(v, 3) for v in edges["stress_cases"]],
-            "probes": [round(v, 3) for v in edges["probes"]],
+            "probes": None if edges["probes"] is None else [round(v, 3) for v in edges["probes"]],
             "no_head": {k: {n: round(v, 3) for n, v in f.items()} for k, f in edges["no_head"].items()},
         },
     }
@@ -750,6 +751,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--tta", action="store_true", help="score with test-time flips (the package's flip_axes)")
+    parser.add_argument(
+        "--no-probes", action="store_true", help="the 40 stress cases only, without the probes (about 8 minutes less)"
+    )
     parser.add_argument(
         "--record", action="store_true", help="write the figures into the model's model.json and MODEL_CARD.md"
     )
@@ -842,13 +846,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     started = time.perf_counter()
-    probes = head_probes(args.model, tta=args.tta)
-    print(
-        f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases; "
-        f"{len(probes)} in {time.perf_counter() - started:.0f} s):"
-    )
-    for row in probes:
-        print(f"  {row['probe']:40s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
+    probes = None if args.no_probes else head_probes(args.model, tta=args.tta)
+    if probes is None:
+        print("\nprobes: not measured (--no-probes)")
+    else:
+        print(
+            f"\nprobes on the unmoved {fsl_mni152_brain_pairs()[0].name} T1 unless named (not stress cases; "
+            f"{len(probes)} in {time.perf_counter() - started:.0f} s):"
+        )
+        for row in probes:
+            print(f"  {row['probe']:40s} Dice {row['dice']:.4f}, HD95 {row['hd95_mm']:.2f} mm")
 
     started = time.perf_counter()
     edges = edge_figures(args.model, rows, probes)
@@ -857,11 +864,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nthe package sets no postprocess.min_edge_contrast: the image's step into the brain is not measured")
     else:
         least = edges["min_edge_contrast"]
+        on_probes = (
+            f", probes {edges['probes'][0]:+.3f} to {edges['probes'][1]:+.3f} (least: {edges['least_probe']})"
+            if edges["probes"]
+            else ""
+        )
         print(
             f"\nthe image's step into the brain drawn (meddl.infer.edge_contrast; refused below {least}): stress cases "
-            f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}, probes {edges['probes'][0]:+.3f} "
-            f"to {edges['probes'][1]:+.3f} (least: {edges['least_probe']}); volumes with no head, segmented anyway "
-            f"({edges_s:.0f} s in all):"
+            f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}{on_probes}; volumes with no head, "
+            f"segmented anyway ({edges_s:.0f} s in all):"
         )
         for name, figures in edges["no_head"].items():
             refused = figures["edge_contrast"] < least

@@ -503,12 +503,13 @@ class RandAtrophyd(_RandomizableTransform, _MapTransform):
         def shrink(array: np.ndarray, order: int) -> np.ndarray:
             return ndimage.affine_transform(array, matrix, offset, order=order, mode="constant", cval=0)
 
-        smaller = shrink(brain.astype(np.uint8), 0) > 0
+        shrunk_label = shrink(label[0], 0)
+        smaller = shrunk_label > 0  # nearest neighbours: the brain of the shrunk label is the shrunk brain
         vacated = brain & ~smaller
         image = _numpy(data[self.image_key])
         csf = np.float32(csf_level * np.median(image[0][brain]))
         data[self.image_key] = self._paste(image, shrink(image[0].astype(np.float32), 1), smaller, vacated, csf)
-        data[self.label_key] = self._paste(label, shrink(label[0], 0), smaller, vacated, 0)
+        data[self.label_key] = self._paste(label, shrunk_label, smaller, vacated, 0)
         if self.tissue_key in data:
             tissues = _numpy(data[self.tissue_key])
             data[self.tissue_key] = self._paste(tissues, shrink(tissues[0], 0), smaller, vacated, self.csf_class)
