@@ -1,11 +1,14 @@
-"""Time of one training step of the brain recipe's network: float32 against bfloat16 autocast, and against MONAI's
-plain network in float32 (PyTorch's own choice of convolution path). Prints ratios.
+"""Time of one training step of the brain recipe's network: float32 against bfloat16 autocast, against the same
+network through ``torch.compile`` (the recipe's float32 default), and against MONAI's plain network in float32
+(PyTorch's own choice of convolution path). Prints ratios.
 
     nice .venv/bin/python benchmarks/training_step.py [--threads 2] [--steps 8]
 
 One step is what `meddl.train.train_segmentation` does per patch: forward, Dice + cross-entropy, backward,
 AdamW update, on a 96³ patch of the FSL MNI152 T1 with its brain mask (the recipe's network, untrained). The
 plain network is ``monai.networks.nets`` built from the same arguments, without ``meddl.models.convolution``.
+The compiled one is compiled during its first warm-up step, whose time is printed apart (``--no-compile`` leaves it
+out, on a machine without a C++ compiler).
 Also timed: the augmentation pipeline the recipe runs per step (it runs on the same cores, in the same
 thread). Each figure is the median of ``--steps`` steps after two warm-ups; the two precisions take turns.
 """
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile variant out")
     args = parser.parse_args(argv)
 
     import torch
@@ -61,7 +65,11 @@ def main(argv=None) -> int:
     networks = {name: build_network(spec) for name in ("fp32", "bf16")}
     networks["fp32 plain"] = getattr(nets, spec.architecture)(**spec.architecture_args)
     optimizers = {name: torch.optim.AdamW(net.parameters(), lr=1e-3) for name, net in networks.items()}
+    if not args.no_compile:
+        networks["fp32 compiled"] = torch.compile(build_network(spec))
+        optimizers["fp32 compiled"] = torch.optim.AdamW(networks["fp32 compiled"].parameters(), lr=1e-3)
     times = {name: [] for name in networks}
+    first_step = {}
     for step in range(args.steps + 2):
         for name, network in networks.items():
             started = time.perf_counter()
@@ -72,6 +80,8 @@ def main(argv=None) -> int:
             optimizers[name].step()
             if step >= 2:
                 times[name].append(time.perf_counter() - started)
+            elif step == 0:
+                first_step[name] = time.perf_counter() - started
 
     fp32, bf16, plain = (statistics.median(times[name]) for name in ("fp32", "bf16", "fp32 plain"))
     augment = statistics.median(pipeline_times)
@@ -79,6 +89,12 @@ def main(argv=None) -> int:
     print(f"'auto' precision on this CPU: {resolve_precision('auto', 'cpu')}")
     print(f"network step, patch {list(images.shape[2:])}: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s -> {fp32 / bf16:.2f}x")
     print(f"network step, fp32: plain MONAI {plain:.3f} s, ours {fp32:.3f} s -> {plain / fp32:.2f}x")
+    if "fp32 compiled" in times:
+        compiled = statistics.median(times["fp32 compiled"])
+        print(
+            f"network step, fp32: ours {fp32:.3f} s, through torch.compile {compiled:.3f} s -> {fp32 / compiled:.2f}x "
+            f"(its first step, compiling: {first_step['fp32 compiled']:.1f} s)"
+        )
     print(f"augmentation pipeline per step: {augment:.3f} s")
     print(
         f"whole step (augmentation + network): fp32 {augment + fp32:.3f} s, bf16 {augment + bf16:.3f} s -> "

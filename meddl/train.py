@@ -1110,8 +1110,7 @@ def train_segmentation(
                 loop["step"] = step + 1
                 done = epoch * steps + step + 1
                 progress(
-                    done / total_steps,
-                    f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} loss {losses[-1]:.4f}",
+                    done / total_steps, f"epoch {epoch + 1}/{epochs} step {step + 1}/{steps} loss {losses[-1]:.4f}"
                 )
                 if max_seconds is not None and time.time() - started >= max_seconds and done < total_steps:
                     stopped_early = True
