@@ -905,10 +905,10 @@ def train_segmentation(
         precision: ``"fp32"``, or ``"bf16"`` to run the network's forward pass under bfloat16 autocast (weights,
             optimiser and loss stay float32), or ``"auto"`` (:func:`resolve_precision`: bf16 on a CPU with native
             bfloat16, where ``benchmarks/training_step.py`` measures the gain). Validation always runs in float32.
-        compile_network: train through ``torch.compile`` (PyTorch's inductor, which needs a C++ compiler: a float32
-            step on two CPU cores took 0.53 s instead of 0.65 s in the brain recipe, once a minute of compiling is
-            done; other weights than without it, to float32 rounding). Where it cannot compile, the run says so and
-            trains as it is. Validation and the written package use the network as it is.
+        compile_network: train through ``torch.compile`` (PyTorch's inductor, which needs a C++ compiler: the brain
+            network's float32 step on two CPU cores 1.19x as fast, ``benchmarks/training_step.py``, after one to two
+            minutes of compiling; other weights than without it, to float32 rounding). Where it cannot compile, the
+            run says so and trains as it is. Validation and the written package use the network as it is.
 
     Returns:
         The package folder.
