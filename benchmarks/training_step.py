@@ -1,5 +1,5 @@
 """Time of one training step of the brain recipe's network: float32 against bfloat16 autocast, against the same
-network through ``torch.compile`` (the recipe's float32 default), and against MONAI's plain network in float32
+network through ``torch.compile`` (the recipe's ``--compile``), and against MONAI's plain network in float32
 (PyTorch's own choice of convolution path). Prints ratios.
 
     nice .venv/bin/python benchmarks/training_step.py [--threads 2] [--steps 8]

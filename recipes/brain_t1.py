@@ -358,14 +358,11 @@ def rescore(package_dir: Path) -> int:
     version) without retraining, then re-measure its figures and rewrite its card."""
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
-    trained_with = spec["provenance"].get("recipe_args", {})
-    current = brain_t1_spec(
-        atrophy=bool(trained_with.get("atrophy_fraction")),
-        consensus=trained_with.get("labels") == "consensus",
-        coil_field=bool(trained_with.get("coil_field_fraction")),
-        bfloat16=spec["training"].get("precision") == "bf16",
-        lesions=bool(trained_with.get("lesion_fraction")),
-        compiled=spec["training"].get("compiled_steps", 0) > 0,
+    # Packages trained before an option existed were trained without it.
+    absent = {"atrophy_fraction": 0.0, "labels": "per-copy", "coil_field_fraction": 0.0, "lesion_fraction": 0.0}
+    trained_with = argparse.Namespace(**{**absent, **spec["provenance"].get("recipe_args", {})})
+    current = recipe_spec(
+        trained_with, spec["training"].get("precision", "fp32"), spec["training"].get("compiled_steps", 0) > 0
     ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
