@@ -421,8 +421,8 @@ def test_an_augmented_run_stopped_and_resumed_gives_the_weights_of_one_that_ran_
 
 
 def test_a_compiled_run_trains_the_same_model_and_without_a_compiler_trains_as_it_is(tmp_path, capsys, brain_4mm):
-    # The brain recipe trains through torch.compile in float32 (fewer seconds a step): the model must be the one an
-    # uncompiled run gives, to rounding. Slicer's Python on Windows has no C++ compiler: there the run must say so
+    # --compile trains through torch.compile (fewer seconds a float32 step): the model must be the one an uncompiled
+    # run gives, to rounding. Slicer's Python on Windows has no C++ compiler: there the run must say so
     # and go on uncompiled, not fail.
     import subprocess
     import sys

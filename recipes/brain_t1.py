@@ -178,10 +178,11 @@ def brain_t1_spec(
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
             # ... and a brain that follows no edge of the image is no brain: the network draws one into anything
-            # (2.5 l into uniform noise). Across the surface of what it drew, the image steps up by 0.23-0.73 of its
-            # normalised range on the stress set's heads and by 0.076 at the least on the probes (Colin27 atrophied,
-            # with bright CSF) and on Colin27 at gamma 3, but by -0.031 to +0.015 in noise, a cylinder, a torso and a CT
-            # stored without its Hounsfield offset: below 0.03 the volume is refused (docs/brain-model.md).
+            # (2.5 l into uniform noise). Across the surface of what 2.3.10 drew, the image steps up by 0.23-0.73 of
+            # its normalised range on the stress set's heads and by 0.076 at the least on the probes (Colin27
+            # atrophied, with bright CSF) and on Colin27 at gamma 3, but by -0.031 to +0.015 in noise, a cylinder, a
+            # torso and a CT stored without its Hounsfield offset: below 0.03 the volume is refused. Set on 2.3.10's
+            # weights: 2.8.0 (--compile) drew a brain into that CT that steps +0.068 (docs/brain-model.md).
             "postprocess": {
                 "opening_mm": 6.0,
                 "largest_component": True,
