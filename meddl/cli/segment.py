@@ -31,6 +31,8 @@ _SAME_FORMAT = {
     ".nhdr": ".nrrd",
     ".mha": ".mha",
     ".mhd": ".mha",
+    ".hdr": ".nii",
+    ".hdr.gz": ".nii.gz",
 }
 FORMATS = ("input", "nii.gz", "nii", "nrrd", "mha")
 
@@ -224,7 +226,9 @@ def _run_batch(
     from meddl.cli import emit
 
     if not cases:
-        raise InputError("the folder holds no volumes (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) or series", args.input)
+        raise InputError(
+            "the folder holds no volumes (.nii.gz, .nii, .hdr, .nrrd, .nhdr, .mha, .mhd, .mgz) or series", args.input
+        )
     output_dir: Path = args.output
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError("a batch needs an output folder, and this is a file", output_dir)

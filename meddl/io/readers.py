@@ -85,8 +85,9 @@ def read_image(
     """Read a 3D volume with its exact LPS geometry.
 
     Args:
-        path: a NRRD (.nrrd/.nhdr), NIfTI-1 (.nii/.nii.gz), MetaImage (.mha/.mhd) or FreeSurfer (.mgh/.mgz)
-            file, a DICOM series folder, or one DICOM file (its series in the same folder is read).
+        path: a NRRD (.nrrd/.nhdr), NIfTI-1 or NIfTI-2 (.nii/.nii.gz, or a .hdr/.img pair named by either file),
+            MetaImage (.mha/.mhd) or FreeSurfer (.mgh/.mgz) file, a DICOM series folder, or one DICOM file (its
+            series in the same folder is read).
         series_uid: which DICOM series to read when the folder holds several.
         isolate: decode in a child process (True), in this process (False), or decide (None: a child for
             formats without a header pre-check and for compressed DICOM; ``MEDDL_ISOLATE_READS=always|never``
@@ -123,7 +124,9 @@ def read_image(
             if forced:
                 return _read_isolated(path, series_uid, timeout)
             if file_format == "mgh":
-                image = _read_mgh(path, facts.shape)
+                image = _read_with_nibabel(path, facts.shape, "MGH")
+            elif file_format == "nifti" and facts is not None and facts.notes.get("nifti_version") == 2:
+                image = _read_with_nibabel(path, facts.shape, "NIfTI-2")
             elif file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
                 image = _read_float_nifti(path, facts.shape)
             else:
@@ -216,18 +219,33 @@ def _read_float_nifti(path: Path, shape) -> Image:
     return Image(array, template.spacing, template.origin, template.direction)
 
 
-def _read_mgh(path: Path, shape) -> Image:
-    """FreeSurfer MGH/MGZ, which ITK does not read: voxels and the voxel-to-RAS matrix from nibabel, in LPS."""
+def _nifti_placement_as_itk(header) -> np.ndarray:
+    """The voxel-to-RAS matrix ITK takes from a NIfTI header, so that a NIfTI-2 file lies where its NIfTI-1 twin does
+    (in this engine and in Slicer): the sform where its code is 1 (scanner) or the qform's is 0, else the qform; with
+    neither, the voxel sizes along the LPS axes from the origin."""
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if sform_code > 0 and (sform_code == 1 or qform_code == 0):
+        return header.get_sform()
+    if qform_code > 0:
+        return header.get_qform()
+    sizes = [abs(float(z)) for z in header.get_zooms()[:3]]
+    return np.diag([-sizes[0], -sizes[1], sizes[2], 1.0])
+
+
+def _read_with_nibabel(path: Path, shape, what: str) -> Image:
+    """A format ITK does not read (FreeSurfer MGH/MGZ, NIfTI-2): voxels and the voxel-to-RAS matrix from nibabel,
+    in LPS."""
     import nibabel as nib
 
     try:
-        mgh = nib.load(str(path))
-        voxels = np.asanyarray(mgh.dataobj)
-        affine = np.asarray(mgh.affine, dtype=np.float64)
+        loaded = nib.load(str(path))
+        voxels = np.asanyarray(loaded.dataobj)
+        placement = _nifti_placement_as_itk(loaded.header) if what.startswith("NIfTI") else loaded.affine
+        affine = np.asarray(placement, dtype=np.float64)
     except Exception as error:  # noqa: BLE001 - nibabel/zlib raise several types on corrupt data
-        raise InputError(f"cannot read the MGH voxels ({' '.join(str(error).split())[:200]})", path) from None
-    # MGH stores big-endian; torch and most of numpy's fast paths want the machine's own byte order.
-    array = np.ascontiguousarray(voxels.reshape(tuple(shape), order="F").T, dtype=voxels.dtype.newbyteorder("="))
+        raise InputError(f"cannot read the {what} voxels ({' '.join(str(error).split())[:200]})", path) from None
+    # A copy in the machine's byte order (MGH stores big-endian), not a view of nibabel's memory map of the file.
+    array = np.array(voxels.reshape(tuple(shape), order="F").T, dtype=voxels.dtype.newbyteorder("="), order="C")
     lps_from_ras = np.diag([-1.0, -1.0, 1.0])
     spacing = check_spacing(np.linalg.norm(affine[:3, :3], axis=0), path)
     direction = lps_from_ras @ affine[:3, :3] / np.asarray(spacing)

@@ -104,6 +104,10 @@ def detect_format(path: PathLike) -> Optional[str]:
         by_name = "metaimage"
     elif name.endswith((".nii", ".nii.gz")):
         by_name = "nifti"
+    elif _pair_stem(name) is not None:
+        # A two-file NIfTI (or an ANALYZE 7.5 pair, which has no NIfTI magic and is left to ITK): the header says.
+        header = nifti_pair_header(path)
+        return "nifti" if header is not None and _nifti_magic(header) else None
     elif name.endswith((".mgz", ".mgh", ".mgh.gz")):
         by_name = "mgh"
     elif name.endswith((".dcm", ".dicom", ".ima")):
@@ -120,7 +124,7 @@ def detect_format(path: PathLike) -> Optional[str]:
         return "nrrd"
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
-    if len(head) >= 348 and head[344:347] in (b"n+1", b"ni1"):
+    if _nifti_magic(path):
         return "nifti"
     if head.startswith(b"ObjectType") or head.startswith(b"NDims"):
         return "metaimage"
@@ -211,8 +215,10 @@ def _check_raw_bytes(facts: HeaderFacts, data_offset: int, path: PathLike) -> No
     expected = facts.voxels * facts.voxel_bytes
     available = facts.data_path.stat().st_size - max(0, data_offset)
     if available < expected:
+        truncated = "file" if facts.data_path == Path(path) else f"voxel file {facts.data_path.name}"
         raise InputError(
-            f"file is truncated: the header claims {expected} bytes of voxel data, only {max(available, 0)} present",
+            f"{truncated} is truncated: the header claims {expected} bytes of voxel data, only {max(available, 0)} "
+            "present",
             path,
         )
 
@@ -443,16 +449,62 @@ def _sniff_metaimage(path: Path) -> HeaderFacts:
 # --- NIfTI ----------------------------------------------------------------------------------------------
 
 
+def _pair_stem(name: str) -> Optional[Tuple[str, str]]:
+    """``(stem, suffix)`` of a two-file NIfTI/ANALYZE name (``.hdr``, ``.img``, either gzipped), else None."""
+    for suffix in (".hdr.gz", ".img.gz", ".hdr", ".img"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def nifti_pair_header(path: PathLike) -> Optional[Path]:
+    """The header file of a two-file NIfTI or ANALYZE volume named by either of its files, if it exists."""
+    path = Path(path)
+    stem_suffix = _pair_stem(path.name)
+    if stem_suffix is None:
+        return None
+    stem, suffix = stem_suffix
+    if suffix.startswith(".hdr"):
+        return path if path.is_file() else None
+    gzipped = (".hdr.gz", ".hdr") if suffix.endswith(".gz") else (".hdr", ".hdr.gz")
+    return next((path.with_name(stem + s) for s in gzipped if path.with_name(stem + s).is_file()), None)
+
+
+def _nifti_magic(path: Path) -> Optional[bytes]:
+    """``n+1``/``ni1`` (NIfTI-1) or ``n+2``/``ni2`` (NIfTI-2) from a header file; None for anything else."""
+    try:
+        with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
+            head = handle.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for magic in (head[344:347], head[4:7]):  # NIfTI-1 keeps it at byte 344, NIfTI-2 at byte 4
+        if magic in (b"n+1", b"ni1", b"n+2", b"ni2"):
+            return magic
+    return None
+
+
+def _pair_data_file(header_path: Path, path: Path) -> Path:
+    """The voxel file of a two-file NIfTI: beside its header, ``.img`` or ``.img.gz``."""
+    stem, suffix = _pair_stem(header_path.name)
+    gzipped = (".img.gz", ".img") if suffix.endswith(".gz") else (".img", ".img.gz")
+    for candidate in (header_path.with_name(stem + s) for s in gzipped):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"the NIfTI header {header_path.name} has no voxel file {stem}.img beside it", path)
+
+
 def _sniff_nifti(path: Path) -> HeaderFacts:
     import nibabel as nib
 
-    compressed = path.name.lower().endswith(".gz")
+    pair_header = nifti_pair_header(path)
+    header_path = pair_header or path
+    compressed = header_path.name.lower().endswith(".gz")
     try:
         if compressed:
-            with gzip.open(path, "rb") as handle:
+            with gzip.open(header_path, "rb") as handle:
                 raw = handle.read(544)
         else:
-            with open(path, "rb") as handle:
+            with open(header_path, "rb") as handle:
                 raw = handle.read(544)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"not a gzip-compressed NIfTI file ({_first_line(error)})", path) from None
@@ -471,9 +523,6 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
             break
     if header_class is None:
         raise InputError("not a NIfTI file (header size field is neither 348 nor 540)", path)
-    if header_class is nib.Nifti2Header:
-        # ITK, and so Slicer and this engine, reads NIfTI-1 only; its reader would fail with a C-level message.
-        raise InputError("a NIfTI-2 file (540-byte header), which is not read here: save it as NIfTI-1", path)
     try:
         # check=False: nibabel's checks silently "fix" bad fields (zero pixdim becomes 1) and log about it;
         # the fields are checked here instead, as stored.
@@ -486,15 +535,25 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
         magic = bytes(header["magic"]).rstrip(b"\0")
     except Exception as error:  # noqa: BLE001 - nibabel raises several types for malformed headers
         raise InputError(f"malformed NIfTI header ({_first_line(error)})", path) from None
-    if magic not in (b"n+1", b"n+2"):
-        raise InputError(f"not a single-file NIfTI (magic {magic!r}; a .hdr/.img pair is not supported)", path)
+    single_file = magic in (b"n+1", b"n+2")
+    if not single_file and magic not in (b"ni1", b"ni2"):
+        raise InputError(f"not a NIfTI file (magic {magic!r})", path)
+    if single_file == (pair_header is not None):
+        kind = "a single-file NIfTI (.nii)" if single_file else "the header of a two-file NIfTI (.hdr/.img)"
+        raise InputError(f"magic {magic.decode()} marks {kind}, but the file is named {header_path.name}", path)
     check_size(shape, path)
     shape3 = check_dimensions(shape, path)
     spacing = check_spacing(zooms[:3], path)
-    notes = {"dtype": str(dtype), **_nifti_xforms(header)}
-    facts = HeaderFacts("nifti", shape3, spacing, int(dtype.itemsize), path, compressed, notes)
+    # NIfTI-2 (540-byte header, 64-bit fields) is what ITK, and so Slicer, does not read: nibabel reads it here.
+    notes = {"dtype": str(dtype), "nifti_version": 2 if header_class is nib.Nifti2Header else 1}
+    notes.update(_nifti_xforms(header))
+    data_path = path if single_file else _pair_data_file(header_path, path)
+    if not single_file:
+        compressed = data_path.name.lower().endswith(".gz")  # vox_offset then counts in the .img
+        notes["header_path"] = str(header_path)
+    facts = HeaderFacts("nifti", shape3, spacing, int(dtype.itemsize), data_path, compressed, notes)
     if compressed:
-        _check_gzip_stream(path, 0, offset + facts.voxels * facts.voxel_bytes, path)
+        _check_gzip_stream(data_path, 0, offset + facts.voxels * facts.voxel_bytes, path)
     else:
         _check_raw_bytes(facts, offset, path)
     return facts
