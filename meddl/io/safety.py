@@ -106,7 +106,7 @@ def detect_format(path: PathLike) -> Optional[str]:
         by_name = "nifti"
     elif _pair_stem(name) is not None:
         # A two-file NIfTI (or an ANALYZE 7.5 pair, which has no NIfTI magic and is left to ITK): the header says.
-        header = nifti_pair_header(path)
+        header = _nifti_pair_header(path)
         return "nifti" if header is not None and _nifti_magic(header) else None
     elif name.endswith((".mgz", ".mgh", ".mgh.gz")):
         by_name = "mgh"
@@ -457,7 +457,7 @@ def _pair_stem(name: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def nifti_pair_header(path: PathLike) -> Optional[Path]:
+def _nifti_pair_header(path: PathLike) -> Optional[Path]:
     """The header file of a two-file NIfTI or ANALYZE volume named by either of its files, if it exists."""
     path = Path(path)
     stem_suffix = _pair_stem(path.name)
@@ -496,7 +496,7 @@ def _pair_data_file(header_path: Path, path: Path) -> Path:
 def _sniff_nifti(path: Path) -> HeaderFacts:
     import nibabel as nib
 
-    pair_header = nifti_pair_header(path)
+    pair_header = _nifti_pair_header(path)
     header_path = pair_header or path
     compressed = header_path.name.lower().endswith(".gz")
     try:
@@ -550,7 +550,6 @@ def _sniff_nifti(path: Path) -> HeaderFacts:
     data_path = path if single_file else _pair_data_file(header_path, path)
     if not single_file:
         compressed = data_path.name.lower().endswith(".gz")  # vox_offset then counts in the .img
-        notes["header_path"] = str(header_path)
     facts = HeaderFacts("nifti", shape3, spacing, int(dtype.itemsize), data_path, compressed, notes)
     if compressed:
         _check_gzip_stream(data_path, 0, offset + facts.voxels * facts.voxel_bytes, path)
