@@ -240,8 +240,8 @@ def _read_with_nibabel(path: Path, shape, what: str) -> Image:
     try:
         loaded = nib.load(str(path))
         voxels = np.asanyarray(loaded.dataobj)
-        placement = _nifti_placement_as_itk(loaded.header) if what.startswith("NIfTI") else loaded.affine
-        affine = np.asarray(placement, dtype=np.float64)
+        nifti = isinstance(loaded.header, nib.Nifti1Header)  # NIfTI-2's header class derives from NIfTI-1's
+        affine = np.asarray(_nifti_placement_as_itk(loaded.header) if nifti else loaded.affine, dtype=np.float64)
     except Exception as error:  # noqa: BLE001 - nibabel/zlib raise several types on corrupt data
         raise InputError(f"cannot read the {what} voxels ({' '.join(str(error).split())[:200]})", path) from None
     # A copy in the machine's byte order (MGH stores big-endian), not a view of nibabel's memory map of the file.
