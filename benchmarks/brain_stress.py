@@ -558,11 +558,12 @@ def head_probes(
             necked = VolumePair(source.name, *with_neck(source.image, source.label, neck), source.source)
             image, label = acquire(necked, (10.0, 5.0, -5.0), source.image.spacing, AXIAL)
             cases.append((f"{source_name} moved, {neck:.0f} mm of neck below", image, label.array))
-        image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+        # The pose of the side cuts, the ghosts and the wrap-around below; on its axial LPS grid j runs to the back
+        # and i to the left.
+        moved, moved_label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
         for side, fraction in side_cuts:
-            # On the axial LPS grid j runs to the back and i to the left.
             array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
-            cut_image, cut_label = cut_brain(image, label, array_axis, fraction, from_end)
+            cut_image, cut_label = cut_brain(moved, moved_label, array_axis, fraction, from_end)
             cases.append((f"{source_name} moved, {side} {fraction:.0%} of brain cut", cut_image, cut_label.array))
         for scale, neck, fraction in cut_vertex_heads:
             head, label = _scaled_about_centre(source, scale)
@@ -586,16 +587,12 @@ def head_probes(
             image, label = acquire(enhanced, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
             name = f"{source_name} moved, contrast-enhanced: {shell:g} mm outside the brain at {level:g}x white matter"
             cases.append((name, image, label.array))
-        image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
-        for direction, array_axis in (
-            ("front-back", 1),
-            ("left-right", 2),
-        ):  # axial LPS grid: j front-back, i left-right
+        for direction, array_axis in (("front-back", 1), ("left-right", 2)):
             for level in ghost_levels:
                 name = f"{source_name} moved, motion ghosts {level:g}x {direction}"
-                cases.append((name, motion_ghosts(image, level, array_axis), label.array))
+                cases.append((name, motion_ghosts(moved, level, array_axis), moved_label.array))
             for fraction in folded_fractions:
-                folded_image, folded_label = folded_field_of_view(image, label, fraction, array_axis)
+                folded_image, folded_label = folded_field_of_view(moved, moved_label, fraction, array_axis)
                 name = f"{source_name} moved, field of view {fraction:.0%} {direction}, folded over"
                 cases.append((name, folded_image, folded_label.array))
     cases += [
