@@ -107,7 +107,7 @@ def detect_format(path: PathLike) -> Optional[str]:
     elif _pair_stem(name) is not None:
         # A two-file NIfTI (or an ANALYZE 7.5 pair, which has no NIfTI magic and is left to ITK): the header says.
         header = _nifti_pair_header(path)
-        return "nifti" if header is not None and _nifti_magic(header) else None
+        return "nifti" if header is not None and _nifti_magic(_first_bytes(header, 348)) else None
     elif name.endswith((".mgz", ".mgh", ".mgh.gz")):
         by_name = "mgh"
     elif name.endswith((".dcm", ".dicom", ".ima")):
@@ -124,7 +124,7 @@ def detect_format(path: PathLike) -> Optional[str]:
         return "nrrd"
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
-    if _nifti_magic(path):
+    if _nifti_magic(head):
         return "nifti"
     if head.startswith(b"ObjectType") or head.startswith(b"NDims"):
         return "metaimage"
@@ -470,13 +470,17 @@ def _nifti_pair_header(path: PathLike) -> Optional[Path]:
     return next((path.with_name(stem + s) for s in gzipped if path.with_name(stem + s).is_file()), None)
 
 
-def _nifti_magic(path: Path) -> Optional[bytes]:
-    """``n+1``/``ni1`` (NIfTI-1) or ``n+2``/``ni2`` (NIfTI-2) from a header file; None for anything else."""
+def _first_bytes(path: Path, count: int) -> bytes:
+    """Up to ``count`` bytes from the start of a file, decompressed when its name ends in .gz; b"" when unreadable."""
     try:
         with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb") as handle:
-            head = handle.read(348)
+            return handle.read(count)
     except (OSError, EOFError, zlib.error):
-        return None
+        return b""
+
+
+def _nifti_magic(head: bytes) -> Optional[bytes]:
+    """``n+1``/``ni1`` (NIfTI-1) or ``n+2``/``ni2`` (NIfTI-2) from a file's first bytes; None for anything else."""
     for magic in (head[344:347], head[4:7]):  # NIfTI-1 keeps it at byte 344, NIfTI-2 at byte 4
         if magic in (b"n+1", b"ni1", b"n+2", b"ni2"):
             return magic
