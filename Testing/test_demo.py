@@ -40,6 +40,18 @@ def test_bundled_model_package_is_small_and_documented(repo):
     assert raw["provenance"]["git_commit"]
 
 
+def test_recipe_version_names_the_bundled_weights_and_marks_another_schedule(repo):
+    """The recipe's arguments recorded in the bundled package give its version back; a shorter schedule, which
+    trains other weights (docs/brain-model.md: 30 of 40 at 120 steps an epoch), gives a marked one."""
+    from recipes.brain_t1 import recipe_spec, trained_with
+
+    raw = json.loads((repo / "Resources" / "models" / "brain-t1" / "model.json").read_text())
+    arguments, precision = trained_with(raw), raw["training"]["precision"]
+    assert recipe_spec(arguments, precision, compiled=False).version == raw["version"]
+    arguments.steps_per_epoch = 120
+    assert recipe_spec(arguments, precision, compiled=False).version == raw["version"] + "+steps-per-epoch-120"
+
+
 def test_demo_segments_the_held_out_brain(tmp_path, repo):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEDDL_NUM_THREADS="1")
     completed = subprocess.run(

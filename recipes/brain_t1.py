@@ -38,7 +38,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Dict, List, Sequence  # noqa: E402
+from typing import Any, Dict, List, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -54,10 +54,21 @@ from meddl.models import ModelSpec  # noqa: E402
 from meddl.models.package import FLIP_AXES  # noqa: E402
 from meddl.train import TRAINED_FLIP_AXES  # noqa: E402
 
-__all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "main"]
+__all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "recipe_spec", "trained_with", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
+# What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
+# (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
+UNVERSIONED_DEFAULTS = {
+    "epochs": 36,
+    "steps_per_epoch": 160,
+    "seed": 20261129,
+    "patches_per_volume": 1,
+    "synthetic_fraction": 0.5,
+    "brain_only_fraction": 0.3,
+    "atrophy_fraction": 0.3,
+}
 
 
 def brain_t1_spec(
@@ -343,8 +354,12 @@ def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
 
 
 def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> ModelSpec:
-    """The spec (and so the version) that the recipe's arguments train."""
-    return brain_t1_spec(
+    """The spec (and so the version) that the recipe's arguments train.
+
+    Arguments in :data:`UNVERSIONED_DEFAULTS` that differ from their defaults go into the version's build metadata
+    (``2.6.1+steps-per-epoch-120``): such a run trains other weights than the version names.
+    """
+    spec = brain_t1_spec(
         atrophy=bool(args.atrophy_fraction),
         consensus=args.labels == "consensus",
         coil_field=bool(args.coil_field_fraction),
@@ -352,6 +367,21 @@ def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> Mod
         lesions=bool(args.lesion_fraction),
         compiled=compiled,
     )
+    changed = []
+    for name, default in UNVERSIONED_DEFAULTS.items():
+        value = getattr(args, name, default)  # a package from before an argument existed trained with its default
+        if value != default and not (name == "atrophy_fraction" and value == 0):  # 0: a version of its own
+            changed.append(f"{name.replace('_', '-')}-{value}")
+    if changed:
+        spec.version += "+" + ".".join(changed)
+    return spec
+
+
+def trained_with(spec: Dict[str, Any]) -> argparse.Namespace:
+    """The recipe arguments a package's ``model.json`` records; a package trained before an option existed was
+    trained without it."""
+    absent = {"atrophy_fraction": 0.0, "labels": "per-copy", "coil_field_fraction": 0.0, "lesion_fraction": 0.0}
+    return argparse.Namespace(**{**absent, **spec["provenance"].get("recipe_args", {})})
 
 
 def rescore(package_dir: Path) -> int:
@@ -359,11 +389,8 @@ def rescore(package_dir: Path) -> int:
     version) without retraining, then re-measure its figures and rewrite its card."""
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
-    # Packages trained before an option existed were trained without it.
-    absent = {"atrophy_fraction": 0.0, "labels": "per-copy", "coil_field_fraction": 0.0, "lesion_fraction": 0.0}
-    trained_with = argparse.Namespace(**{**absent, **spec["provenance"].get("recipe_args", {})})
     current = recipe_spec(
-        trained_with, spec["training"].get("precision", "fp32"), spec["training"].get("compiled_steps", 0) > 0
+        trained_with(spec), spec["training"].get("precision", "fp32"), spec["training"].get("compiled_steps", 0) > 0
     ).to_json()
     for key in ("input", "postprocess", "inference", "version"):
         spec[key] = current[key]
@@ -651,9 +678,9 @@ Held-out test (never seen in training or validation):
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.brain_t1", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("Resources/models/brain-t1"))
-    parser.add_argument("--epochs", type=int, default=36)
-    parser.add_argument("--steps-per-epoch", type=int, default=160)
-    parser.add_argument("--seed", type=int, default=20261129)
+    parser.add_argument("--epochs", type=int, default=UNVERSIONED_DEFAULTS["epochs"])
+    parser.add_argument("--steps-per-epoch", type=int, default=UNVERSIONED_DEFAULTS["steps_per_epoch"])
+    parser.add_argument("--seed", type=int, default=UNVERSIONED_DEFAULTS["seed"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--precision",
@@ -670,9 +697,12 @@ def main(argv: List[str] = None) -> int:
         "per minute, benchmarks/training_step.py; other weights, 2.8.0, which met 35 of the 40 stress cases)",
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this wall time")
-    parser.add_argument("--synthetic-fraction", type=float, default=0.5)
+    parser.add_argument("--synthetic-fraction", type=float, default=UNVERSIONED_DEFAULTS["synthetic_fraction"])
     parser.add_argument(
-        "--atrophy-fraction", type=float, default=0.3, help="share of volumes whose brain is shrunk inside the skull"
+        "--atrophy-fraction",
+        type=float,
+        default=UNVERSIONED_DEFAULTS["atrophy_fraction"],
+        help="share of volumes whose brain is shrunk inside the skull",
     )
     parser.add_argument(
         "--labels",
@@ -681,7 +711,7 @@ def main(argv: List[str] = None) -> int:
         help="per-copy: each FSL copy with its own package's mask; consensus: every copy with the signed-distance "
         "mean of them (meddl.data.consensus_labels; trained 2.4.0, not bundled: docs/brain-model.md)",
     )
-    parser.add_argument("--brain-only-fraction", type=float, default=0.3)
+    parser.add_argument("--brain-only-fraction", type=float, default=UNVERSIONED_DEFAULTS["brain_only_fraction"])
     parser.add_argument(
         "--coil-field-fraction",
         type=float,
@@ -695,7 +725,7 @@ def main(argv: List[str] = None) -> int:
         help="share of volumes with a lesion painted into the brain, dark or bright, most reaching the cortex "
         "(train.RandLesiond; 0.3 trained 2.7.0, which met 24 of the 40 stress cases: docs/brain-model.md)",
     )
-    parser.add_argument("--patches-per-volume", type=int, default=1)
+    parser.add_argument("--patches-per-volume", type=int, default=UNVERSIONED_DEFAULTS["patches_per_volume"])
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
     parser.add_argument("--no-stress", action="store_true", help="skip benchmarks/brain_stress.py at the end")
     parser.add_argument(
