@@ -552,3 +552,29 @@ def test_a_scan_brighter_at_its_surface_gets_a_pass_without_the_coil_profile(pac
     single, alone = segment_and_score(package, brighter, reference, without="coil_normalization")
     assert single.coil_gain == 1.0 and brain["hd95_mm"] < alone["hd95_mm"], (brain, alone)
     assert segment_and_score(package, pair.image, reference)[0].coil_gain == 1.0
+
+
+def test_a_freesurfer_conformed_mgz_gets_its_brain_on_its_own_grid(tmp_path, capsys):
+    """FreeSurfer hands its users ``orig.mgz``: 256³ voxels of 1 mm in LIA orientation, intensities scaled to 0-255 in
+    one byte. nimare's 1 mm copy conformed so must come out on that grid and meet the targets against nimare's mask.
+    Measured: Dice 0.9794, HD95 3.61 mm (`/tmp` script with this test's steps, 2026-12-01)."""
+    import nibabel as nib
+    from nibabel.processing import conform
+
+    from meddl.data import fsl_mni152_brain_pairs
+
+    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"]
+    write_image(pair.image, tmp_path / "t1.nii.gz")
+    conformed = conform(nib.load(tmp_path / "t1.nii.gz"), (256, 256, 256), (1.0, 1.0, 1.0), order=1, orientation="LIA")
+    voxels = np.asarray(conformed.dataobj, dtype=np.float32)
+    orig = np.clip(voxels / np.percentile(voxels, 99.9) * 255, 0, 255).round().astype(np.uint8)
+    nib.save(nib.MGHImage(orig, conformed.affine), tmp_path / "orig.mgz")
+
+    output = tmp_path / "brain.nii.gz"
+    argv = ["segment", "--model", str(MODEL), "--input", str(tmp_path / "orig.mgz"), "--output", str(output)]
+    assert main(argv + ["--device", "cpu"]) == 0, capsys.readouterr().err
+    labelmap = read_image(output)
+    assert labelmap.same_grid(read_image(tmp_path / "orig.mgz"))
+    reference = resample_to_grid(pair.label.with_array((pair.label.array > 0).astype(np.uint8)), labelmap, "nearest")
+    brain = segmentation_metrics(labelmap.array, reference.array, {1: "brain"}, labelmap.spacing)["brain"]
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
