@@ -386,20 +386,17 @@ def folded_field_of_view(image: Image, label: Image, fraction: float, array_axis
     """``image`` acquired with a phase-encoding field of view ``fraction`` of its extent along ``array_axis``, centred:
     what lies beyond folds over onto the other side (wrap-around: a nose at the back of the head), added to what is
     there. Reference: the brain inside that field of view."""
-    values = image.array.astype(np.float32)
-    size = values.shape[array_axis]
+    size = image.array.shape[array_axis]
     kept = int(round(size * fraction))
     first = (size - kept) // 2
-    folded = np.zeros(values.shape[:array_axis] + (kept,) + values.shape[array_axis + 1 :], np.float32)
-    for index in range(size):
-        np.moveaxis(folded, array_axis, 0)[(index - first) % kept] += np.moveaxis(values, array_axis, 0)[index]
     window = [slice(None)] * 3
     window[array_axis] = slice(first, first + kept)
-    shift_ijk = np.zeros(3)
-    shift_ijk[2 - array_axis] = first
-    origin = tuple(np.asarray(image.origin) + image.direction @ (shift_ijk * np.asarray(image.spacing)))
-    grid = dict(spacing=image.spacing, origin=origin, direction=image.direction)
-    return Image(folded, **grid), Image(label.array[tuple(window)], **grid)
+    in_view = crop_box(image, tuple(window))
+    folded = np.zeros(in_view.array.shape, np.float32)
+    slices, folded_slices = np.moveaxis(image.array, array_axis, 0), np.moveaxis(folded, array_axis, 0)
+    for index in range(size):
+        folded_slices[(index - first) % kept] += slices[index]
+    return in_view.with_array(folded), crop_box(label, tuple(window))
 
 
 def head_probes(
