@@ -523,16 +523,22 @@ def test_an_mr_with_a_few_strongly_negative_voxels_is_not_taken_for_a_ct(nibabel
     check_input(image, load_model(MODEL, "cpu"))  # no InputError
 
 
-def test_force_modality_segments_the_series_anyway(ct_series, fsl_brain_mask_2mm, tmp_path, capsys):
-    output = tmp_path / "brain.nii.gz"
-    argv = ["segment", "--model", str(MODEL), "--input", str(ct_series), "--output", str(output)]
-    assert main(argv + ["--force-modality", "--device", "cpu"]) == 0, capsys.readouterr().err
+def cli_brain_scores(source: Path, reference: Image, output: Path, capsys, *flags: str) -> dict:
+    """``meddl segment`` of ``source`` with the bundled model into ``output``, whose labelmap must lie on the source's
+    grid; its brain's scores against ``reference`` resampled onto that grid by physical position."""
+    argv = ["segment", "--model", str(MODEL), "--input", str(source), "--output", str(output), "--device", "cpu"]
+    assert main(argv + list(flags)) == 0, capsys.readouterr().err
     labelmap = read_image(output)
-    assert labelmap.same_grid(read_image(ct_series))
+    assert labelmap.same_grid(read_image(source))
+    reference = resample_to_grid(reference, labelmap, "nearest")
+    return segmentation_metrics(labelmap.array, reference.array, {1: "brain"}, labelmap.spacing)["brain"]
+
+
+def test_force_modality_segments_the_series_anyway(ct_series, fsl_brain_mask_2mm, tmp_path, capsys):
     mask = read_image(fsl_brain_mask_2mm)
-    reference = resample_to_grid(mask.with_array((mask.array > 0.5).astype(np.uint8)), labelmap, "nearest")
-    dice = segmentation_metrics(labelmap.array, reference.array, {1: "brain"}, labelmap.spacing)
-    assert dice["brain"]["dice"] >= 0.9, dice
+    brain_mask = mask.with_array((mask.array > 0.5).astype(np.uint8))
+    brain = cli_brain_scores(ct_series, brain_mask, tmp_path / "brain.nii.gz", capsys, "--force-modality")
+    assert brain["dice"] >= 0.9, brain
 
 
 def test_a_scan_brighter_at_its_surface_gets_a_pass_without_the_coil_profile(package):
@@ -570,11 +576,6 @@ def test_a_freesurfer_conformed_mgz_gets_its_brain_on_its_own_grid(tmp_path, cap
     orig = np.clip(voxels / np.percentile(voxels, 99.9) * 255, 0, 255).round().astype(np.uint8)
     nib.save(nib.MGHImage(orig, conformed.affine), tmp_path / "orig.mgz")
 
-    output = tmp_path / "brain.nii.gz"
-    argv = ["segment", "--model", str(MODEL), "--input", str(tmp_path / "orig.mgz"), "--output", str(output)]
-    assert main(argv + ["--device", "cpu"]) == 0, capsys.readouterr().err
-    labelmap = read_image(output)
-    assert labelmap.same_grid(read_image(tmp_path / "orig.mgz"))
-    reference = resample_to_grid(pair.label.with_array((pair.label.array > 0).astype(np.uint8)), labelmap, "nearest")
-    brain = segmentation_metrics(labelmap.array, reference.array, {1: "brain"}, labelmap.spacing)["brain"]
+    brain_mask = pair.label.with_array((pair.label.array > 0).astype(np.uint8))
+    brain = cli_brain_scores(tmp_path / "orig.mgz", brain_mask, tmp_path / "brain.nii.gz", capsys)
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
