@@ -453,6 +453,7 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("crop_foreground", {"threshold": 0.1, "cut_top_height_mm": -176}, "crop_foreground.cut_top_height_mm"),
         ("crop_foreground", {"cut_top_height_mm": 176, "cut_top_max_height_mm": 0}, "cut_top_max_height_mm"),
         ("crop_foreground", {"cut_side_extent_mm": [182]}, "crop_foreground.cut_side_extent_mm"),
+        ("crop_foreground", {"cut_base_height_mm": "176 mm"}, "crop_foreground.cut_base_height_mm"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

@@ -378,6 +378,34 @@ def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_w
     assert frame_cut_top(noisy, 0.5, 10000.0, 400.0, max_height_mm=100.0) is noisy
 
 
+def test_a_head_cut_at_the_base_gets_air_below_it_up_to_the_learnt_window_and_a_whole_one_does_not():
+    from meddl.transforms import crop_to_foreground, frame_cut_base
+
+    # A "head" (ball of 80 mm radius) on a 2 mm grid with k superior, cropped as inference crops it.
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (100, 100, 100)), indexing="ij")
+    ball = ((i - 100) ** 2 + (j - 100) ** 2 + (k - 100) ** 2 <= 80**2).astype(np.float32)
+    whole = crop_to_foreground(Image(ball, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.5, 0.0)
+    assert frame_cut_base(whole, 0.5, 10000.0, 400.0) is whole  # its lowest rows hold a few cm²: nothing is cut
+
+    # The field of view starts 40 mm above the bottom of the head: the cut face is in the lowest row, and the air
+    # goes below it with every voxel of the head where it was.
+    cut = crop_to_foreground(Image(ball[30:].copy(), (2.0, 2.0, 2.0), (0.0, 0.0, 60.0)), 0.5, 0.0)
+    framed = frame_cut_base(cut, 0.5, 10000.0, 176.0)
+    added = 88 - cut.array.shape[0]
+    assert framed.array.shape == (88, *cut.array.shape[1:]) and np.array_equal(framed.array[added:], cut.array)
+    assert not framed.array[:added].any() and framed.metadata["air_below_cut_mm"] == added * 2.0
+    assert framed.origin == pytest.approx(tuple(np.asarray(cut.origin) - [0.0, 0.0, 2.0 * added]))
+    # Framing twice adds nothing more; a face smaller than the limit, a grid as tall already, a grid turned upside
+    # down and air full of noise (MP2RAGE: it fills its whole row) are left as they are.
+    assert frame_cut_base(framed, 0.5, 10000.0, 176.0) is framed
+    assert frame_cut_base(cut, 0.5, 30000.0, 176.0) is cut
+    assert frame_cut_base(cut, 0.5, 10000.0, cut.array.shape[0] * 2.0) is cut
+    upside_down = Image(cut.array[::-1].copy(), cut.spacing, cut.origin, np.diag([1.0, 1.0, -1.0]))
+    assert frame_cut_base(upside_down, 0.5, 10000.0, 176.0) is upside_down
+    noisy = Image(np.ones((60, 60, 60), np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    assert frame_cut_base(noisy, 0.5, 10000.0, 400.0) is noisy
+
+
 def test_a_head_cut_at_a_side_gets_air_beyond_the_cut_up_to_the_learnt_window_and_a_whole_one_does_not():
     from meddl.transforms import crop_to_foreground, frame_cut_sides
 

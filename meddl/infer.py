@@ -28,6 +28,7 @@ from meddl.transforms import (
     bounding_box,
     crop_box,
     crop_to_foreground,
+    frame_cut_base,
     frame_cut_sides,
     frame_cut_top,
     normalize_intensity,
@@ -96,6 +97,7 @@ class SegmentationResult:
     neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
+    air_below_cut_mm: float = 0.0  # ... and below a head it cuts at the base (mm)
     edge_contrast: Optional[float] = None  # the step across the foreground's surface, where the package checks it
     no_edge: bool = False  # that step is below the package's min_edge_contrast: segmented only because forced
 
@@ -629,6 +631,7 @@ def segment_image(
         neck_trimmed_mm=neck_trimmed_mm,
         air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
         air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
+        air_below_cut_mm=float(model_image.metadata.get("air_below_cut_mm", 0.0)),
         edge_contrast=step,
         no_edge=no_edge,
     )
@@ -727,7 +730,9 @@ def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) 
     """``model_image`` framed where the field of view cuts the head, as the package's ``crop_foreground`` asks (sizes
     times ``height_scale``): air above a cut top up to ``cut_top_height_mm`` and no more below it than
     ``cut_top_max_height_mm`` (:func:`meddl.transforms.frame_cut_top`), air beyond a cut side up to
-    ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`)."""
+    ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`) and air below a cut base up to
+    ``cut_base_height_mm`` (:func:`meddl.transforms.frame_cut_base`; after the top, which may reach that height
+    already)."""
     crop = spec.input.get("crop_foreground") or {}
     threshold = float(crop.get("threshold", 0.1))
     if crop.get("cut_top_height_mm") is not None:
@@ -743,6 +748,13 @@ def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) 
         extents = [float(extent) * height_scale for extent in crop["cut_side_extent_mm"]]
         model_image = frame_cut_sides(
             model_image, threshold, float(crop.get("cut_side_min_area_mm2", 10000.0)), extents
+        )
+    if crop.get("cut_base_height_mm") is not None:
+        model_image = frame_cut_base(
+            model_image,
+            threshold,
+            float(crop.get("cut_base_min_area_mm2", 10000.0)),
+            float(crop["cut_base_height_mm"]) * height_scale,
         )
     return model_image
 
@@ -1057,6 +1069,8 @@ def segment_file(
         notes.append(f"run anyway: what the model drew follows no edge in the image (step {result.edge_contrast:+.2f})")
     if result.air_beside_cut_mm:
         notes.append(f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it")
+    if result.air_below_cut_mm:
+        notes.append(f"the field of view cuts the base of the head: {result.air_below_cut_mm:.0f} mm of air below it")
     xforms = result.labelmap.metadata.get("nifti_xforms")
     if xforms and str(written).lower().endswith((".nii", ".nii.gz")):
         notes.append(

@@ -25,6 +25,7 @@ __all__ = [
     "crop_box",
     "crop_to_foreground",
     "outer_face",
+    "frame_cut_base",
     "frame_cut_sides",
     "frame_cut_top",
 ]
@@ -258,6 +259,28 @@ def frame_cut_top(
     missing = rows - height
     air_mm = float(image.metadata.get("air_above_cut_mm", 0.0)) + missing * image.spacing[2]
     return _with_air(image, 0, missing, before=False, air_above_cut_mm=air_mm)
+
+
+def frame_cut_base(
+    image: Image, threshold: float, min_area_mm2: float, height_mm: float, max_share: float = 0.8
+) -> Image:
+    """``image`` with air (0) added below it up to ``height_mm`` when the field of view cuts the base of the head (the
+    cerebellum or the skull base), told as :func:`frame_cut_top` tells a cut top; otherwise, or when it is that tall
+    already, ``image``.
+
+    Training cuts blank the base inside the template's window, so the network learnt the top of a head whose base is
+    cut where the whole head's top lay; cropped to the cut, a shorter head sat lower in the window (the sliding window
+    pads a short crop on both ends) and the network drew the brain on up into the CSF over the vertex. Needs grid axis
+    k pointing superior (the LPS model grid); a grid turned upside down is returned as it is. The metadata's
+    ``air_below_cut_mm`` counts the air added.
+    """
+    missing = int(math.ceil(height_mm / image.spacing[2] - 1e-6)) - image.array.shape[0]
+    if image.direction[2, 2] <= 0 or missing <= 0:
+        return image
+    if not _is_cut_face(outer_face(image, threshold, 0, high=False), min_area_mm2, max_share):
+        return image
+    air_mm = float(image.metadata.get("air_below_cut_mm", 0.0)) + missing * image.spacing[2]
+    return _with_air(image, 0, missing, before=True, air_below_cut_mm=air_mm)
 
 
 def frame_cut_sides(

@@ -203,6 +203,8 @@ class ModelSpec:
             "cut_top_height_mm",
             "cut_top_max_height_mm",
             "cut_side_min_area_mm2",
+            "cut_base_min_area_mm2",
+            "cut_base_height_mm",
         ):
             value = (crop or {}).get(key)
             positive = key.startswith(("max_", "cut_"))
