@@ -209,6 +209,22 @@ def segment_and_score(package, image: Image, reference: np.ndarray, without: Opt
     return result, segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, image.spacing)["brain"]
 
 
+def check_framed_cut(package, model_dir: Path, head: Image, reference: np.ndarray, setting: str, air: str, tmp_path):
+    """``head``, cut by its field of view, framed with air as the package's ``crop_foreground.<setting>`` asks: the
+    targets met and both scores better than without the setting; then ``meddl segment`` (``model_dir``) runs on it,
+    whose note the caller checks. Returns the result; ``air`` names its field that counts the air added."""
+    result, brain = segment_and_score(package, head, reference)
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unframed, alone = segment_and_score(package, head, reference, without=f"crop_foreground.{setting}")
+    assert getattr(unframed, air) == 0.0
+    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
+    scan, output = tmp_path / "cut.nii.gz", tmp_path / "brain.nrrd"
+    write_image(head, scan)
+    command = ["segment", "--model", str(model_dir), "--input", str(scan), "--output", str(output), "--device", "cpu"]
+    assert main(command) == 0
+    return result
+
+
 @pytest.mark.parametrize("neck_mm", [0, 80])
 def test_a_head_smaller_than_the_template_gets_a_second_pass_at_its_size(
     package, fsl_t1_2mm, fsl_brain_mask_2mm, neck_mm
@@ -333,26 +349,13 @@ def test_a_head_cut_at_the_vertex_is_framed_with_air_above_as_the_network_learnt
         pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), 0.3, True
     )
 
-    result, brain = segment_and_score(package, head, reference.array)
+    result = check_framed_cut(package, MODEL, head, reference.array, "cut_top_height_mm", "air_above_cut_mm", tmp_path)
     assert 40.0 <= result.air_above_cut_mm <= 90.0, result.air_above_cut_mm
-    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    unframed, alone = segment_and_score(package, head, reference.array, without="crop_foreground.cut_top_height_mm")
-    assert unframed.air_above_cut_mm == 0.0
-    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
-
+    note = f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it"
+    assert note in capsys.readouterr().out
     # A whole head gets no air: its crown and sides are no cut.
     whole = segment_image(pair.image, package, device="cpu")
     assert whole.air_above_cut_mm == 0.0 and whole.air_beside_cut_mm == 0.0
-    # `meddl segment` says what it did.
-    scan, output = tmp_path / "cut.nii.gz", tmp_path / "brain.nrrd"
-    write_image(head, scan)
-    assert (
-        main(["segment", "--model", str(MODEL), "--input", str(scan), "--output", str(output), "--device", "cpu"]) == 0
-    )
-    assert (
-        f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air"
-        in capsys.readouterr().out
-    )
 
 
 def test_a_head_cut_at_the_vertex_on_a_scan_down_the_neck_keeps_its_brain_out_of_the_neck(package):
@@ -388,18 +391,10 @@ def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_l
     label = pair.label.with_array((pair.label.array > 0).astype(np.uint8))
     head, reference = cut_brain(pair.image, label, 2, 0.25, from_end=False)  # array axis 2 is i, which runs left
 
-    result, brain = segment_and_score(package, head, reference.array)
-    assert 30.0 <= result.air_beside_cut_mm <= 80.0 and result.air_above_cut_mm == 0.0, result
-    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    unframed, alone = segment_and_score(package, head, reference.array, without="crop_foreground.cut_side_extent_mm")
-    assert unframed.air_beside_cut_mm == 0.0
-    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
-    # `meddl segment` says what it did.
-    scan, output = tmp_path / "side_cut.nii.gz", tmp_path / "brain.nrrd"
-    write_image(head, scan)
-    assert (
-        main(["segment", "--model", str(MODEL), "--input", str(scan), "--output", str(output), "--device", "cpu"]) == 0
+    result = check_framed_cut(
+        package, MODEL, head, reference.array, "cut_side_extent_mm", "air_beside_cut_mm", tmp_path
     )
+    assert 30.0 <= result.air_beside_cut_mm <= 80.0 and result.air_above_cut_mm == 0.0, result
     note = f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it"
     assert note in capsys.readouterr().out
 
@@ -427,19 +422,10 @@ def test_a_head_cut_at_the_base_framed_with_air_below_the_cut_comes_out_as_the_n
     label = pair.label.with_array((pair.label.array > 0).astype(np.uint8))
     head, reference = cut_superior(pair.image, label, 0.2, top=False)
 
-    result, brain = segment_and_score(package, head, reference.array)
-    assert 10.0 <= result.air_below_cut_mm <= 60.0 and result.air_above_cut_mm == 0.0, result
-    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    unframed, alone = segment_and_score(package, head, reference.array, without="crop_foreground.cut_base_height_mm")
-    assert unframed.air_below_cut_mm == 0.0
-    assert brain["hd95_mm"] < alone["hd95_mm"] and brain["dice"] > alone["dice"], (brain, alone)
-    # `meddl segment` says what it did.
-    scan, output = tmp_path / "base_cut.nii.gz", tmp_path / "brain.nrrd"
-    write_image(head, scan)
-    assert (
-        main(["segment", "--model", str(framing), "--input", str(scan), "--output", str(output), "--device", "cpu"])
-        == 0
+    result = check_framed_cut(
+        package, framing, head, reference.array, "cut_base_height_mm", "air_below_cut_mm", tmp_path
     )
+    assert 10.0 <= result.air_below_cut_mm <= 60.0 and result.air_above_cut_mm == 0.0, result
     note = f"the field of view cuts the base of the head: {result.air_below_cut_mm:.0f} mm of air below it"
     assert note in capsys.readouterr().out
 
