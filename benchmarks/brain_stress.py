@@ -358,9 +358,9 @@ def with_lesion(pair: VolumePair, radius_mm: float, level: float, towards_lps: S
     return pair.image.with_array(lesioned.astype(np.float32))
 
 
-def white_matter_level(pair: VolumePair) -> np.float32:
-    """The brain's 90th intensity percentile in ``pair``'s T1, in float32: its white matter, the probes' unit."""
-    return np.percentile(pair.image.array.astype(np.float32)[pair.label.array > 0], 90)
+def white_matter_level(values: np.ndarray, brain: np.ndarray) -> np.float32:
+    """The 90th percentile of a T1's float32 ``values`` inside ``brain``: its white matter, the probes' unit."""
+    return np.percentile(values[brain], 90)
 
 
 def with_enhanced_dura(pair: VolumePair, shell_mm: float, level: float) -> Image:
@@ -372,7 +372,7 @@ def with_enhanced_dura(pair: VolumePair, shell_mm: float, level: float) -> Image
     brain = pair.label.array > 0
     outside = ndimage.distance_transform_edt(~brain, sampling=pair.image.spacing[::-1])
     values = pair.image.array.astype(np.float32)
-    bright = np.float32(level * white_matter_level(pair))
+    bright = np.float32(level * white_matter_level(values, brain))
     return pair.image.with_array(np.where((outside > 0) & (outside <= shell_mm), np.maximum(values, bright), values))
 
 
@@ -383,7 +383,7 @@ def with_sequence_contrast(pair: VolumePair, curve: Sequence[Tuple[float, float]
     help from the reference; it moves grey matter, CSF and the tissue brighter than white matter (fat, marrow)
     against each other, as a 1.5 T spoiled gradient echo, a spin echo or a scanner's own T1 recipe does."""
     values = pair.image.array.astype(np.float32)
-    white = float(white_matter_level(pair))
+    white = float(white_matter_level(values, pair.label.array > 0))
     old, new = zip(*curve)
     return pair.image.with_array((np.interp(values / white, old, new) * white).astype(np.float32))
 
