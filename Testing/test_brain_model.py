@@ -399,32 +399,20 @@ def test_a_head_cut_at_a_side_is_framed_with_air_beyond_the_cut_as_the_network_l
     assert note in capsys.readouterr().out
 
 
-def test_a_head_cut_at_the_base_framed_with_air_below_the_cut_comes_out_as_the_network_learnt_cuts(tmp_path, capsys):
+def test_a_head_cut_at_the_base_is_framed_with_air_below_the_cut_as_the_network_learnt_cuts(package, tmp_path, capsys):
     """A field of view placed high cuts the cerebellum. Training blanks such cuts inside the template's window;
     cropped to the cut, the shorter head sat lower in the window, and the network drew the brain on up into the CSF
-    over the vertex. A package that sets ``crop_foreground.cut_base_height_mm`` frames the cut with air below it. The
-    bundled package does not (it would no longer refuse a head CT stored without its Hounsfield offset,
-    docs/brain-model.md, base cuts), so its weights are given the setting here. On nimare's 2 mm copy with the
-    lowest 20 % of its brain cut off (Dice / HD95 mm): 0.9812 / 2.83 with 30 mm of air below the cut, 0.9727 / 5.66
-    without."""
-    import shutil
-
+    over the vertex. A last pass frames the cut with air below it (where the brain drawn without it follows an edge of
+    the image: the CT refusal in the no-head test below is the other half). On nimare's 2 mm copy with the lowest 20 %
+    of its brain cut off (Dice / HD95 mm): 0.9812 / 2.83 with 30 mm of air below the cut, 0.9727 / 5.66 without
+    (docs/brain-model.md, base cuts)."""
     from meddl.data import fsl_mni152_brain_pairs
-
-    framing = tmp_path / "brain-t1-cut-base"
-    shutil.copytree(MODEL, framing)
-    spec = json.loads((framing / "model.json").read_text())
-    spec["input"]["crop_foreground"].update(cut_base_min_area_mm2=10000, cut_base_height_mm=176)
-    (framing / "model.json").write_text(json.dumps(spec))
-    package = load_model(framing, "cpu")
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
     label = pair.label.with_array((pair.label.array > 0).astype(np.uint8))
     head, reference = cut_superior(pair.image, label, 0.2, top=False)
 
-    result = check_framed_cut(
-        package, framing, head, reference.array, "cut_base_height_mm", "air_below_cut_mm", tmp_path
-    )
+    result = check_framed_cut(package, MODEL, head, reference.array, "cut_base_height_mm", "air_below_cut_mm", tmp_path)
     assert 10.0 <= result.air_below_cut_mm <= 60.0 and result.air_above_cut_mm == 0.0, result
     note = f"the field of view cuts the base of the head: {result.air_below_cut_mm:.0f} mm of air below it"
     assert note in capsys.readouterr().out
@@ -524,11 +512,17 @@ def no_heads() -> dict:
     return dict(no_head_inputs())
 
 
-@pytest.mark.parametrize("name", ["uniform noise", "torso phantom"])
+CT_WITHOUT_OFFSET = "InVesalius head CT without its Hounsfield offset"
+
+
+@pytest.mark.parametrize("name", ["uniform noise", "torso phantom", CT_WITHOUT_OFFSET])
 def test_a_volume_with_no_head_in_it_is_refused_in_one_line_and_runs_when_forced(no_heads, tmp_path, capsys, name):
     # The network draws a brain-sized object into anything (2.3.9: 2.5 l in uniform noise, 1.9 l in this torso);
     # what it draws there follows no edge of the image, where on every head of the stress set it does
-    # (docs/brain-model.md, "Refusals").
+    # (docs/brain-model.md, "Refusals"). The CT, cut at the jaw, looks like a head cut at its base: framed with air
+    # below the cut it showed the network enough of a head to pass the check, so that pass waits for the check.
+    if name not in no_heads:
+        pytest.skip("Debian's invesalius-examples is not installed (make install installs it as root)")
     source = write_image(no_heads[name], tmp_path / "no_head.nii.gz")
     line = _refusal(source, tmp_path)
     assert "found no brain here" in line and "follows no edge" in line and "--force-modality" in line, line

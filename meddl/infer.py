@@ -98,7 +98,8 @@ class SegmentationResult:
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
     air_below_cut_mm: float = 0.0  # ... and below a head it cuts at the base (mm)
-    edge_contrast: Optional[float] = None  # the step across the foreground's surface, where the package checks it
+    # The step across the foreground's surface, where the package checks it: that drawn before a cut base is framed.
+    edge_contrast: Optional[float] = None
     no_edge: bool = False  # that step is below the package's min_edge_contrast: segmented only because forced
 
 
@@ -594,16 +595,28 @@ def segment_image(
 
     started = time.perf_counter()
     progress(0.86, "resampling probabilities to the input grid")
-    label_values = [label.value for label in spec.labels]
-    labels = probabilities_to_labels(
-        probabilities, model_image, image, label_values, scaled(progress, 0.86, 0.95), cancel
-    )
+    labels = labels_on_input(probabilities, model_image, image, spec, scaled(progress, 0.86, 0.93), cancel)
     del probabilities
-    labels = postprocess_labelmap(labels, spec.postprocess, image.spacing)
     least = spec.postprocess.get("min_edge_contrast")
     step = edge_contrast(image, labels > 0, spec.normalization) if least is not None else None
     timings["postprocess"] = time.perf_counter() - started
     no_edge = step is not None and step < float(least)  # step is None where the package sets no least step
+    # A cut base framed with air: only where what the model drew follows an edge. Framed, a volume with no head in it
+    # (a head CT stored without its Hounsfield offset) can show the network enough of a head to draw one.
+    framed = model_image if no_edge else framed_base(model_image, spec, size_scale)
+    if framed is not model_image:
+        started = time.perf_counter()
+        below_mm = float(framed.metadata["air_below_cut_mm"])
+        progress(0.93, f"the field of view cuts the base of the head: a pass with {below_mm:.0f} mm of air below it")
+        model_image = framed
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, scaled(progress, 0.93, 0.95), cancel, normalized=True, counter=windows
+        )
+        timings["forward"] += time.perf_counter() - started
+        started = time.perf_counter()
+        labels = labels_on_input(probabilities, model_image, image, spec, scaled(progress, 0.95, 0.98), cancel)
+        del probabilities
+        timings["postprocess"] += time.perf_counter() - started
     if no_edge and not image.metadata.get("force"):
         names = " and ".join(label.name for label in spec.foreground_labels)
         kind = f"{spec.modality} images" if spec.modality else "images"
@@ -616,7 +629,7 @@ def segment_image(
     progress(0.98, "done")
 
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=max(label_values) + 1)
+    counts = np.bincount(labels.ravel(), minlength=max(label.value for label in spec.labels) + 1)
     volumes = {lb.name: float(counts[lb.value]) * voxel_ml for lb in spec.foreground_labels}
     labelmap = image.with_array(labels, model=spec.name, model_version=spec.version)
     return SegmentationResult(
@@ -635,6 +648,20 @@ def segment_image(
         edge_contrast=step,
         no_edge=no_edge,
     )
+
+
+def labels_on_input(
+    probabilities: np.ndarray,
+    model_image: Image,
+    image: Image,
+    spec: ModelSpec,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> np.ndarray:
+    """The labelmap on ``image``'s grid from ``probabilities`` on ``model_image``'s, post-processed as ``spec`` asks."""
+    values = [label.value for label in spec.labels]
+    labels = probabilities_to_labels(probabilities, model_image, image, values, progress, cancel)
+    return postprocess_labelmap(labels, spec.postprocess, image.spacing)
 
 
 def edge_contrast(image: Image, mask: np.ndarray, normalization: Dict, shell_mm: float = 4.0) -> Optional[float]:
@@ -729,10 +756,9 @@ def model_input(
 def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
     """``model_image`` framed where the field of view cuts the head, as the package's ``crop_foreground`` asks (sizes
     times ``height_scale``): air above a cut top up to ``cut_top_height_mm`` and no more below it than
-    ``cut_top_max_height_mm`` (:func:`meddl.transforms.frame_cut_top`), air beyond a cut side up to
-    ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`) and air below a cut base up to
-    ``cut_base_height_mm`` (:func:`meddl.transforms.frame_cut_base`; after the top, which may reach that height
-    already)."""
+    ``cut_top_max_height_mm`` (:func:`meddl.transforms.frame_cut_top`) and air beyond a cut side up to
+    ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`). A cut base is framed by one last pass
+    (:func:`framed_base`)."""
     crop = spec.input.get("crop_foreground") or {}
     threshold = float(crop.get("threshold", 0.1))
     if crop.get("cut_top_height_mm") is not None:
@@ -749,14 +775,22 @@ def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) 
         model_image = frame_cut_sides(
             model_image, threshold, float(crop.get("cut_side_min_area_mm2", 10000.0)), extents
         )
-    if crop.get("cut_base_height_mm") is not None:
-        model_image = frame_cut_base(
-            model_image,
-            threshold,
-            float(crop.get("cut_base_min_area_mm2", 10000.0)),
-            float(crop["cut_base_height_mm"]) * height_scale,
-        )
     return model_image
+
+
+def framed_base(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
+    """``model_image`` with air below a cut base up to the package's ``crop_foreground.cut_base_height_mm`` times
+    ``height_scale`` (:func:`meddl.transforms.frame_cut_base`); ``model_image`` itself where the package does not set
+    it or nothing is cut."""
+    crop = spec.input.get("crop_foreground") or {}
+    if crop.get("cut_base_height_mm") is None:
+        return model_image
+    return frame_cut_base(
+        model_image,
+        float(crop.get("threshold", 0.1)),
+        float(crop.get("cut_base_min_area_mm2", 10000.0)),
+        float(crop["cut_base_height_mm"]) * height_scale,
+    )
 
 
 def largest_object(probabilities: np.ndarray, label: int) -> Optional[np.ndarray]:

@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.10 under ``bfloat16`` autocast and 2.6.1 in float32, else 2.1.13; ``consensus``: trained
-    on the consensus labels, 2.4.10, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.1;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.2 in float32 and 2.7.3 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.0 for the default
+    brains, the bundled 2.3.11 under ``bfloat16`` autocast and 2.6.2 in float32, else 2.1.14; ``consensus``: trained
+    on the consensus labels, 2.4.11, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.2;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.4 in float32 and 2.7.5 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.1 for the default
     recipe; the variants keep their names, measured without it).
-    Each is one patch above the version its figures in docs/brain-model.md were measured as, which lacked
-    ``postprocess.min_edge_contrast``; the 2.1.x, 2.3.x and 2.4.x weights were first measured eight patches lower
-    still, without ``noisy_air``, ``min_extent_mm``, ``max_below_object_mm``, ``max_cut_except_top_mm2``, the
-    ``cut_top_`` framing, its ``cut_top_max_height_mm``, the ``cut_side_`` framing and ``coil_normalization``."""
+    A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
+    (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last two added were
+    ``postprocess.min_edge_contrast`` and the ``cut_base_`` framing. docs/brain-model.md names the version each figure
+    was measured as."""
     if consensus:
-        version = "2.4.10"
+        version = "2.4.11"
     elif coil_field:
-        version = "2.5.1"
+        version = "2.5.2"
     elif lesions:
-        version = "2.7.3" if bfloat16 else "2.7.2"
+        version = "2.7.5" if bfloat16 else "2.7.4"
     elif atrophy:
-        version = "2.3.10" if bfloat16 else ("2.8.0" if compiled else "2.6.1")
+        version = "2.3.11" if bfloat16 else ("2.8.1" if compiled else "2.6.2")
     else:
-        version = "2.1.13"
+        version = "2.1.14"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -147,6 +147,12 @@ def brain_t1_spec(
                 # A field of view that cuts the front, back or a side leaves a cut face of 172-286 cm² there (a whole
                 # head's sides 72 at most): air goes beyond it up to the template's window across that axis, 182 mm
                 # left-right and 212 mm front-back (the crop of every training copy and of Colin27 on the 2 mm grid).
+                # A field of view that stops above the cerebellum leaves a cut face in the crop's lowest rows: air goes
+                # below it up to the window's 176 mm, or the shorter crop sat lower in the sliding window than any
+                # training head and the network drew the brain up into the CSF over the vertex (Colin27 with 30 % of
+                # its brain cut at the base: HD95 5.92 mm without, 3.46 with; docs/brain-model.md, base cuts). It is
+                # one last pass, run only where the brain drawn without it follows an edge of the image: framed so, a
+                # head CT stored without its Hounsfield offset showed the network enough of a head to pass that check.
                 "crop_foreground": {
                     "threshold": 0.1,
                     "margin_mm": 0,
@@ -157,6 +163,8 @@ def brain_t1_spec(
                     "cut_top_max_height_mm": 176,
                     "cut_side_min_area_mm2": 10000,
                     "cut_side_extent_mm": [182, 212],
+                    "cut_base_min_area_mm2": 10000,
+                    "cut_base_height_mm": 176,
                 },
                 # Air that is noise as bright as tissue (MP2RAGE) passes the crop's threshold and the network never
                 # saw it: blank it outside the head first (meddl.infer.quiet_noisy_air; docs/brain-model.md).
@@ -550,6 +558,13 @@ def write_model_card(package: Path) -> Path:
                 if crop.get("cut_top_max_height_mm") is not None
                 else "."
             )
+        )
+    base_height = crop.get("cut_base_height_mm")
+    if base_height is not None:
+        sizing_text += (
+            f" Cut bases: when the lowest rows of the crop hold more than {crop.get('cut_base_min_area_mm2')} mm² of "
+            f"head (the field of view stops above the cerebellum) and the brain drawn without it follows an edge of "
+            f"the image, a last pass runs with air below them up to {base_height} mm."
         )
     side_extents = crop.get("cut_side_extent_mm")
     if side_extents is not None:
