@@ -378,6 +378,21 @@ def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_w
     assert frame_cut_top(noisy, 0.5, 10000.0, 400.0, max_height_mm=100.0) is noisy
 
 
+def test_the_crop_keeps_noisy_air_out_when_its_smoothed_level_sits_on_the_threshold():
+    from meddl.transforms import crop_to_foreground
+
+    # A "head" (ball of 60 mm radius, level 1) in the middle of a 2 mm grid 200 mm across.
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (100, 100, 100)), indexing="ij")
+    ball = ((i - 100) ** 2 + (j - 100) ** 2 + (k - 100) ** 2 <= 60**2).astype(np.float32)
+    clean = crop_to_foreground(Image(ball, (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.1, 0.0)
+    assert clean.array.shape == (61, 61, 61)
+    # Air of uniform noise up to 0.2: smoothed, its mean is the threshold, and half of it would join the ball.
+    noise = np.random.default_rng(0).uniform(0.0, 0.2, ball.shape).astype(np.float32)
+    noisy = crop_to_foreground(Image(np.maximum(ball, noise), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0)), 0.1, 0.0)
+    # The ball's box, give or take the voxel either side where the noise lifts its smoothed edge (the whole grid: 100).
+    assert all(61 <= n <= 63 for n in noisy.array.shape), noisy.array.shape
+
+
 def test_a_head_cut_at_the_base_gets_air_below_it_up_to_the_learnt_window_and_a_whole_one_does_not():
     from meddl.transforms import crop_to_foreground, frame_cut_base
 

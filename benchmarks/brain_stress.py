@@ -428,7 +428,7 @@ def head_probes(
     isotropic_mm: Sequence[float] = (0.5, 3.0),
     clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
-    noise_levels: Sequence[float] = (0.6, 1.0),
+    noise_levels: Sequence[float] = (0.2, 0.6, 0.8, 1.0),
     coil_gains: Sequence[float] = (1.5, 2.0, 3.0, 0.67, 0.5),
     atrophied_heads: Sequence[Tuple[float, float, float]] = tuple(
         (scale, factor, csf) for scale in (0.88, 0.95) for factor in (0.95, 0.93) for csf in (0.25, 0.4)
@@ -481,7 +481,7 @@ def head_probes(
       the brain shrunk on the skull base (``RandAtrophyd(anchor="base")``), with 80 mm of drawn neck, moved and
       acquired sagittal 1.2×1×1 mm: an older adult's research scan (a brain 0.93× across holds 0.80 of its volume);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
-      (:func:`noisy_air`), as MP2RAGE "UNI" images are;
+      (:func:`noisy_air`), as MP2RAGE "UNI" images are (1.0) and low-field or bias-corrected scans may be (0.2-0.8);
     * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
       of view on a real head (Colin27) as well as on the template;
     * necked acquisitions: Colin27 and nimare's 1 mm copy ``necked_draws`` times each with a drawn neck under several

@@ -31,9 +31,11 @@ from meddl.transforms import (
     frame_cut_base,
     frame_cut_sides,
     frame_cut_top,
+    keep_largest_component,
     normalize_intensity,
     resample_to_grid,
     to_model_grid,
+    volume_faces,
 )
 
 __all__ = [
@@ -458,31 +460,6 @@ def squared_distance_outside(mask: np.ndarray, spacing_kji: Sequence[float]) -> 
     return sitk.GetArrayFromImage(squared)
 
 
-def keep_largest_component(mask: np.ndarray) -> bool:
-    """Reduce boolean ``mask`` in place to its largest connected component; True when anything was dropped."""
-    components, count = _components(mask)
-    if count > 1:
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        np.equal(components, int(np.argmax(sizes)), out=mask)
-    return count > 1
-
-
-def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
-    """Connected components of ``mask`` (6-connectivity), numbered in uint16 when they fit, else int32."""
-    from scipy import ndimage
-
-    output = np.empty(mask.shape, dtype=np.uint16)
-    try:
-        count = ndimage.label(mask, output=output)
-        return output, int(count)
-    except RuntimeError:  # more than 65535 components: scipy refuses the narrow type
-        pass
-    del output  # before the int32 copy exists, not after
-    components, count = ndimage.label(mask)
-    return components, int(count)
-
-
 def segment_image(
     image: Image,
     package: ModelPackage,
@@ -705,20 +682,17 @@ def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.
     """
     from scipy import ndimage
 
-    def faces(volume: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.moveaxis(volume, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)])
-
     # Every input passes this test: percentiles of one voxel in 27 are as good a threshold and ten times cheaper.
     floor, top = (float(value) for value in np.percentile(image.array[::3, ::3, ::3], [1, 99]))
     span = top - floor
-    if span <= 0 or float(np.median(faces(image.array))) - floor <= face_median * span:
+    if span <= 0 or float(np.median(volume_faces(image.array))) - floor <= face_median * span:
         return image
     values = image.array.astype(np.float32) - np.float32(floor)  # near zero: E[x²] - E[x]² keeps its precision
     mean = ndimage.uniform_filter(values, 3)
     variance = ndimage.uniform_filter(values * values, 3) - mean * mean
     del mean
     limit = (calm_std * span) ** 2
-    if float(np.median(faces(variance))) <= limit:
+    if float(np.median(volume_faces(variance))) <= limit:
         return image
     calm = ndimage.binary_opening(variance < limit, iterations=2)
     del variance

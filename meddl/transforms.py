@@ -16,6 +16,8 @@ from meddl.errors import InputError
 from meddl.io import Image, image_from_sitk, image_to_sitk
 
 __all__ = [
+    "keep_largest_component",
+    "volume_faces",
     "model_grid",
     "reference_grid",
     "resample_to_grid",
@@ -151,13 +153,55 @@ def crop_box(image: Image, box: Tuple[slice, ...]) -> Image:
     )
 
 
+# Air full of noise (low field, heavy acceleration, an image scaled up by bias correction) smooths to its own mean,
+# and where that lies near the crop's threshold, its speckle joins the head into one object across the field of
+# view. The threshold then rises to this many times the air's level (the median of the smoothed volume's faces),
+# up to a cap that keeps a head's outline (scalp fat) above it; clean air leaves it where it was.
+NOISY_AIR_MARGIN = 1.5
+NOISY_AIR_MAX_THRESHOLD = 0.6
+# ... unless what stays above that level is less than this share of the volume: then the volume is noise through and
+# through (no head in it), and it is cropped as before, for the edge check to refuse.
+NOISY_AIR_MIN_SHARE = 0.01
+
+
+def keep_largest_component(mask: np.ndarray) -> bool:
+    """Reduce boolean ``mask`` in place to its largest connected component; True when anything was dropped."""
+    components, count = _components(mask)
+    if count > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        np.equal(components, int(np.argmax(sizes)), out=mask)
+    return count > 1
+
+
+def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Connected components of ``mask`` (6-connectivity), numbered in uint16 when they fit, else int32."""
+    from scipy import ndimage
+
+    output = np.empty(mask.shape, dtype=np.uint16)
+    try:
+        count = ndimage.label(mask, output=output)
+        return output, int(count)
+    except RuntimeError:  # more than 65535 components: scipy refuses the narrow type
+        pass
+    del output  # before the int32 copy exists, not after
+    components, count = ndimage.label(mask)
+    return components, int(count)
+
+
+def volume_faces(volume: np.ndarray) -> np.ndarray:
+    """The voxels of ``volume``'s six faces, one flat array (a voxel on an edge counts once per face)."""
+    return np.concatenate([np.moveaxis(volume, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)])
+
+
 def crop_to_foreground(
     image: Image, threshold: float = 0.1, margin_mm: float = 10.0, max_height_mm: Optional[float] = None
 ) -> Image:
     """Crop a normalised image to its largest bright object (the head, the body) plus ``margin_mm``.
 
     A model trained on tightly framed volumes sees the same framing whatever air the scanner's field of view
-    adds around the object. Smoothing first keeps noise speckles in the air out of the box.
+    adds around the object. Smoothing first keeps noise speckles in the air out of the box, and where the air is
+    bright with noise the threshold rises above it (``NOISY_AIR_MARGIN``).
 
     ``max_height_mm`` keeps at most that much of the box below its superior end (grid axis k, which the LPS
     model grid points superior): a head model then frames the head the same way whether the scan stops under
@@ -165,14 +209,17 @@ def crop_to_foreground(
     """
     from scipy import ndimage
 
-    mask = ndimage.gaussian_filter(image.array.astype(np.float32, copy=False), sigma=1.0) > threshold
-    components, count = ndimage.label(mask)
-    if count == 0:
+    smoothed = ndimage.gaussian_filter(image.array.astype(np.float32, copy=False), sigma=1.0)
+    mask = smoothed > threshold
+    above_air = min(NOISY_AIR_MARGIN * float(np.median(volume_faces(smoothed))), NOISY_AIR_MAX_THRESHOLD)
+    if above_air > threshold:
+        head = smoothed > above_air
+        keep_largest_component(head)
+        if head.sum() >= NOISY_AIR_MIN_SHARE * head.size:  # else the whole volume is noise: no air around a head
+            mask = head
+    if not mask.any():
         return image
-    if count > 1:
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        mask = components == int(np.argmax(sizes))
+    keep_largest_component(mask)
     margin = [int(math.ceil(margin_mm / s)) for s in image.spacing[::-1]]  # array order (k, j, i)
     box = bounding_box(mask, margin)
     if max_height_mm is not None:
