@@ -210,16 +210,18 @@ def crop_to_foreground(
     from scipy import ndimage
 
     smoothed = ndimage.gaussian_filter(image.array.astype(np.float32, copy=False), sigma=1.0)
-    mask = smoothed > threshold
+    mask = None
     above_air = min(NOISY_AIR_MARGIN * float(np.median(volume_faces(smoothed))), NOISY_AIR_MAX_THRESHOLD)
     if above_air > threshold:
-        head = smoothed > above_air
-        keep_largest_component(head)
-        if head.sum() >= NOISY_AIR_MIN_SHARE * head.size:  # else the whole volume is noise: no air around a head
-            mask = head
+        mask = smoothed > above_air
+        keep_largest_component(mask)
+        if mask.sum() < NOISY_AIR_MIN_SHARE * mask.size:  # the whole volume is noise: no air around a head
+            mask = None
+    if mask is None:
+        mask = smoothed > threshold
+        keep_largest_component(mask)
     if not mask.any():
         return image
-    keep_largest_component(mask)
     margin = [int(math.ceil(margin_mm / s)) for s in image.spacing[::-1]]  # array order (k, j, i)
     box = bounding_box(mask, margin)
     if max_height_mm is not None:
