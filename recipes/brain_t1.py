@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.11 under ``bfloat16`` autocast and 2.6.2 in float32, else 2.1.14; ``consensus``: trained
-    on the consensus labels, 2.4.11, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.2;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.4 in float32 and 2.7.5 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.1 for the default
+    brains, the bundled 2.3.12 under ``bfloat16`` autocast and 2.6.3 in float32, else 2.1.15; ``consensus``: trained
+    on the consensus labels, 2.4.12, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.3;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.6 in float32 and 2.7.7 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.2 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last two added were
-    ``postprocess.min_edge_contrast`` and the ``cut_base_`` framing. docs/brain-model.md names the version each figure
+    the ``cut_base_`` framing and ``orientation_check``. docs/brain-model.md names the version each figure
     was measured as."""
     if consensus:
-        version = "2.4.11"
+        version = "2.4.12"
     elif coil_field:
-        version = "2.5.2"
+        version = "2.5.3"
     elif lesions:
-        version = "2.7.5" if bfloat16 else "2.7.4"
+        version = "2.7.7" if bfloat16 else "2.7.6"
     elif atrophy:
-        version = "2.3.11" if bfloat16 else ("2.8.1" if compiled else "2.6.2")
+        version = "2.3.12" if bfloat16 else ("2.8.2" if compiled else "2.6.3")
     else:
-        version = "2.1.14"
+        version = "2.1.15"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -193,6 +193,21 @@ def brain_t1_spec(
                 # stress set's 40 cases read within 0.1 of it; a surface 1.5x as bright 80 mm out adds 0.4), the
                 # profile is divided out and the passes run on that (2.3.9, docs/brain-model.md).
                 "coil_normalization": {"min_change": 0.2, "radius_mm": 80.0},
+                # ... and heads upright in the world: a header that lies about the orientation (Analyze, a conversion
+                # that lost it) shows it a head on its side or upside down (Colin27 so: HD95 up to 19.8 mm). When the
+                # first pass's brain does not sit high in its head (the vector from the head's centre to the brain's
+                # points less than half up; the stress set's whole heads: 0.72-0.98 up), 23 more passes look at the
+                # head in every other quarter-turn orientation, and the surest of them (pass_confidence) is kept where
+                # it beats the first by 0.01 (docs/brain-model.md, orientation check). A brain the field of view cuts
+                # below its centre moves the head's centre up: there an offset at least 0.3 down counts as upright (the
+                # stress set's cerebellum cuts: 0.48-0.97 down; heads on their side or face up: -0.42 to 0.46).
+                "orientation_check": {
+                    "min_offset_mm": 2.0,
+                    "upright_share": 0.5,
+                    "max_cut_base_mm2": 1000,
+                    "cut_base_down_share": 0.3,
+                    "min_gain": 0.01,
+                },
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
             # the largest-component step then drops (docs/brain-model.md: 4, 5, 6 and 8 mm were measured).
@@ -572,6 +587,17 @@ def write_model_card(package: Path) -> Path:
             " Cut sides: where the front, back or a side of the crop holds more than "
             f"{crop.get('cut_side_min_area_mm2')} mm² of head, air goes beyond it up to the template's window, "
             f"{side_extents[0]} mm left-right and {side_extents[1]} mm front-back."
+        )
+    orienting = spec["input"].get("orientation_check")
+    if orienting:
+        sizing_text += (
+            " Orientation: when the vector from the head's centre to the first pass's brain points less than "
+            f"{orienting['upright_share']:.0%} up (and is longer than {orienting['min_offset_mm']} mm; where the field "
+            f"of view cuts the brain below its centre on more than {orienting['max_cut_base_mm2']} mm², pointing "
+            f"{orienting['cut_base_down_share']:.0%} down counts as upright too), "
+            "the head is looked at in the 23 other quarter-turn orientations, and the one the network is surest of is "
+            f"kept where its confidence beats the first pass's by {orienting['min_gain']}: a header that lost the "
+            "orientation."
         )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
