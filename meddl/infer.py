@@ -52,6 +52,7 @@ __all__ = [
     "segment_file",
     "postprocess_labelmap",
     "model_input",
+    "crop_threshold",
     "FoundObject",
     "object_points_and_cut",
     "coil_profile_slope",
@@ -759,11 +760,16 @@ def model_input(
         height = crop.get("max_height_mm")
         model_image = crop_to_foreground(
             model_image,
-            float(crop.get("threshold", 0.1)),
+            crop_threshold(spec),
             float(crop.get("margin_mm", 10)),
             float(height) * height_scale if height is not None else None,
         )
     return framed_cuts(model_image, spec, height_scale)
+
+
+def crop_threshold(spec: ModelSpec) -> float:
+    """The normalised intensity above which the package's ``crop_foreground`` counts a voxel as the head (0.1)."""
+    return float((spec.input.get("crop_foreground") or {}).get("threshold", 0.1))
 
 
 def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) -> Image:
@@ -773,7 +779,7 @@ def framed_cuts(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) 
     ``cut_side_extent_mm`` (:func:`meddl.transforms.frame_cut_sides`). A cut base is framed by one last pass
     (:func:`framed_base`)."""
     crop = spec.input.get("crop_foreground") or {}
-    threshold = float(crop.get("threshold", 0.1))
+    threshold = crop_threshold(spec)
     if crop.get("cut_top_height_mm") is not None:
         max_height = crop.get("cut_top_max_height_mm")
         model_image = frame_cut_top(
@@ -800,7 +806,7 @@ def framed_base(model_image: Image, spec: ModelSpec, height_scale: float = 1.0) 
         return model_image
     return frame_cut_base(
         model_image,
-        float(crop.get("threshold", 0.1)),
+        crop_threshold(spec),
         float(crop.get("cut_base_min_area_mm2", 10000.0)),
         float(crop["cut_base_height_mm"]) * height_scale,
     )
@@ -975,8 +981,7 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     """
     if len(found.points) < 2:
         return True
-    threshold = float((spec.input.get("crop_foreground") or {}).get("threshold", 0.1))
-    offset = head_offset_mm(model_image, found.points, threshold)
+    offset = head_offset_mm(model_image, found.points, crop_threshold(spec))
     length = float(np.linalg.norm(offset))
     if length < float(orienting.get("min_offset_mm", 2.0)):
         return True
@@ -996,7 +1001,7 @@ def pass_confidence(model_image: Image, probabilities: np.ndarray, spec: ModelSp
     the other five ways up on Colin27 and nimare's 1 mm copy, and kept on all 40 of their quarter turns that ran the
     check (docs/brain-model.md, orientation check).
     """
-    head = model_image.array > float((spec.input.get("crop_foreground") or {}).get("threshold", 0.1))
+    head = model_image.array > crop_threshold(spec)
     if not head.any():
         return 0.0
     return float(np.mean(2.0 * probabilities.max(axis=0)[head] - 1.0))
