@@ -29,6 +29,7 @@ from meddl.transforms import (
     bounding_box,
     crop_box,
     crop_to_foreground,
+    foreground_object,
     frame_cut_base,
     frame_cut_sides,
     frame_cut_top,
@@ -954,15 +955,14 @@ def head_pose_rotation(found: FoundObject, posing: Dict) -> Optional[np.ndarray]
 
 
 def head_offset_mm(model_image: Image, brain_points: np.ndarray, threshold: float) -> np.ndarray:
-    """LPS vector (mm) from the centre of the head (the largest object above ``threshold`` on the normalised model
-    grid) to the centre of ``brain_points``.
+    """LPS vector (mm) from the centre of the head (:func:`meddl.transforms.foreground_object` of the normalised
+    model grid at ``threshold``, as the crop finds it) to the centre of ``brain_points``.
 
     An upright head holds its brain high and back, face, jaw and neck below and in front: on the stress set's whole
     heads the vector runs 8-15 mm, 0.72-0.98 of it superior. A brain with no head around it (skull-stripped) reads
     under 1 mm.
     """
-    head = model_image.array > threshold
-    keep_largest_component(head)
+    head = foreground_object(model_image.array, threshold)
     if not head.any() or len(brain_points) == 0:
         return np.zeros(3)
     return brain_points.mean(axis=0) - _lps_points(model_image, head).mean(axis=0)

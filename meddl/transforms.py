@@ -26,6 +26,7 @@ __all__ = [
     "bounding_box",
     "crop_box",
     "crop_to_foreground",
+    "foreground_object",
     "outer_face",
     "frame_cut_base",
     "frame_cut_sides",
@@ -194,32 +195,39 @@ def volume_faces(volume: np.ndarray) -> np.ndarray:
     return np.concatenate([np.moveaxis(volume, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)])
 
 
+def foreground_object(array: np.ndarray, threshold: float) -> np.ndarray:
+    """The largest bright object (the head, the body) of a normalised ``array``, as a boolean mask.
+
+    Smoothing first keeps noise speckles in the air out of it, and where the air is bright with noise the
+    threshold rises above it (``NOISY_AIR_MARGIN``).
+    """
+    from scipy import ndimage
+
+    smoothed = ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=1.0)
+    above_air = min(NOISY_AIR_MARGIN * float(np.median(volume_faces(smoothed))), NOISY_AIR_MAX_THRESHOLD)
+    if above_air > threshold:
+        mask = smoothed > above_air
+        keep_largest_component(mask)
+        if mask.sum() >= NOISY_AIR_MIN_SHARE * mask.size:  # else the whole volume is noise: no air around a head
+            return mask
+    mask = smoothed > threshold
+    keep_largest_component(mask)
+    return mask
+
+
 def crop_to_foreground(
     image: Image, threshold: float = 0.1, margin_mm: float = 10.0, max_height_mm: Optional[float] = None
 ) -> Image:
-    """Crop a normalised image to its largest bright object (the head, the body) plus ``margin_mm``.
+    """Crop a normalised image to its largest bright object (:func:`foreground_object`) plus ``margin_mm``.
 
     A model trained on tightly framed volumes sees the same framing whatever air the scanner's field of view
-    adds around the object. Smoothing first keeps noise speckles in the air out of the box, and where the air is
-    bright with noise the threshold rises above it (``NOISY_AIR_MARGIN``).
+    adds around the object.
 
     ``max_height_mm`` keeps at most that much of the box below its superior end (grid axis k, which the LPS
     model grid points superior): a head model then frames the head the same way whether the scan stops under
     the cerebellum or runs down the neck to the shoulders, which are tissue and survive the threshold.
     """
-    from scipy import ndimage
-
-    smoothed = ndimage.gaussian_filter(image.array.astype(np.float32, copy=False), sigma=1.0)
-    mask = None
-    above_air = min(NOISY_AIR_MARGIN * float(np.median(volume_faces(smoothed))), NOISY_AIR_MAX_THRESHOLD)
-    if above_air > threshold:
-        mask = smoothed > above_air
-        keep_largest_component(mask)
-        if mask.sum() < NOISY_AIR_MIN_SHARE * mask.size:  # the whole volume is noise: no air around a head
-            mask = None
-    if mask is None:
-        mask = smoothed > threshold
-        keep_largest_component(mask)
+    mask = foreground_object(image.array, threshold)
     if not mask.any():
         return image
     margin = [int(math.ceil(margin_mm / s)) for s in image.spacing[::-1]]  # array order (k, j, i)
