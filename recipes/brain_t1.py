@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.12 under ``bfloat16`` autocast and 2.6.3 in float32, else 2.1.15; ``consensus``: trained
-    on the consensus labels, 2.4.12, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.3;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.6 in float32 and 2.7.7 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.2 for the default
+    brains, the bundled 2.3.13 under ``bfloat16`` autocast and 2.6.4 in float32, else 2.1.16; ``consensus``: trained
+    on the consensus labels, 2.4.13, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.4;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.8 in float32 and 2.7.9 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.3 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last two added were
-    the ``cut_base_`` framing and ``orientation_check``. docs/brain-model.md names the version each figure
-    was measured as."""
+    ``orientation_check`` and its ``face_rows`` and ``min_confidence``. docs/brain-model.md names the version each
+    figure was measured as."""
     if consensus:
-        version = "2.4.12"
+        version = "2.4.13"
     elif coil_field:
-        version = "2.5.3"
+        version = "2.5.4"
     elif lesions:
-        version = "2.7.7" if bfloat16 else "2.7.6"
+        version = "2.7.9" if bfloat16 else "2.7.8"
     elif atrophy:
-        version = "2.3.12" if bfloat16 else ("2.8.2" if compiled else "2.6.3")
+        version = "2.3.13" if bfloat16 else ("2.8.3" if compiled else "2.6.4")
     else:
-        version = "2.1.15"
+        version = "2.1.16"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -201,12 +201,19 @@ def brain_t1_spec(
                 # it beats the first by 0.01 (docs/brain-model.md, orientation check). A brain the field of view cuts
                 # below its centre moves the head's centre up: there an offset at least 0.3 down counts as upright (the
                 # stress set's cerebellum cuts: 0.48-0.97 down; heads on their side or face up: -0.42 to 0.46).
+                # The check runs too where the first pass is unsure (confidence under 0.86; upright heads: 0.87 and
+                # up): a neck taken for brain sits high. With a neck the network can be surer of a head facing back,
+                # so the surest turn and its twin half a turn about the vertical are told apart by how far the head
+                # reaches in front of the brain's lowest third against behind it (face_reach_mm: right way 10.9-24.3
+                # mm, facing back -5.0 to 7.1 in the sweeps of docs/brain-model.md).
                 "orientation_check": {
                     "min_offset_mm": 2.0,
                     "upright_share": 0.5,
                     "max_cut_base_mm2": 1000,
                     "cut_base_down_share": 0.3,
                     "min_gain": 0.01,
+                    "min_confidence": 0.86,
+                    "face_rows": [0.05, 0.35],
                 },
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
@@ -595,10 +602,16 @@ def write_model_card(package: Path) -> Path:
             f"{orienting['upright_share']:.0%} up (and is longer than {orienting['min_offset_mm']} mm; where the field "
             f"of view cuts the brain below its centre on more than {orienting['max_cut_base_mm2']} mm², pointing "
             f"{orienting['cut_base_down_share']:.0%} down counts as upright too), "
+            f"or the network's confidence over the head is under {orienting.get('min_confidence', 0.0)}, "
             "the head is looked at in the 23 other quarter-turn orientations, and the one the network is surest of is "
             f"kept where its confidence beats the first pass's by {orienting['min_gain']}: a header that lost the "
             "orientation."
         )
+        if orienting.get("face_rows"):
+            sizing_text += (
+                " That turn or its twin half a turn about the vertical, whichever has more head in front of the "
+                "brain's lowest rows than behind them (the face), is kept."
+            )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
         f" whose air is noise as bright as tissue (MP2RAGE; the faces' median above {noisy.get('face_median')} and "
