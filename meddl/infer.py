@@ -1006,9 +1006,9 @@ def face_reach_mm(
     between the ``rows`` shares of its volume from the bottom; NaN where the pass found no brain.
 
     The head is :func:`meddl.transforms.foreground_object` of ``model_image`` (an LPS model grid: j runs back, k up).
-    Beside an upright head's lower brain the orbits, nose and cheeks lie in front and only the occiput behind: on
-    five heads over the rows 0.05-0.35, 12.2-17.2 mm, and -3.2 to 7.7 mm for the same heads facing back
-    (docs/brain-model.md, orientation check).
+    Beside an upright head's lower brain the orbits, nose and cheeks lie in front and only the occiput behind: over
+    the rows 0.05-0.35 of two heads in ten acquisitions, 10.9-24.3 mm, and -5.0 to 7.1 mm for the same heads facing
+    back (docs/brain-model.md, brain-t1 2.3.13). A face zeroed by defacing reads as none.
     """
     brain = largest_object(probabilities, label)
     if brain is None:
@@ -1097,7 +1097,7 @@ def upright_pass(
     first_confidence = pass_confidence(first.model_image, first.probabilities, spec)
     best, best_index, best_confidence, reaches = None, -1, first_confidence, []
     for index, turn in enumerate(AXIS_TURNS):
-        progress(0.4, f"the brain does not sit high in its head: a pass on it turned ({index + 1}/{len(AXIS_TURNS)})")
+        progress(0.4, f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})")
         turned = look(turn)
         confidence = pass_confidence(turned.model_image, turned.probabilities, spec)
         reaches.append(reach(turned) if rows is not None else math.nan)
