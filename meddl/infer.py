@@ -554,7 +554,8 @@ def segment_image(
     orientation_turn = "none"
     needs_found = orienting or sizing or posing
     found = object_points_and_cut(probabilities, model_image, placed, brain_label) if needs_found else None
-    unsure = orienting and pass_confidence(model_image, probabilities, spec) < float(orienting.get("min_confidence", 0))
+    least_confidence = float((orienting or {}).get("min_confidence", 0.0))  # 0: off (a confidence is never below)
+    unsure = least_confidence > 0 and pass_confidence(model_image, probabilities, spec) < least_confidence
     if orienting and (unsure or not head_lies_upright(found, model_image, spec, orienting)):
         first = TurnedPass(np.eye(3), model_image, probabilities)
         turned = upright_pass(seen, package, device, tta, first, orienting, brain_label, progress, cancel, windows)

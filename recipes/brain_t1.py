@@ -597,14 +597,15 @@ def write_model_card(package: Path) -> Path:
         )
     orienting = spec["input"].get("orientation_check")
     if orienting:
+        unsure = orienting.get("min_confidence")
         sizing_text += (
             " Orientation: when the vector from the head's centre to the first pass's brain points less than "
             f"{orienting['upright_share']:.0%} up (and is longer than {orienting['min_offset_mm']} mm; where the field "
             f"of view cuts the brain below its centre on more than {orienting['max_cut_base_mm2']} mm², pointing "
             f"{orienting['cut_base_down_share']:.0%} down counts as upright too), "
-            f"or the network's confidence over the head is under {orienting.get('min_confidence', 0.0)}, "
-            "the head is looked at in the 23 other quarter-turn orientations, and the one the network is surest of is "
-            f"kept where its confidence beats the first pass's by {orienting['min_gain']}: a header that lost the "
+            + (f"or the network's confidence over the head is under {unsure}, " if unsure is not None else "")
+            + "the head is looked at in the 23 other quarter-turn orientations, and the one the network is surest of "
+            f"is kept where its confidence beats the first pass's by {orienting['min_gain']}: a header that lost the "
             "orientation."
         )
         if orienting.get("face_rows"):
