@@ -534,12 +534,16 @@ def segment_image(
     windows = [0]
     sizing = _calibrated(spec.input.get("size_normalization"), "reference_extent_mm")
     posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
+    coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
+    orienting = spec.input.get("orientation_check")
+    # Each later pass has its own stretch of the bar (the turns 0.3-0.4, coil 0.4-0.5, size 0.5-0.6, pose 0.6-0.85),
+    # so that it never steps back; without any, the first pass has them all.
     probabilities = predict_probabilities(
         model_image,
         package,
         device,
         tta,
-        scaled(progress, 0.1, 0.4 if sizing or posing else 0.85),
+        scaled(progress, 0.1, 0.3 if sizing or posing or coil or orienting else 0.85),
         cancel,
         normalized=True,
         counter=windows,
@@ -548,7 +552,6 @@ def segment_image(
     # conversion that lost it) shows it a head on its side or upside down. Where the first pass's brain does not sit
     # high in its head, or the network is unsure of it (a neck taken for brain sits high), look at the head turned
     # each way and keep the turn the network is surest of.
-    orienting = spec.input.get("orientation_check")
     brain_label = int((sizing or posing or orienting or {}).get("label", 1))
     placed = image  # the input's voxels, placed in the world the passes see
     orientation_turn = "none"
@@ -558,7 +561,8 @@ def segment_image(
     unsure = least_confidence > 0 and pass_confidence(model_image, probabilities, spec) < least_confidence
     if orienting and (unsure or not head_lies_upright(found, model_image, spec, orienting)):
         first = TurnedPass(np.eye(3), model_image, probabilities)
-        turned = upright_pass(seen, package, device, tta, first, orienting, brain_label, progress, cancel, windows)
+        looking = scaled(progress, 0.3, 0.4)
+        turned = upright_pass(seen, package, device, tta, first, orienting, brain_label, looking, cancel, windows)
         if turned is not None:
             orientation_turn, model_image, probabilities = turned.description, turned.model_image, turned.probabilities
             progress(0.4, f"the header had the head {orientation_turn}: the passes see it upright")
@@ -566,16 +570,15 @@ def segment_image(
             found = None
     # The network learnt bias-corrected heads: a receive coil's profile left in the scan (a brighter surface) makes it
     # draw an orbit as brain. Take the profile out of the image and look again.
-    coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
     coil_gain = 1.0
     if coil:
         corrected, coil_gain = without_coil_profile(seen, model_image, probabilities, coil)
         if corrected is not None:
-            progress(0.25, f"the scan is {coil_gain:.2f}x as bright at its surface: a pass with that taken out")
+            progress(0.4, f"the scan is {coil_gain:.2f}x as bright at its surface: a pass with that taken out")
             seen, found = corrected, None
             model_image = model_input(seen, spec, spec.target_spacing)
             probabilities = predict_probabilities(
-                model_image, package, device, tta, scaled(progress, 0.25, 0.4), cancel, normalized=True, counter=windows
+                model_image, package, device, tta, scaled(progress, 0.4, 0.5), cancel, normalized=True, counter=windows
             )
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
@@ -583,11 +586,11 @@ def segment_image(
         found = object_points_and_cut(probabilities, model_image, placed, brain_label)
     size_scale = head_size_factor(found, sizing) if sizing else 1.0
     if size_scale != 1.0:
-        progress(0.4, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
+        progress(0.5, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
         spacing = [s * size_scale for s in spec.target_spacing]
         model_image = model_input(seen, spec, spacing, height_scale=size_scale)
         probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.4, 0.6), cancel, normalized=True, counter=windows
+            model_image, package, device, tta, scaled(progress, 0.5, 0.6), cancel, normalized=True, counter=windows
         )
         # Pose from this pass: a small head's first pass can take its neck for brain, which stands the axis upright.
         found = object_points_and_cut(probabilities, model_image, placed, brain_label) if posing else None
@@ -1081,7 +1084,7 @@ def upright_pass(
     surest turn and its twin half a turn about the vertical (the first pass, where that is no turn) are told apart by
     the face: the one whose head reaches further in front of the brain (:func:`face_reach_mm`) is kept.
     """
-    progress = progress or no_progress
+    progress = progress or no_progress  # 0 to 1 over the turns
     spec = package.spec
     rows = orienting.get("face_rows")
 
@@ -1098,7 +1101,9 @@ def upright_pass(
     first_confidence = pass_confidence(first.model_image, first.probabilities, spec)
     best, best_index, best_confidence, reaches = None, -1, first_confidence, []
     for index, turn in enumerate(AXIS_TURNS):
-        progress(0.4, f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})")
+        progress(
+            index / len(AXIS_TURNS), f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})"
+        )
         turned = look(turn)
         confidence = pass_confidence(turned.model_image, turned.probabilities, spec)
         reaches.append(reach(turned) if rows is not None else math.nan)
