@@ -987,7 +987,10 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     cuts the brain below its centre on more than ``max_cut_base_mm2``, the head's centre moves up and the offset
     points down (the stress set's cerebellum cuts: 0.48-0.97 of it down): then pointing down by ``cut_base_down_share``
     counts as upright too. A head turned onto its side or face up by its header reads -0.42 to 0.46 (nimare's 1 mm copy
-    and Colin27, whose fields of view end close to the brain).
+    and Colin27, whose fields of view end close to the brain). With ``cut_base_max_tilt_deg``, only a cut whose plane
+    lies within so many degrees of the horizontal (:func:`_cut_tilt_deg`) is a cut base: the lower half of a cut
+    front or back that a lost header turned upside down points down too, but stands upright (90 against the
+    cerebellum cuts' 0, docs/brain-model.md 2.3.14).
     """
     if len(found.points) < 2:
         return True
@@ -998,9 +1001,24 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     up_share = float(offset[2]) / length
     if up_share >= float(orienting.get("upright_share", 0.5)):
         return True
-    cut_base = np.count_nonzero(found.cut_points[:, 2] < found.points[:, 2].mean()) * found.voxel_face_mm2
-    cut_base_down = float(orienting.get("cut_base_down_share", 0.3))
-    return cut_base > float(orienting.get("max_cut_base_mm2", 1000.0)) and up_share <= -cut_base_down
+    below_centre = found.cut_points[found.cut_points[:, 2] < found.points[:, 2].mean()]
+    cut_base = len(below_centre) * found.voxel_face_mm2
+    if cut_base <= float(orienting.get("max_cut_base_mm2", 1000.0)):
+        return False
+    flattest = orienting.get("cut_base_max_tilt_deg")
+    if flattest is not None and _cut_tilt_deg(below_centre) > float(flattest):
+        return False  # the lower half of a cut at the side or the front: a head on its side or upside down
+    return up_share <= -float(orienting.get("cut_base_down_share", 0.3))
+
+
+def _cut_tilt_deg(cut_points: np.ndarray) -> float:
+    """How far (degrees) the plane that ``cut_points`` (LPS, mm) lie closest to tilts from the horizontal: near 0
+    where the field of view cuts a brain's base, near 90 where it cuts its front, back or side."""
+    if len(cut_points) < 3:
+        return 90.0
+    centred = cut_points - cut_points.mean(axis=0)
+    normal = np.linalg.eigh(centred.T @ centred)[1][:, 0]  # the direction the points spread least along
+    return float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
 
 
 def face_reach_mm(
