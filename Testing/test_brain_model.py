@@ -40,6 +40,7 @@ from brain_stress import (  # noqa: E402
     cut_brain,
     cut_superior,
     drawn_neck,
+    lost_orientation,
     no_head_inputs,
     noisy_air,
     with_neck,
@@ -692,3 +693,23 @@ def test_a_head_with_a_neck_whose_header_lost_its_orientation_is_turned_upright_
     assert brain["hd95_mm"] < back["hd95_mm"], (brain, back)
     unchecked, _ = segment_and_score(package, lost, reference.array, without="orientation_check.min_confidence")
     assert unchecked.orientation_turn == "none"
+
+
+def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_upright(package):
+    """A field of view that cuts the brain's front, and a header that lost the orientation: the head lies upside down
+    with its cut at the back, whose lower half counted as a cut base (a cut base moves the head's centre up, so that an
+    offset pointing down counts as upright there), and the check did not run. Since 2.3.14 only a cut within 45 deg of
+    the horizontal counts (a front cut turned so lies at 90, the stress set's cerebellum cuts at 0). Colin27 moved, its
+    front 25 % cut, upside down: 0.9492 / 6.71 mm unturned, 0.9617 / 4.24 turned top down (docs/brain-model.md)."""
+    from meddl.data import VolumePair, colin27_brain_pair
+
+    pair = colin27_brain_pair()
+    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    moved, moved_label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    image, label = lost_orientation(*cut_brain(moved, moved_label, 1, 0.25, from_end=False), (0, 1), 2)
+
+    result, brain = segment_and_score(package, image, label.array)
+    assert result.orientation_turn.startswith("top down"), result.orientation_turn
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unturned, alone = segment_and_score(package, image, label.array, without="orientation_check.cut_base_max_tilt_deg")
+    assert unturned.orientation_turn == "none" and brain["hd95_mm"] < alone["hd95_mm"], (brain, alone)

@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.13 under ``bfloat16`` autocast and 2.6.4 in float32, else 2.1.16; ``consensus``: trained
-    on the consensus labels, 2.4.13, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.4;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.8 in float32 and 2.7.9 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.3 for the default
+    brains, the bundled 2.3.14 under ``bfloat16`` autocast and 2.6.5 in float32, else 2.1.17; ``consensus``: trained
+    on the consensus labels, 2.4.14, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.5;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.10 in float32 and 2.7.11 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.4 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
-    (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last two added were
-    ``orientation_check`` and its ``face_rows`` and ``min_confidence``. docs/brain-model.md names the version each
-    figure was measured as."""
+    (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last added were
+    ``orientation_check``'s ``face_rows`` and ``min_confidence`` (2.3.13) and ``cut_base_max_tilt_deg`` (2.3.14).
+    docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.13"
+        version = "2.4.14"
     elif coil_field:
-        version = "2.5.4"
+        version = "2.5.5"
     elif lesions:
-        version = "2.7.9" if bfloat16 else "2.7.8"
+        version = "2.7.11" if bfloat16 else "2.7.10"
     elif atrophy:
-        version = "2.3.13" if bfloat16 else ("2.8.3" if compiled else "2.6.4")
+        version = "2.3.14" if bfloat16 else ("2.8.4" if compiled else "2.6.5")
     else:
-        version = "2.1.16"
+        version = "2.1.17"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -200,7 +200,9 @@ def brain_t1_spec(
                 # head in every other quarter-turn orientation, and the surest of them (pass_confidence) is kept where
                 # it beats the first by 0.01 (docs/brain-model.md, orientation check). A brain the field of view cuts
                 # below its centre moves the head's centre up: there an offset at least 0.3 down counts as upright (the
-                # stress set's cerebellum cuts: 0.48-0.97 down; heads on their side or face up: -0.42 to 0.46).
+                # stress set's cerebellum cuts: 0.48-0.97 down; heads on their side or face up: -0.42 to 0.46), where
+                # that cut lies within 45 deg of the horizontal: a cut front, back or side turned by the header lies
+                # at 90 (the cerebellum cuts at 0; docs/brain-model.md, 2.3.14).
                 # The check runs too where the first pass is unsure (confidence under 0.86; upright heads: 0.87 and
                 # up): a neck taken for brain sits high. With a neck the network can be surer of a head facing back,
                 # so the surest turn and its twin half a turn about the vertical are told apart by how far the head
@@ -211,6 +213,7 @@ def brain_t1_spec(
                     "upright_share": 0.5,
                     "max_cut_base_mm2": 1000,
                     "cut_base_down_share": 0.3,
+                    "cut_base_max_tilt_deg": 45,
                     "min_gain": 0.01,
                     "min_confidence": 0.86,
                     "face_rows": [0.05, 0.35],
@@ -602,7 +605,13 @@ def write_model_card(package: Path) -> Path:
             " Orientation: when the vector from the head's centre to the first pass's brain points less than "
             f"{orienting['upright_share']:.0%} up (and is longer than {orienting['min_offset_mm']} mm; where the field "
             f"of view cuts the brain below its centre on more than {orienting['max_cut_base_mm2']} mm², pointing "
-            f"{orienting['cut_base_down_share']:.0%} down counts as upright too), "
+            f"{orienting['cut_base_down_share']:.0%} down counts as upright too"
+            + (
+                f", where that cut lies within {orienting['cut_base_max_tilt_deg']} degrees of the horizontal"
+                if orienting.get("cut_base_max_tilt_deg") is not None
+                else ""
+            )
+            + "), "
             + (f"or the network's confidence over the head is under {unsure}, " if unsure is not None else "")
             + "the head is looked at in the 23 other quarter-turn orientations, and the one the network is surest of "
             f"is kept where its confidence beats the first pass's by {orienting['min_gain']}: a header that lost the "
