@@ -1007,7 +1007,7 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
         return False
     flattest = orienting.get("cut_base_max_tilt_deg")
     if flattest is not None and _cut_tilt_deg(below_centre) > float(flattest):
-        return False  # the lower half of a cut at the side or the front: a head on its side or upside down
+        return False  # the lower half of a cut at a side, the front or the back: a head on its side or upside down
     return up_share <= -float(orienting.get("cut_base_down_share", 0.3))
 
 
