@@ -491,7 +491,12 @@ def write_model_card(package: Path) -> Path:
             )
             stress_text += "\n".join(
                 ["| probe | Dice | HD95 (mm) |", "| --- | --- | --- |"]
-                + [f"| {p['probe']} | {p['dice']:.4f} | {p['hd95_mm']:.2f} |" for p in stress["probes"]]
+                + [
+                    f"| {p['probe']} | {p['dice']:.4f} | "
+                    + ("refused" if p["hd95_mm"] is None else f"{p['hd95_mm']:.2f}")
+                    + " |"
+                    for p in stress["probes"]
+                ]
             )
         if stress.get("reference_agreement"):
             agreement = stress["reference_agreement"]
