@@ -1016,8 +1016,7 @@ def _cut_tilt_deg(cut_points: np.ndarray) -> float:
     where the field of view cuts a brain's base, near 90 where it cuts its front, back or side."""
     if len(cut_points) < 3:
         return 90.0
-    centred = cut_points - cut_points.mean(axis=0)
-    normal = np.linalg.eigh(centred.T @ centred)[1][:, 0]  # the direction the points spread least along
+    normal = _principal_axes(cut_points)[:, 0]  # the direction the points spread least along
     return float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
 
 
@@ -1225,9 +1224,14 @@ def object_widths(points: np.ndarray) -> Tuple[float, float]:
 
 def _front_back_axis(points: np.ndarray) -> np.ndarray:
     """The unit vector along the longest principal axis of ``points``, its end pointing posterior (LPS +y)."""
-    centred = points - points.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
+    vectors = _principal_axes(points)
     return vectors[:, 2] if vectors[1, 2] >= 0 else -vectors[:, 2]
+
+
+def _principal_axes(points: np.ndarray) -> np.ndarray:
+    """The unit vectors along the principal axes of ``points`` (rows), as columns, from least spread to most."""
+    centred = points - points.mean(axis=0)
+    return np.linalg.eigh(centred.T @ centred)[1]
 
 
 def _pitch_rotation(points: np.ndarray, angle: float) -> np.ndarray:
