@@ -58,6 +58,8 @@ __all__ = [
     "object_points_and_cut",
     "coil_profile_slope",
     "without_coil_profile",
+    "intensity_gradient",
+    "without_intensity_gradient",
     "head_size_factor",
     "head_pose_rotation",
     "head_offset_mm",
@@ -123,6 +125,8 @@ class SegmentationResult:
     orientation_turn: str = "none"
     air_quieted: bool = False  # the input's air was noise (MP2RAGE-like) and was blanked outside the head
     coil_gain: float = 1.0  # the receive coil's profile a pass removed: brightness at its radius over the centre
+    # The intensity gradient passes removed (log intensity per 100 mm along LPS); zeros: none.
+    gradient_removed: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     neck_trimmed_mm: float = 0.0  # how much of the scan below the brain the last pass left out (mm; 0: none)
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
@@ -535,15 +539,16 @@ def segment_image(
     sizing = _calibrated(spec.input.get("size_normalization"), "reference_extent_mm")
     posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
     coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
+    grading = _calibrated(spec.input.get("gradient_normalization"), "reference_gradient")
     orienting = spec.input.get("orientation_check")
-    # Each later pass has its own stretch of the bar (the turns 0.3-0.4, coil 0.4-0.5, size 0.5-0.6, pose 0.6-0.85),
-    # so that it never steps back; without any, the first pass has them all.
+    # Each later pass has its own stretch of the bar (the turns 0.3-0.4, coil 0.4-0.45, gradient 0.45-0.5, size
+    # 0.5-0.6, pose 0.6-0.85), so that it never steps back; without any, the first pass has them all.
     probabilities = predict_probabilities(
         model_image,
         package,
         device,
         tta,
-        scaled(progress, 0.1, 0.3 if sizing or posing or coil or orienting else 0.85),
+        scaled(progress, 0.1, 0.3 if sizing or posing or coil or grading or orienting else 0.85),
         cancel,
         normalized=True,
         counter=windows,
@@ -578,8 +583,30 @@ def segment_image(
             seen, found = corrected, None
             model_image = model_input(seen, spec, spec.target_spacing)
             probabilities = predict_probabilities(
-                model_image, package, device, tta, scaled(progress, 0.4, 0.5), cancel, normalized=True, counter=windows
+                model_image, package, device, tta, scaled(progress, 0.4, 0.45), cancel, normalized=True, counter=windows
             )
+    # ... and a phased-array coil's elements sit around and above the head, none under the chin: the base of the brain
+    # reads darker than the network ever saw, and it left the lowest 20-30 mm out. Take the brain's intensity gradient
+    # over the template's out of the image and look again; a look that missed the dark base measures short, so later
+    # looks take out what is left (beyond the smaller min_follow_change). Only where the first look found a brain
+    # that follows an edge: a volume with no head has no gradient to take out.
+    gradient_removed = np.zeros(3)
+    for look in range(int(grading.get("max_passes", 3)) if grading else 0):
+        least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
+        least_edge = spec.postprocess.get("min_edge_contrast") if look == 0 else None
+        corrected, excess = without_intensity_gradient(
+            seen, model_image, probabilities, grading, least_change, least_edge
+        )
+        if corrected is None:
+            break
+        gradient_removed = gradient_removed + excess
+        strength = float(np.linalg.norm(gradient_removed))
+        progress(0.45, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
+        seen, found = corrected, None
+        model_image = model_input(seen, spec, spec.target_spacing)
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, scaled(progress, 0.45, 0.5), cancel, normalized=True, counter=windows
+        )
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
     if found is None and (sizing or posing):  # what the first pass found, unless a later pass replaced it
@@ -669,6 +696,7 @@ def segment_image(
         orientation_turn=orientation_turn,
         air_quieted=air_quieted,
         coil_gain=coil_gain,
+        gradient_removed=tuple(round(float(v), 3) for v in gradient_removed),
         neck_trimmed_mm=neck_trimmed_mm,
         air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
         air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
@@ -919,6 +947,81 @@ def without_coil_profile(
     squared *= np.float32(-excess)
     profile_removed = image.array.astype(np.float32) * np.exp(squared, out=squared)
     return image.with_array(profile_removed), float(math.exp(excess))
+
+
+def intensity_gradient(model_image: Image, mask: np.ndarray, block_mm: float = 16.0) -> Tuple[np.ndarray, np.ndarray]:
+    """How the brain's brighter tissue brightens along each LPS axis (log intensity per 100 mm) and its centre (LPS mm).
+
+    The least-squares plane through the 75th percentile of log intensity in ``block_mm`` cubes (those holding at least
+    200 mm³) of ``mask`` less its outer voxel layer. Bias-corrected heads read about +0.1 upwards (the template's own
+    anatomy); a phased-array coil whose elements sit around and above the head, none under the chin, adds a gradient
+    up towards them (docs/brain-model.md). Zeros where fewer than four cubes are filled.
+    """
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask)
+    points = _lps_points(model_image, inner)
+    values = model_image.array[inner].astype(np.float64)
+    keep = values > 0
+    points, logs = points[keep], np.log(values[keep])
+    if len(logs) < 1000:
+        return np.zeros(3), points.mean(axis=0) if len(points) else np.zeros(3)
+    cells = np.floor((points - points.min(axis=0)) / block_mm).astype(np.int64)
+    keys = (cells[:, 0] * 4096 + cells[:, 1]) * 4096 + cells[:, 2]
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(keys[order]) != 0])
+    least = 200.0 / float(np.prod(model_image.spacing))
+    rows, levels = [], []
+    for block in np.split(order, starts[1:]):
+        if len(block) >= least:
+            rows.append(np.r_[1.0, points[block].mean(axis=0)])
+            levels.append(float(np.percentile(logs[block], 75)))
+    centre = points.mean(axis=0)
+    if len(rows) < 4:
+        return np.zeros(3), centre
+    return np.linalg.lstsq(np.asarray(rows), np.asarray(levels), rcond=None)[0][1:] * 100.0, centre
+
+
+def without_intensity_gradient(
+    image: Image,
+    model_image: Image,
+    probabilities: np.ndarray,
+    gradient: Dict,
+    min_change: Optional[float] = None,
+    min_edge_contrast: Optional[float] = None,
+) -> Tuple[Optional[Image], np.ndarray]:
+    """``image`` with the intensity gradient the pass shows over the brain taken out, and that gradient's excess
+    (log intensity per 100 mm along LPS) over ``reference_gradient`` (the model's own first pass on its training
+    template); (None, zeros) when the excess is within ``min_change`` (default: the setting's), when nothing was
+    found, or when what was found follows no edge: a step into it (:func:`edge_contrast` on the model grid) below
+    ``min_edge_contrast``. A volume with no head in it has no brain to measure a gradient on (a head CT stored without
+    its Hounsfield offset: step -0.005, then drawn along an edge once its gradient was taken out).
+
+    The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, its reach held to
+    ``max_distance_mm`` from it (the neck and the far air need no more).
+    """
+    mask = largest_object(probabilities, int(gradient.get("label", 1)))
+    if mask is None:
+        return None, np.zeros(3)
+    if min_edge_contrast is not None:
+        step = edge_contrast(model_image, mask, {"kind": "none"})  # the model grid is normalised already
+        if step is None or step < min_edge_contrast:
+            return None, np.zeros(3)
+    measured, centre = intensity_gradient(model_image, mask, float(gradient.get("block_mm", 16.0)))
+    excess = measured - np.asarray(gradient["reference_gradient"], np.float64)
+    if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
+        return None, np.zeros(3)
+    # The field is linear in the voxel indices: one 1D term per axis, broadcast.
+    per_index = (np.asarray(image.direction) * np.asarray(image.spacing)).T @ (excess / 100.0)  # per i, j, k step
+    offset = float((np.asarray(image.origin) - centre) @ (excess / 100.0))
+    reach = float(np.linalg.norm(excess)) / 100.0 * float(gradient.get("max_distance_mm", 120.0))
+    index = np.ogrid[tuple(slice(0, n) for n in image.array.shape)]
+    log_field = np.float32(per_index[2]) * index[0].astype(np.float32)
+    log_field = log_field + np.float32(per_index[1]) * index[1].astype(np.float32)
+    log_field = log_field + (np.float32(per_index[0]) * index[2].astype(np.float32) + np.float32(offset))
+    np.clip(log_field, -reach, reach, out=log_field)
+    np.negative(log_field, out=log_field)
+    return image.with_array(image.array.astype(np.float32) * np.exp(log_field, out=log_field)), excess
 
 
 def head_size_factor(found: FoundObject, sizing: Dict) -> float:
@@ -1309,6 +1412,9 @@ def segment_file(
         notes.append(f"the header had the head {result.orientation_turn}: the passes saw it turned upright")
     if result.coil_gain != 1.0:
         notes.append(f"another pass without a coil profile {result.coil_gain:.2f}x as bright at the surface")
+    gradient = float(np.linalg.norm(result.gradient_removed))
+    if gradient:
+        notes.append(f"another pass without an intensity gradient of {gradient:.2f} (log) per 100 mm across the brain")
     if result.size_scale != 1.0:
         notes.append(f"another pass for a head {result.size_scale:.2f}x the size the model learnt")
     if result.tilt_correction_deg:
@@ -1340,6 +1446,7 @@ def segment_file(
         "orientation_turn": result.orientation_turn,
         "air_quieted": result.air_quieted,
         "coil_gain": round(result.coil_gain, 3),
+        "gradient_removed_per_100mm": list(result.gradient_removed),
         "edge_contrast": None if result.edge_contrast is None else round(result.edge_contrast, 3),
         "notes": notes,
         "geometry": result.labelmap.geometry(),
