@@ -199,7 +199,9 @@ def brain_t1_spec(
                 # mm, a plane through 16 mm cubes) more than 0.2 away from the model's own first pass on the template
                 # (reference_gradient, calibrated with the widths), that gradient is divided out and the passes run on
                 # that; the first look misses the dark base and measures short, so up to two more take out what is
-                # left beyond 0.05 (2.3.15, docs/brain-model.md).
+                # left beyond 0.05. Only where the first look's brain follows an edge (postprocess.min_edge_contrast,
+                # on the model grid): a head CT without its Hounsfield offset ran it, and was then drawn along an edge
+                # and not refused (2.3.15, docs/brain-model.md).
                 "gradient_normalization": {
                     "min_change": 0.2,
                     "min_follow_change": 0.05,
@@ -369,9 +371,9 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
         points = object_points_and_cut(probabilities, model_image, pair.image, 1).points
         widths.append([round(w, 1) for w in object_widths(points)])
         tilts.append(round(object_tilt_deg(points), 1))
-        slopes.append(round(coil_profile_slope(model_image, largest_object(probabilities, 1), radius)[0], 3))
-        gradient = intensity_gradient(model_image, largest_object(probabilities, 1), block)[0]
-        gradients.append([round(float(v), 3) for v in gradient])
+        brain = largest_object(probabilities, 1)
+        slopes.append(round(coil_profile_slope(model_image, brain, radius)[0], 3))
+        gradients.append([round(float(v), 3) for v in intensity_gradient(model_image, brain, block)[0]])
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
