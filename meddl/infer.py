@@ -1003,14 +1003,14 @@ def without_intensity_gradient(
     mask = largest_object(probabilities, int(gradient.get("label", 1)))
     if mask is None:
         return None, np.zeros(3)
-    if min_edge_contrast is not None:
-        step = edge_contrast(model_image, mask, {"kind": "none"})  # the model grid is normalised already
-        if step is None or step < min_edge_contrast:
-            return None, np.zeros(3)
     measured, centre = intensity_gradient(model_image, mask, float(gradient.get("block_mm", 16.0)))
     excess = measured - np.asarray(gradient["reference_gradient"], np.float64)
     if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
         return None, np.zeros(3)
+    if min_edge_contrast is not None:  # measured last: most inputs stop at the excess
+        step = edge_contrast(model_image, mask, {"kind": "none"})  # the model grid is normalised already
+        if step is None or step < min_edge_contrast:
+            return None, np.zeros(3)
     # The field is linear in the voxel indices: one 1D term per axis, broadcast.
     per_index = (np.asarray(image.direction) * np.asarray(image.spacing)).T @ (excess / 100.0)  # per i, j, k step
     offset = float((np.asarray(image.origin) - centre) @ (excess / 100.0))
