@@ -847,11 +847,6 @@ def time_segment(model: Path, folder: Path, threads: int = 2, runs: int = 3) -> 
     return {**fastest, "runs_wall_s": [round(t["wall_s"], 2) for t in timings], "shape_ijk": size.tolist()}
 
 
-def _finite_or_none(value: float, digits: int) -> Optional[float]:
-    """``value`` rounded, or None where it is not finite."""
-    return round(value, digits) if math.isfinite(value) else None
-
-
 def record_in_package(
     model: Path,
     seed: int,
@@ -866,6 +861,7 @@ def record_in_package(
 ) -> None:
     """Store the stress figures in the package's ``model.json`` (``metrics.stress``) and re-render its card."""
     from meddl.fsutil import write_text_atomic
+    from meddl.metrics import json_safe
     from recipes.brain_t1 import write_model_card
 
     spec_path = model / "model.json"
@@ -886,7 +882,7 @@ def record_in_package(
         "probes": None  # not measured in this run (--no-probes)
         if probes is None
         else [  # HD95 null: the model refused the head (JSON has no infinity)
-            {"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": _finite_or_none(r["hd95_mm"], 2)}
+            {"probe": r["probe"], "dice": round(r["dice"], 4), "hd95_mm": json_safe(round(r["hd95_mm"], 2))}
             for r in probes
         ],
         "reference_agreement": {k: round(v, 4) for k, v in agreement.items()},
