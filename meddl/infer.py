@@ -949,37 +949,58 @@ def without_coil_profile(
     return image.with_array(profile_removed), float(math.exp(excess))
 
 
-def intensity_gradient(model_image: Image, mask: np.ndarray, block_mm: float = 16.0) -> Tuple[np.ndarray, np.ndarray]:
+#: The terms of :func:`intensity_gradient`'s quadratic field, after the three linear ones (positions about the brain's
+#: centre, in 100 mm, along L, P and S).
+QUADRATIC_TERMS = ("LL", "PP", "SS", "LP", "LS", "PS")
+
+
+def intensity_gradient(
+    model_image: Image, mask: np.ndarray, block_mm: float = 16.0, quadratic: bool = False
+) -> Tuple[np.ndarray, np.ndarray]:
     """How the brain's brighter tissue brightens along each LPS axis (log intensity per 100 mm) and its centre (LPS mm).
 
     The least-squares plane through the 75th percentile of log intensity in ``block_mm`` cubes (those holding at least
     200 mm³) of ``mask`` less its outer voxel layer. Bias-corrected heads read about +0.1 upwards (the template's own
     anatomy); a phased-array coil whose elements sit around and above the head, none under the chin, adds a gradient
-    up towards them (docs/brain-model.md). Zeros where fewer than four cubes are filled.
+    up towards them (docs/brain-model.md). With ``quadratic``, a quadratic surface instead: the three linear terms
+    and then :data:`QUADRATIC_TERMS`, positions in 100 mm about the centre (a coil's field bends: its elements are
+    nearer the crown and the sides than the middle). Zeros where no more cubes are filled than there are terms.
     """
     from scipy import ndimage
 
+    terms = 9 if quadratic else 3
     inner = ndimage.binary_erosion(mask)
     points = _lps_points(model_image, inner)
     values = model_image.array[inner].astype(np.float64)
     keep = values > 0
     points, logs = points[keep], np.log(values[keep])
     if len(logs) < 1000:
-        return np.zeros(3), points.mean(axis=0) if len(points) else np.zeros(3)
+        return np.zeros(terms), points.mean(axis=0) if len(points) else np.zeros(3)
+    centre = points.mean(axis=0)
     cells = np.floor((points - points.min(axis=0)) / block_mm).astype(np.int64)
     keys = (cells[:, 0] * 4096 + cells[:, 1]) * 4096 + cells[:, 2]
     order = np.argsort(keys, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(keys[order]) != 0])
     least = 200.0 / float(np.prod(model_image.spacing))
-    rows, levels = [], []
+    positions, levels = [], []
     for block in np.split(order, starts[1:]):
         if len(block) >= least:
-            rows.append(np.r_[1.0, points[block].mean(axis=0)])
+            positions.append((points[block].mean(axis=0) - centre) / 100.0)
             levels.append(float(np.percentile(logs[block], 75)))
-    centre = points.mean(axis=0)
-    if len(rows) < 4:
-        return np.zeros(3), centre
-    return np.linalg.lstsq(np.asarray(rows), np.asarray(levels), rcond=None)[0][1:] * 100.0, centre
+    if len(positions) <= terms:
+        return np.zeros(terms), centre
+    design = np.column_stack([np.ones(len(positions)), *_field_terms(np.asarray(positions).T, quadratic)])
+    return np.linalg.lstsq(design, np.asarray(levels), rcond=None)[0][1:], centre
+
+
+def _field_terms(position: Sequence[np.ndarray], quadratic: bool) -> List[np.ndarray]:
+    """The terms of :func:`intensity_gradient`'s field at ``position`` (L, P and S in 100 mm about the centre)."""
+    along_l, along_p, along_s = position
+    terms = [along_l, along_p, along_s]
+    if quadratic:  # in QUADRATIC_TERMS' order
+        terms += [along_l * along_l, along_p * along_p, along_s * along_s]
+        terms += [along_l * along_p, along_l * along_s, along_p * along_s]
+    return terms
 
 
 def without_intensity_gradient(
@@ -997,13 +1018,16 @@ def without_intensity_gradient(
     ``min_edge_contrast``. A volume with no head in it has no brain to measure a gradient on (a head CT stored without
     its Hounsfield offset: step -0.005, then drawn along an edge once its gradient was taken out).
 
-    The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, its reach held to
-    ``max_distance_mm`` from it (the neck and the far air need no more).
+    The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, with ``x`` held to
+    ``max_distance_mm`` from it along each axis (the neck and the far air need no more). Where the setting's
+    ``field`` is ``"quadratic"``, the plane still decides, but the field removed is the quadratic surface's excess
+    over ``reference_field`` (the template's own, :func:`intensity_gradient` with ``quadratic``).
     """
     mask = largest_object(probabilities, int(gradient.get("label", 1)))
     if mask is None:
         return None, np.zeros(3)
-    measured, centre = intensity_gradient(model_image, mask, float(gradient.get("block_mm", 16.0)))
+    block_mm = float(gradient.get("block_mm", 16.0))
+    measured, centre = intensity_gradient(model_image, mask, block_mm)
     excess = measured - np.asarray(gradient["reference_gradient"], np.float64)
     if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
         return None, np.zeros(3)
@@ -1011,16 +1035,22 @@ def without_intensity_gradient(
         step = edge_contrast(model_image, mask, {"kind": "none"})  # the model grid is normalised already
         if step is None or step < min_edge_contrast:
             return None, np.zeros(3)
-    # The field is linear in the voxel indices: one 1D term per axis, broadcast.
-    per_index = (np.asarray(image.direction) * np.asarray(image.spacing)).T @ (excess / 100.0)  # per i, j, k step
-    offset = float((np.asarray(image.origin) - centre) @ (excess / 100.0))
-    reach = float(np.linalg.norm(excess)) / 100.0 * float(gradient.get("max_distance_mm", 120.0))
-    index = np.ogrid[tuple(slice(0, n) for n in image.array.shape)]
-    log_field = np.float32(per_index[2]) * index[0].astype(np.float32)
-    log_field = log_field + np.float32(per_index[1]) * index[1].astype(np.float32)
-    log_field = log_field + (np.float32(per_index[0]) * index[2].astype(np.float32) + np.float32(offset))
-    np.clip(log_field, -reach, reach, out=log_field)
-    np.negative(log_field, out=log_field)
+    quadratic = gradient.get("field", "linear") == "quadratic"
+    field_excess = excess
+    if quadratic:
+        surface, centre = intensity_gradient(model_image, mask, block_mm, quadratic=True)
+        field_excess = surface - np.asarray(gradient["reference_field"], np.float64)
+    reach = float(gradient.get("max_distance_mm", 120.0)) / 100.0
+    index = [np.arange(n, dtype=np.float32) for n in image.array.shape]  # k, j, i
+    axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
+    position = []
+    for row, origin, middle in zip(axes, image.origin, centre):  # one LPS axis: its position in 100 mm, held to reach
+        along = row[2] * index[0][:, None, None] + row[1] * index[1][None, :, None] + row[0] * index[2][None, None, :]
+        along = (along + np.float32(origin - middle)) * np.float32(0.01)
+        position.append(np.clip(along, -reach, reach, out=along))
+    log_field = np.zeros(image.array.shape, np.float32)
+    for coefficient, term in zip(field_excess, _field_terms(position, quadratic)):
+        log_field += np.float32(-coefficient) * term
     return image.with_array(image.array.astype(np.float32) * np.exp(log_field, out=log_field)), excess
 
 
