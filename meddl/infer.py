@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -935,13 +935,9 @@ def without_coil_profile(
     excess = slope - float(coil["reference_slope"])
     if abs(excess) <= float(coil.get("min_change", 0.2)):
         return None, 1.0
-    # The squared distance of every input voxel from the centre, one LPS axis at a time (a sum of 1D terms each).
-    index = [axis.astype(np.float32) for axis in np.ogrid[tuple(slice(0, n) for n in image.array.shape)]]
-    axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
-    squared = np.zeros(image.array.shape, np.float32)
-    for row, origin, middle in zip(axes, image.origin, centre):
-        position = row[0] * index[2] + row[1] * index[1] + (row[2] * index[0] + np.float32(origin - middle))
-        squared += np.square(position, out=position)
+    squared = np.zeros(image.array.shape, np.float32)  # every input voxel's squared distance from the centre
+    for offset in _voxel_offsets(image, centre):
+        squared += np.square(offset, out=offset)
     squared *= np.float32(1.0 / radius**2)
     np.minimum(squared, 1.5, out=squared)
     squared *= np.float32(-excess)
@@ -1040,14 +1036,11 @@ def without_intensity_gradient(
     if quadratic:
         surface, centre = intensity_gradient(model_image, mask, block_mm, quadratic=True)
         field_excess = surface - np.asarray(gradient["reference_field"], np.float64)
-    reach = float(gradient.get("max_distance_mm", 120.0)) / 100.0
-    index = [np.arange(n, dtype=np.float32) for n in image.array.shape]  # k, j, i
-    axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
-    position = []
-    for row, origin, middle in zip(axes, image.origin, centre):  # one LPS axis: its position in 100 mm, held to reach
-        along = row[2] * index[0][:, None, None] + row[1] * index[1][None, :, None] + row[0] * index[2][None, None, :]
-        along = (along + np.float32(origin - middle)) * np.float32(0.01)
-        position.append(np.clip(along, -reach, reach, out=along))
+    reach = float(gradient.get("max_distance_mm", 120.0))
+    position = []  # each LPS axis's position in 100 mm, held to the reach
+    for offset in _voxel_offsets(image, centre):
+        np.clip(offset, -reach, reach, out=offset)
+        position.append(np.multiply(offset, np.float32(0.01), out=offset))
     log_field = np.zeros(image.array.shape, np.float32)
     for coefficient, term in zip(field_excess, _field_terms(position, quadratic)):
         log_field += np.float32(-coefficient) * term
@@ -1331,6 +1324,15 @@ def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: 
 
     # Cut faces are counted in voxels touching the edge, each worth one voxel face.
     return FoundObject(_lps_points(model_image, mask), _lps_points(model_image, mask & edge), face_mm2)
+
+
+def _voxel_offsets(image: Image, centre: Sequence[float]) -> Iterator[np.ndarray]:
+    """Each voxel's offset (mm, float32) from ``centre`` along L, then P, then S: one full-size array at a time, each
+    a sum of 1D terms along the voxel axes, broadcast."""
+    index = [axis.astype(np.float32) for axis in np.ogrid[tuple(slice(0, n) for n in image.array.shape)]]  # k, j, i
+    axes = (np.asarray(image.direction) * np.asarray(image.spacing)).astype(np.float32)  # LPS mm per i, j, k step
+    for row, origin, middle in zip(axes, image.origin, centre):
+        yield row[0] * index[2] + row[1] * index[1] + (row[2] * index[0] + np.float32(origin - middle))
 
 
 def _lps_points(image: Image, voxels: np.ndarray) -> np.ndarray:
