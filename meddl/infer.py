@@ -962,16 +962,25 @@ def intensity_gradient(
     and then :data:`QUADRATIC_TERMS`, positions in 100 mm about the centre (a coil's field bends: its elements are
     nearer the crown and the sides than the middle). Zeros where no more cubes are filled than there are terms.
     """
+    positions, levels, centre = _brain_cube_levels(model_image, mask, block_mm)
+    return _fitted_field(positions, levels, quadratic), centre
+
+
+def _brain_cube_levels(
+    model_image: Image, mask: np.ndarray, block_mm: float
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cubes :func:`intensity_gradient` fits: each filled cube's position (LPS, in 100 mm about the brain's
+    centre) and the 75th percentile of its log intensity, and that centre (LPS mm). No cubes where fewer than 1000
+    voxels of ``mask`` less its outer layer are above zero."""
     from scipy import ndimage
 
-    terms = 9 if quadratic else 3
     inner = ndimage.binary_erosion(mask)
     points = _lps_points(model_image, inner)
     values = model_image.array[inner].astype(np.float64)
     keep = values > 0
     points, logs = points[keep], np.log(values[keep])
     if len(logs) < 1000:
-        return np.zeros(terms), points.mean(axis=0) if len(points) else np.zeros(3)
+        return np.zeros((0, 3)), np.zeros(0), points.mean(axis=0) if len(points) else np.zeros(3)
     centre = points.mean(axis=0)
     cells = np.floor((points - points.min(axis=0)) / block_mm).astype(np.int64)
     keys = (cells[:, 0] * 4096 + cells[:, 1]) * 4096 + cells[:, 2]
@@ -983,10 +992,17 @@ def intensity_gradient(
         if len(block) >= least:
             positions.append((points[block].mean(axis=0) - centre) / 100.0)
             levels.append(float(np.percentile(logs[block], 75)))
+    return np.reshape(positions, (-1, 3)), np.asarray(levels), centre
+
+
+def _fitted_field(positions: np.ndarray, levels: np.ndarray, quadratic: bool) -> np.ndarray:
+    """The least-squares field (a plane, or with ``quadratic`` a quadratic surface) through the cubes' ``levels`` at
+    ``positions`` (:func:`_brain_cube_levels`), less its constant; zeros where there are no more cubes than terms."""
+    terms = 9 if quadratic else 3
     if len(positions) <= terms:
-        return np.zeros(terms), centre
-    design = np.column_stack([np.ones(len(positions)), *_field_terms(np.asarray(positions).T, quadratic)])
-    return np.linalg.lstsq(design, np.asarray(levels), rcond=None)[0][1:], centre
+        return np.zeros(terms)
+    design = np.column_stack([np.ones(len(positions)), *_field_terms(positions.T, quadratic)])
+    return np.linalg.lstsq(design, levels, rcond=None)[0][1:]
 
 
 def _field_terms(position: Sequence[np.ndarray], quadratic: bool) -> List[np.ndarray]:
@@ -1022,9 +1038,8 @@ def without_intensity_gradient(
     mask = largest_object(probabilities, int(gradient.get("label", 1)))
     if mask is None:
         return None, np.zeros(3)
-    block_mm = float(gradient.get("block_mm", 16.0))
-    measured, centre = intensity_gradient(model_image, mask, block_mm)
-    excess = measured - np.asarray(gradient["reference_gradient"], np.float64)
+    positions, levels, centre = _brain_cube_levels(model_image, mask, float(gradient.get("block_mm", 16.0)))
+    excess = _fitted_field(positions, levels, False) - np.asarray(gradient["reference_gradient"], np.float64)
     if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
         return None, np.zeros(3)
     if min_edge_contrast is not None:  # measured last: most inputs stop at the excess
@@ -1033,9 +1048,8 @@ def without_intensity_gradient(
             return None, np.zeros(3)
     quadratic = gradient.get("field", "linear") == "quadratic"
     field_excess = excess
-    if quadratic:
-        surface, centre = intensity_gradient(model_image, mask, block_mm, quadratic=True)
-        field_excess = surface - np.asarray(gradient["reference_field"], np.float64)
+    if quadratic:  # the same cubes, fitted with a surface
+        field_excess = _fitted_field(positions, levels, True) - np.asarray(gradient["reference_field"], np.float64)
     reach = float(gradient.get("max_distance_mm", 120.0))
     position = []  # each LPS axis's position in 100 mm, held to the reach
     for offset in _voxel_offsets(image, centre):
