@@ -202,8 +202,8 @@ def brain_t1_spec(
                 # left beyond 0.05. Only where the first look's brain follows an edge (postprocess.min_edge_contrast,
                 # on the model grid): a head CT without its Hounsfield offset ran it, and was then drawn along an edge
                 # and not refused (2.3.15, docs/brain-model.md). The field divided out is a quadratic surface's excess
-                # over the template's own (reference_field, calibrated with the widths): a coil's field bends, and the
-                # plane left the crown of a head under 32 elements too bright (2.3.16).
+                # over the template's own (reference_field, calibrated with the widths): a coil's field bends, and with
+                # the plane Colin27 under both helmets at 0.7 of their range still missed (2.3.16).
                 "gradient_normalization": {
                     "field": "quadratic",
                     "min_change": 0.2,
@@ -349,8 +349,9 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     """Measure what the model's first pass finds on the unmoved training template (each copy): the brain's widths
     (left-right, anterior-posterior), its pitch, how it brightens outwards and along a line. Their means become
     ``input.size_normalization.reference_extent_mm``, ``input.pose_normalization.reference_tilt_deg``,
-    ``input.coil_normalization.reference_slope`` and ``input.gradient_normalization.reference_gradient``: the head
-    size, pose and intensity profile the network learnt."""
+    ``input.coil_normalization.reference_slope`` and ``input.gradient_normalization.reference_gradient`` (with
+    ``reference_field``, the quadratic surface, where its ``field`` is quadratic): the head size, pose and intensity
+    profile the network learnt."""
     from meddl.infer import (
         coil_profile_slope,
         intensity_gradient,
