@@ -945,25 +945,27 @@ def without_coil_profile(
     return image.with_array(profile_removed), float(math.exp(excess))
 
 
-#: The terms of :func:`intensity_gradient`'s quadratic field, after the three linear ones (positions about the brain's
-#: centre, in 100 mm, along L, P and S).
-QUADRATIC_TERMS = ("LL", "PP", "SS", "LP", "LS", "PS")
+#: The terms of :func:`intensity_gradient`'s fields, after the constant: each a product of the positions along L, P and
+#: S (in 100 mm about the brain's centre). Each field keeps the terms of the one before and adds its own degree.
+FIELD_TERMS = {"linear": ("L", "P", "S")}
+FIELD_TERMS["quadratic"] = FIELD_TERMS["linear"] + ("LL", "PP", "SS", "LP", "LS", "PS")
+FIELD_TERMS["cubic"] = FIELD_TERMS["quadratic"] + ("LLL", "PPP", "SSS", "LLP", "LLS", "LPP", "PPS", "LSS", "PSS", "LPS")
 
 
 def intensity_gradient(
-    model_image: Image, mask: np.ndarray, block_mm: float = 16.0, quadratic: bool = False
+    model_image: Image, mask: np.ndarray, block_mm: float = 16.0, surface: str = "linear"
 ) -> Tuple[np.ndarray, np.ndarray]:
     """How the brain's brighter tissue brightens along each LPS axis (log intensity per 100 mm) and its centre (LPS mm).
 
     The least-squares plane through the 75th percentile of log intensity in ``block_mm`` cubes (those holding at least
     200 mm³) of ``mask`` less its outer voxel layer. Bias-corrected heads read about +0.1 upwards (the template's own
     anatomy); a phased-array coil whose elements sit around and above the head, none under the chin, adds a gradient
-    up towards them (docs/brain-model.md). With ``quadratic``, a quadratic surface instead: the three linear terms
-    and then :data:`QUADRATIC_TERMS`, positions in 100 mm about the centre (a coil's field bends: its elements are
-    nearer the crown and the sides than the middle). Zeros where no more cubes are filled than there are terms.
+    up towards them (docs/brain-model.md). With ``surface`` "quadratic" or "cubic", a surface of that degree instead,
+    its coefficients in :data:`FIELD_TERMS`' order (a coil's field bends: its elements are nearer the crown and the
+    sides than the middle). Zeros where no more cubes are filled than there are terms.
     """
     positions, levels, centre = _brain_cube_levels(model_image, mask, block_mm)
-    return _fitted_field(positions, levels, quadratic), centre
+    return _fitted_field(positions, levels, surface), centre
 
 
 def _brain_cube_levels(
@@ -995,24 +997,32 @@ def _brain_cube_levels(
     return np.reshape(positions, (-1, 3)), np.asarray(levels), centre
 
 
-def _fitted_field(positions: np.ndarray, levels: np.ndarray, quadratic: bool) -> np.ndarray:
-    """The least-squares field (a plane, or with ``quadratic`` a quadratic surface) through the cubes' ``levels`` at
-    ``positions`` (:func:`_brain_cube_levels`), less its constant; zeros where there are no more cubes than terms."""
-    terms = 9 if quadratic else 3
+def _fitted_field(positions: np.ndarray, levels: np.ndarray, surface: str) -> np.ndarray:
+    """The least-squares ``surface`` (:data:`FIELD_TERMS`) through the cubes' ``levels`` at ``positions``
+    (:func:`_brain_cube_levels`), less its constant; zeros where there are no more cubes than terms."""
+    terms = len(_field_names(surface))
     if len(positions) <= terms:
         return np.zeros(terms)
-    design = np.column_stack([np.ones(len(positions)), *_field_terms(positions.T, quadratic)])
+    design = np.column_stack([np.ones(len(positions)), *_field_terms(positions.T, surface)])
     return np.linalg.lstsq(design, levels, rcond=None)[0][1:]
 
 
-def _field_terms(position: Sequence[np.ndarray], quadratic: bool) -> List[np.ndarray]:
-    """The terms of :func:`intensity_gradient`'s field at ``position`` (L, P and S in 100 mm about the centre)."""
-    along_l, along_p, along_s = position
-    terms = [along_l, along_p, along_s]
-    if quadratic:  # in QUADRATIC_TERMS' order
-        terms += [along_l * along_l, along_p * along_p, along_s * along_s]
-        terms += [along_l * along_p, along_l * along_s, along_p * along_s]
-    return terms
+def _field_names(surface: str) -> Tuple[str, ...]:
+    """:data:`FIELD_TERMS` of ``surface``; a ModelError (a package's setting) names the surfaces there are."""
+    if surface not in FIELD_TERMS:
+        raise ModelError(f"unknown intensity field '{surface}' in the model package; known: {', '.join(FIELD_TERMS)}")
+    return FIELD_TERMS[surface]
+
+
+def _field_terms(position: Sequence[np.ndarray], surface: str) -> Iterator[np.ndarray]:
+    """The terms of ``surface`` at ``position`` (L, P and S in 100 mm about the centre), one array at a time: on a
+    full-resolution volume each is as large as the image."""
+    axis = dict(zip("LPS", position))
+    for name in _field_names(surface):
+        term = axis[name[0]]
+        for letter in name[1:]:
+            term = term * axis[letter]
+        yield term
 
 
 def without_intensity_gradient(
@@ -1032,31 +1042,34 @@ def without_intensity_gradient(
 
     The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, with ``x`` held to
     ``max_distance_mm`` from it along each axis (the neck and the far air need no more). Where the setting's
-    ``field`` is ``"quadratic"``, the plane still decides, but the field removed is the quadratic surface's excess
-    over ``reference_field`` (the template's own, :func:`intensity_gradient` with ``quadratic``).
+    ``field`` is ``"quadratic"`` or ``"cubic"``, the plane still decides, but the field removed is that surface's
+    excess over ``reference_field`` (the template's own, :func:`intensity_gradient` with that ``surface``).
     """
     mask = largest_object(probabilities, int(gradient.get("label", 1)))
     if mask is None:
         return None, np.zeros(3)
     positions, levels, centre = _brain_cube_levels(model_image, mask, float(gradient.get("block_mm", 16.0)))
-    excess = _fitted_field(positions, levels, False) - np.asarray(gradient["reference_gradient"], np.float64)
+    excess = _fitted_field(positions, levels, "linear") - np.asarray(gradient["reference_gradient"], np.float64)
     if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
         return None, np.zeros(3)
     if min_edge_contrast is not None:  # measured last: most inputs stop at the excess
         step = edge_contrast(model_image, mask, {"kind": "none"})  # the model grid is normalised already
         if step is None or step < min_edge_contrast:
             return None, np.zeros(3)
-    quadratic = gradient.get("field", "linear") == "quadratic"
+    surface = gradient.get("field", "linear")
     field_excess = excess
-    if quadratic:  # the same cubes, fitted with a surface
-        field_excess = _fitted_field(positions, levels, True) - np.asarray(gradient["reference_field"], np.float64)
+    if surface != "linear":  # the same cubes, fitted with a surface
+        reference, terms = np.asarray(gradient["reference_field"], np.float64), len(_field_names(surface))
+        if reference.shape != (terms,):
+            raise ModelError(f"the model package's reference_field has {reference.size} terms; a {surface} has {terms}")
+        field_excess = _fitted_field(positions, levels, surface) - reference
     reach = float(gradient.get("max_distance_mm", 120.0))
     position = []  # each LPS axis's position in 100 mm, held to the reach
     for offset in _voxel_offsets(image, centre):
         np.clip(offset, -reach, reach, out=offset)
         position.append(np.multiply(offset, np.float32(0.01), out=offset))
     log_field = np.zeros(image.array.shape, np.float32)
-    for coefficient, term in zip(field_excess, _field_terms(position, quadratic)):
+    for coefficient, term in zip(field_excess, _field_terms(position, surface)):
         log_field += np.float32(-coefficient) * term
     return image.with_array(image.array.astype(np.float32) * np.exp(log_field, out=log_field)), excess
 
