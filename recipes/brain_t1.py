@@ -80,25 +80,25 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.16 under ``bfloat16`` autocast and 2.6.7 in float32, else 2.1.19; ``consensus``: trained
-    on the consensus labels, 2.4.16, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.7;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.14 in float32 and 2.7.15 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.6 for the default
+    brains, the bundled 2.3.17 under ``bfloat16`` autocast and 2.6.8 in float32, else 2.1.20; ``consensus``: trained
+    on the consensus labels, 2.4.17, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.8;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.16 in float32 and 2.7.17 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.7 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last added were
-    ``gradient_normalization`` (2.3.15) and its quadratic ``field`` (2.3.16).
+    ``gradient_normalization`` (2.3.15), its quadratic ``field`` (2.3.16) and its cubic one (2.3.17).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.16"
+        version = "2.4.17"
     elif coil_field:
-        version = "2.5.7"
+        version = "2.5.8"
     elif lesions:
-        version = "2.7.15" if bfloat16 else "2.7.14"
+        version = "2.7.17" if bfloat16 else "2.7.16"
     elif atrophy:
-        version = "2.3.16" if bfloat16 else ("2.8.6" if compiled else "2.6.7")
+        version = "2.3.17" if bfloat16 else ("2.8.7" if compiled else "2.6.8")
     else:
-        version = "2.1.19"
+        version = "2.1.20"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -201,11 +201,12 @@ def brain_t1_spec(
                 # that; the first look misses the dark base and measures short, so up to two more take out what is
                 # left beyond 0.05. Only where the first look's brain follows an edge (postprocess.min_edge_contrast,
                 # on the model grid): a head CT without its Hounsfield offset ran it, and was then drawn along an edge
-                # and not refused (2.3.15, docs/brain-model.md). The field divided out is a quadratic surface's excess
-                # over the template's own (reference_field, calibrated with the widths): a coil's field bends, and with
-                # the plane Colin27 under both helmets at 0.7 of their range still missed (2.3.16).
+                # and not refused (2.3.15, docs/brain-model.md). The field divided out is a cubic surface's excess over
+                # the template's own (reference_field, calibrated with the widths): a coil's field bends, and with the
+                # plane Colin27 under both helmets at 0.7 of their range still missed (2.3.16); with a quadratic one,
+                # under both at their full range (2.3.17).
                 "gradient_normalization": {
-                    "field": "quadratic",
+                    "field": "cubic",
                     "min_change": 0.2,
                     "min_follow_change": 0.05,
                     "max_passes": 3,
@@ -350,7 +351,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     (left-right, anterior-posterior), its pitch, how it brightens outwards and along a line. Their means become
     ``input.size_normalization.reference_extent_mm``, ``input.pose_normalization.reference_tilt_deg``,
     ``input.coil_normalization.reference_slope`` and ``input.gradient_normalization.reference_gradient`` (with
-    ``reference_field``, the quadratic surface, where its ``field`` is quadratic): the head size, pose and intensity
+    ``reference_field``, the surface, where its ``field`` is not linear): the head size, pose and intensity
     profile the network learnt."""
     from meddl.infer import (
         coil_profile_slope,
@@ -368,6 +369,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     pairs = fsl_mni152_brain_pairs()
     radius = float(package.spec.input.get("coil_normalization", {}).get("radius_mm", 80.0))
     block = float(package.spec.input.get("gradient_normalization", {}).get("block_mm", 16.0))
+    surface = package.spec.input.get("gradient_normalization", {}).get("field", "linear")
     widths, tilts, slopes, gradients, fields = [], [], [], [], []
     for pair in pairs:
         model_image = model_input(pair.image, package.spec, package.spec.target_spacing)
@@ -378,7 +380,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
         brain = largest_object(probabilities, 1)
         slopes.append(round(coil_profile_slope(model_image, brain, radius)[0], 3))
         gradients.append([round(float(v), 3) for v in intensity_gradient(model_image, brain, block)[0]])
-        fields.append(intensity_gradient(model_image, brain, block, quadratic=True)[0])
+        fields.append(intensity_gradient(model_image, brain, block, surface)[0])
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
@@ -394,7 +396,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     if "gradient_normalization" in spec["input"]:
         grading = spec["input"]["gradient_normalization"]
         grading["reference_gradient"] = [round(float(v), 3) for v in np.mean(gradients, axis=0)]
-        if grading.get("field") == "quadratic":  # the mean surface; the note gives each copy's plane
+        if surface != "linear":  # the mean surface; the note gives each copy's plane
             grading["reference_field"] = [round(float(v), 3) for v in np.mean(fields, axis=0)]
         grading["reference_note"] = "first-pass brain gradient (log intensity per 100 mm along LPS) on the unmoved "
         grading["reference_note"] += "training template: " + ", ".join(
@@ -622,8 +624,8 @@ def write_model_card(package: Path) -> Path:
         )
         if grading.get("reference_field") is not None:
             sizing_text += (
-                " The field divided out is the excess of a quadratic surface through those cubes over the template's "
-                "own (a coil's field bends)."
+                f" The field divided out is the excess of a {grading.get('field')} surface through those cubes over "
+                "the template's own (a coil's field bends)."
             )
     crop = spec["input"].get("crop_foreground") or {}
     below = crop.get("max_below_object_mm")
