@@ -58,6 +58,7 @@ __all__ = [
     "object_points_and_cut",
     "coil_profile_slope",
     "without_coil_profile",
+    "FIELD_TERMS",
     "intensity_gradient",
     "without_intensity_gradient",
     "head_size_factor",
