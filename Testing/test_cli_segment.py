@@ -454,6 +454,10 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("crop_foreground", {"cut_top_height_mm": 176, "cut_top_max_height_mm": 0}, "cut_top_max_height_mm"),
         ("crop_foreground", {"cut_side_extent_mm": [182]}, "crop_foreground.cut_side_extent_mm"),
         ("crop_foreground", {"cut_base_height_mm": "176 mm"}, "crop_foreground.cut_base_height_mm"),
+        ("gradient_normalization", {"field": "quartic"}, "gradient_normalization.field"),
+        ("gradient_normalization", {"field": "cubic", "reference_field": [0.1] * 9}, "reference_field must be 19"),
+        ("gradient_normalization", {"field": "cubic", "reference_gradient": [0, 0, 0.1]}, "reference_field is missing"),
+        ("gradient_normalization", {"reference_gradient": [0.1, "up"]}, "reference_gradient must be 3"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

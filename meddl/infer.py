@@ -23,7 +23,7 @@ import numpy as np
 
 from meddl.errors import InputError, ModalityError, ModelError
 from meddl.io import Image, read_image, validate_for_inference, write_image
-from meddl.models import ModelPackage, ModelSpec, load_model
+from meddl.models import FIELD_TERMS, ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import (
     bounding_box,
@@ -58,7 +58,6 @@ __all__ = [
     "object_points_and_cut",
     "coil_profile_slope",
     "without_coil_profile",
-    "FIELD_TERMS",
     "intensity_gradient",
     "without_intensity_gradient",
     "head_size_factor",
@@ -946,13 +945,6 @@ def without_coil_profile(
     return image.with_array(profile_removed), float(math.exp(excess))
 
 
-#: The terms of :func:`intensity_gradient`'s fields, after the constant: each a product of the positions along L, P and
-#: S (in 100 mm about the brain's centre). Each field keeps the terms of the one before and adds its own degree.
-FIELD_TERMS = {"linear": ("L", "P", "S")}
-FIELD_TERMS["quadratic"] = FIELD_TERMS["linear"] + ("LL", "PP", "SS", "LP", "LS", "PS")
-FIELD_TERMS["cubic"] = FIELD_TERMS["quadratic"] + ("LLL", "PPP", "SSS", "LLP", "LLS", "LPP", "PPS", "LSS", "PSS", "LPS")
-
-
 def intensity_gradient(
     model_image: Image, mask: np.ndarray, block_mm: float = 16.0, surface: str = "linear"
 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -962,8 +954,8 @@ def intensity_gradient(
     200 mm³) of ``mask`` less its outer voxel layer. Bias-corrected heads read about +0.1 upwards (the template's own
     anatomy); a phased-array coil whose elements sit around and above the head, none under the chin, adds a gradient
     up towards them (docs/brain-model.md). With ``surface`` "quadratic" or "cubic", a surface of that degree instead,
-    its coefficients in :data:`FIELD_TERMS`' order (a coil's field bends: its elements are nearer the crown and the
-    sides than the middle). Zeros where no more cubes are filled than there are terms.
+    its coefficients in the order of ``meddl.models.FIELD_TERMS`` (a coil's field bends: its elements are nearer the
+    crown and the sides than the middle). Zeros where no more cubes are filled than there are terms.
     """
     positions, levels, centre = _brain_cube_levels(model_image, mask, block_mm)
     return _fitted_field(positions, levels, surface), centre
@@ -999,27 +991,20 @@ def _brain_cube_levels(
 
 
 def _fitted_field(positions: np.ndarray, levels: np.ndarray, surface: str) -> np.ndarray:
-    """The least-squares ``surface`` (:data:`FIELD_TERMS`) through the cubes' ``levels`` at ``positions``
+    """The least-squares ``surface`` (``meddl.models.FIELD_TERMS``) through the cubes' ``levels`` at ``positions``
     (:func:`_brain_cube_levels`), less its constant; zeros where there are no more cubes than terms."""
-    terms = len(_field_names(surface))
+    terms = len(FIELD_TERMS[surface])
     if len(positions) <= terms:
         return np.zeros(terms)
     design = np.column_stack([np.ones(len(positions)), *_field_terms(positions.T, surface)])
     return np.linalg.lstsq(design, levels, rcond=None)[0][1:]
 
 
-def _field_names(surface: str) -> Tuple[str, ...]:
-    """:data:`FIELD_TERMS` of ``surface``; a ModelError (a package's setting) names the surfaces there are."""
-    if surface not in FIELD_TERMS:
-        raise ModelError(f"unknown intensity field '{surface}' in the model package; known: {', '.join(FIELD_TERMS)}")
-    return FIELD_TERMS[surface]
-
-
 def _field_terms(position: Sequence[np.ndarray], surface: str) -> Iterator[np.ndarray]:
     """The terms of ``surface`` at ``position`` (L, P and S in 100 mm about the centre), one array at a time: on a
     full-resolution volume each is as large as the image."""
     axis = dict(zip("LPS", position))
-    for name in _field_names(surface):
+    for name in FIELD_TERMS[surface]:
         term = axis[name[0]]
         for letter in name[1:]:
             term = term * axis[letter]
@@ -1060,10 +1045,7 @@ def without_intensity_gradient(
     surface = gradient.get("field", "linear")
     field_excess = excess
     if surface != "linear":  # the same cubes, fitted with a surface
-        reference, terms = np.asarray(gradient["reference_field"], np.float64), len(_field_names(surface))
-        if reference.shape != (terms,):
-            raise ModelError(f"the model package's reference_field has {reference.size} terms; a {surface} has {terms}")
-        field_excess = _fitted_field(positions, levels, surface) - reference
+        field_excess = _fitted_field(positions, levels, surface) - np.asarray(gradient["reference_field"], np.float64)
     reach = float(gradient.get("max_distance_mm", 120.0))
     position = []  # each LPS axis's position in 100 mm, held to the reach
     for offset in _voxel_offsets(image, centre):

@@ -2,6 +2,7 @@
 
 from meddl.models.package import (
     ALLOWED_ARCHITECTURES,
+    FIELD_TERMS,
     SCHEMA_VERSION,
     Label,
     ModelPackage,
@@ -15,6 +16,7 @@ from meddl.models.package import (
 
 __all__ = [
     "ALLOWED_ARCHITECTURES",
+    "FIELD_TERMS",
     "SCHEMA_VERSION",
     "Label",
     "ModelPackage",

@@ -22,6 +22,7 @@ from meddl.fsutil import publish
 __all__ = [
     "SCHEMA_VERSION",
     "ALLOWED_ARCHITECTURES",
+    "FIELD_TERMS",
     "Label",
     "ModelSpec",
     "ModelPackage",
@@ -59,6 +60,12 @@ NORMALIZATIONS = ("percentile", "ct_window", "zscore", "none")
 # Model-grid axes a package may declare its network symmetric under (``inference.flip_axes``); on an LPS grid
 # i runs left-right, j front-back, k up-down. Packages that declare none are taken to be symmetric under all three.
 FLIP_AXES = ("i", "j", "k")
+# The intensity fields ``input.gradient_normalization.field`` may name, by their terms after the constant: each a
+# product of the positions along L, P and S (in 100 mm about the brain's centre; meddl.infer.intensity_gradient).
+# Each field keeps the terms of the one before and adds its own degree; ``reference_field`` gives one number a term.
+FIELD_TERMS = {"linear": ("L", "P", "S")}
+FIELD_TERMS["quadratic"] = FIELD_TERMS["linear"] + ("LL", "PP", "SS", "LP", "LS", "PS")
+FIELD_TERMS["cubic"] = FIELD_TERMS["quadratic"] + ("LLL", "PPP", "SSS", "LLP", "LLS", "LPP", "PPS", "LSS", "PSS", "LPS")
 
 
 @dataclass
@@ -256,6 +263,22 @@ class ModelSpec:
         need(
             value is None or (_is_number(value) and -90 <= value <= 90),
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
+        )
+        grading = settings("gradient_normalization", ("min_change", "min_follow_change"))
+        surface = grading.get("field", "linear")
+        need(surface in FIELD_TERMS, f"input.gradient_normalization.field must be one of {', '.join(FIELD_TERMS)}")
+        for key, terms, what in (
+            ("reference_gradient", 3, "the plane's, along L, P and S"),
+            ("reference_field", len(FIELD_TERMS[surface]), f"one per term of its {surface} field"),
+        ):
+            value = grading.get(key)
+            need(
+                value is None or (isinstance(value, list) and len(value) == terms and all(map(_is_number, value))),
+                f"input.gradient_normalization.{key} must be {terms} numbers ({what})",
+            )
+        need(
+            surface == "linear" or grading.get("reference_gradient") is None or "reference_field" in grading,
+            f"input.gradient_normalization.reference_field is missing: a {surface} field is measured against it",
         )
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
