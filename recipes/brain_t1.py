@@ -380,7 +380,8 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
         brain = largest_object(probabilities, 1)
         slopes.append(round(coil_profile_slope(model_image, brain, radius)[0], 3))
         gradients.append([round(float(v), 3) for v in intensity_gradient(model_image, brain, block)[0]])
-        fields.append(intensity_gradient(model_image, brain, block, surface)[0])
+        if surface != "linear":  # a linear field is the plane just measured
+            fields.append(intensity_gradient(model_image, brain, block, surface)[0])
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
     sizing = spec["input"].setdefault("size_normalization", {})
