@@ -458,6 +458,8 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("gradient_normalization", {"field": "cubic", "reference_field": [0.1] * 9}, "reference_field must be 19"),
         ("gradient_normalization", {"field": "cubic", "reference_gradient": [0, 0, 0.1]}, "reference_field is missing"),
         ("gradient_normalization", {"reference_gradient": [0.1, "up"]}, "reference_gradient must be 3"),
+        ("orientation_check", {"min_gradient_pass_gain": "some"}, "orientation_check.min_gradient_pass_gain"),
+        ("orientation_check", {"min_confidence": -0.5}, "orientation_check.min_confidence"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(

@@ -60,6 +60,8 @@ __all__ = [
     "without_coil_profile",
     "intensity_gradient",
     "without_intensity_gradient",
+    "gradient_passes",
+    "GradientPasses",
     "head_size_factor",
     "head_pose_rotation",
     "head_offset_mm",
@@ -541,8 +543,9 @@ def segment_image(
     coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
     grading = _calibrated(spec.input.get("gradient_normalization"), "reference_gradient")
     orienting = spec.input.get("orientation_check")
-    # Each later pass has its own stretch of the bar (the turns 0.3-0.4, coil 0.4-0.45, gradient 0.45-0.5, size
-    # 0.5-0.6, pose 0.6-0.85), so that it never steps back; without any, the first pass has them all.
+    # Each later pass has its own stretch of the bar (the turns 0.3-0.4, where the gradient passes a turn is weighed
+    # against hold it at 0.4, coil 0.4-0.45, gradient 0.45-0.5, size 0.5-0.6, pose 0.6-0.85), so that it never steps
+    # back; without any, the first pass has them all.
     probabilities = predict_probabilities(
         model_image,
         package,
@@ -564,10 +567,28 @@ def segment_image(
     found = object_points_and_cut(probabilities, model_image, placed, brain_label) if needs_found else None
     least_confidence = float((orienting or {}).get("min_confidence", 0.0))  # 0: off (a confidence is never below)
     unsure = least_confidence > 0 and pass_confidence(model_image, probabilities, spec) < least_confidence
+    graded = None  # the gradient passes (below), where the check ran them already
     if orienting and (unsure or not head_lies_upright(found, model_image, spec, orienting)):
         first = TurnedPass(np.eye(3), model_image, probabilities)
         looking = scaled(progress, 0.3, 0.4)
         turned = upright_pass(seen, package, device, tta, first, orienting, brain_label, looking, cancel, windows)
+        over_turn = orienting.get("min_gradient_pass_gain")
+        if turned is not None and grading and over_turn is not None:
+            # A coil only behind the head darkens the front of the brain: the first pass is unsure and off-centre, and
+            # a wrong turn looks surer than it, though far less sure than the head as it lies with the coil's gradient
+            # taken out. A head a lost header turned is the other way round.
+            graded = gradient_passes(
+                seen, model_image, probabilities, package, device, tta, scaled(progress, 0.4, 0.4), cancel, windows
+            )
+            turned_confidence = pass_confidence(turned.model_image, turned.probabilities, spec)
+            if graded is not None and pass_confidence(
+                graded.model_image, graded.probabilities, spec
+            ) >= turned_confidence + float(over_turn):
+                progress(0.4, "with its intensity gradient taken out, the head is surest as it lies: no turn")
+                turned, found = None, None
+                seen, model_image, probabilities = graded.seen, graded.model_image, graded.probabilities
+            else:
+                graded = None  # measured on the head as it lay: the turned one has its own
         if turned is not None:
             orientation_turn, model_image, probabilities = turned.description, turned.model_image, turned.probabilities
             progress(0.4, f"the header had the head {orientation_turn}: the passes see it upright")
@@ -586,27 +607,14 @@ def segment_image(
                 model_image, package, device, tta, scaled(progress, 0.4, 0.45), cancel, normalized=True, counter=windows
             )
     # ... and a phased-array coil's elements sit around and above the head, none under the chin: the base of the brain
-    # reads darker than the network ever saw, and it left the lowest 20-30 mm out. Take the brain's intensity gradient
-    # over the template's out of the image and look again; a look that missed the dark base measures short, so later
-    # looks take out what is left (beyond the smaller min_follow_change). Only where the first look found a brain
-    # that follows an edge: a volume with no head has no gradient to take out.
-    gradient_removed = np.zeros(3)
-    for look in range(int(grading.get("max_passes", 3)) if grading else 0):
-        least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
-        least_edge = spec.postprocess.get("min_edge_contrast") if look == 0 else None
-        corrected, excess = without_intensity_gradient(
-            seen, model_image, probabilities, grading, least_change, least_edge
+    # reads darker than the network ever saw (gradient_passes).
+    if grading and graded is None:
+        graded = gradient_passes(
+            seen, model_image, probabilities, package, device, tta, scaled(progress, 0.45, 0.5), cancel, windows
         )
-        if corrected is None:
-            break
-        gradient_removed = gradient_removed + excess
-        strength = float(np.linalg.norm(gradient_removed))
-        progress(0.45, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
-        seen, found = corrected, None
-        model_image = model_input(seen, spec, spec.target_spacing)
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.45, 0.5), cancel, normalized=True, counter=windows
-        )
+        if graded is not None:
+            seen, model_image, probabilities, found = graded.seen, graded.model_image, graded.probabilities, None
+    gradient_removed = graded.removed if graded is not None else np.zeros(3)
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
     if found is None and (sizing or posing):  # what the first pass found, unless a later pass replaced it
@@ -1055,6 +1063,59 @@ def without_intensity_gradient(
     for coefficient, term in zip(field_excess, _field_terms(position, surface)):
         log_field += np.float32(-coefficient) * term
     return image.with_array(image.array.astype(np.float32) * np.exp(log_field, out=log_field)), excess
+
+
+class GradientPasses(NamedTuple):
+    """The passes :func:`gradient_passes` ran: the input with the field taken out, and what the network made of it."""
+
+    seen: Image
+    model_image: Image
+    probabilities: np.ndarray
+    removed: np.ndarray  # the excess gradient taken out over all looks (log intensity per 100 mm along LPS)
+
+
+def gradient_passes(
+    seen: Image,
+    model_image: Image,
+    probabilities: np.ndarray,
+    package: ModelPackage,
+    device: str,
+    tta: bool,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    counter: Optional[List[int]] = None,
+) -> Optional[GradientPasses]:
+    """Up to ``gradient_normalization.max_passes`` looks at ``seen``, each with the brain's intensity gradient over the
+    template's taken out (:func:`without_intensity_gradient`) of what the look before showed; None where the first
+    look (``model_image``, ``probabilities``) gives nothing to take out.
+
+    A phased-array coil's elements sit around and above the head, none under the chin: the base of the brain reads
+    darker than the network ever saw, and it left the lowest 20-30 mm out. A look that missed the dark base measures
+    short, so later looks take out what is left beyond the smaller ``min_follow_change``. Only where the first look
+    found a brain that follows an edge (``postprocess.min_edge_contrast``): a volume with no head has no gradient.
+    """
+    progress = progress or no_progress  # 0 to 1 over each look
+    spec = package.spec
+    grading = spec.input["gradient_normalization"]
+    removed, done = np.zeros(3), None
+    for look in range(int(grading.get("max_passes", 3))):
+        least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
+        least_edge = spec.postprocess.get("min_edge_contrast") if look == 0 else None
+        corrected, excess = without_intensity_gradient(
+            seen, model_image, probabilities, grading, least_change, least_edge
+        )
+        if corrected is None:
+            break
+        removed = removed + excess
+        strength = float(np.linalg.norm(removed))
+        progress(0.0, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
+        seen = corrected
+        model_image = model_input(seen, spec, spec.target_spacing)
+        probabilities = predict_probabilities(
+            model_image, package, device, tta, progress, cancel, normalized=True, counter=counter
+        )
+        done = GradientPasses(seen, model_image, probabilities, removed)
+    return done
 
 
 def head_size_factor(found: FoundObject, sizing: Dict) -> float:

@@ -280,6 +280,7 @@ class ModelSpec:
             surface == "linear" or grading.get("reference_gradient") is None or "reference_field" in grading,
             f"input.gradient_normalization.reference_field is missing: a {surface} field is measured against it",
         )
+        settings("orientation_check", ("min_gain", "min_confidence", "min_offset_mm", "min_gradient_pass_gain"))
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
