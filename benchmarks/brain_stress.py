@@ -334,14 +334,18 @@ def coil_profile(image: Image, label: Image, edge_gain: float, radius_mm: float 
     return image.with_array(image.array * np.exp(math.log(edge_gain) * np.minimum(squared, 1.5)).astype(np.float32))
 
 
-def phased_array_profile(image: Image, elements: int, reach_mm: float, share: float) -> Image:
+def phased_array_profile(
+    image: Image, elements: int, reach_mm: float, share: float, behind_only: bool = False
+) -> Image:
     """``image`` under the receive profile of a phased-array head coil, unlike :func:`coil_profile` (radial about the
     brain's centre, the form the engine takes out): ``elements`` coil elements on a helmet 15 mm outside the head's
     half extents (directions drawn with a fixed seed, none below 0.4 of the way down), each sensing
     ``(1 + (d / reach_mm)²) ** -1.5`` at distance ``d``, combined as the root of their squares' sum and divided by its
     value at the head's centre, then raised to ``share`` (a share of its range in log intensity). The brain's base,
     furthest from the elements, comes out darker than its middle and the cortex under the elements brighter
-    (docs/brain-model.md gives the cortex's range against the deep brain at each share)."""
+    (docs/brain-model.md gives the cortex's range against the deep brain at each share). ``behind_only`` keeps the
+    elements behind the head's centre (more than 0.2 of the way back), as a coil under the back of a lying head: the
+    front of the brain then reads at a tenth of the back."""
     kji = np.indices(image.array.shape, dtype=np.float32)
     steps = np.asarray(image.direction, np.float32) * np.asarray(image.spacing, np.float32)  # LPS mm per i, j, k
     points = np.stack([kji[2], kji[1], kji[0]], axis=-1) @ steps.T + np.asarray(image.origin, np.float32)
@@ -351,7 +355,10 @@ def phased_array_profile(image: Image, elements: int, reach_mm: float, share: fl
     half_extent = (np.percentile(inside, 98, axis=0) - np.percentile(inside, 2, axis=0)) / 2
     directions = np.random.default_rng(5).normal(size=(4 * elements, 3))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    directions = directions[directions[:, 2] > -0.4][:elements]  # LPS: +z is up; no element under the chin
+    directions = directions[directions[:, 2] > -0.4]  # LPS: +z is up; no element under the chin
+    if behind_only:
+        directions = directions[directions[:, 1] > 0.2]  # LPS: +y is posterior
+    directions = directions[:elements]
     power = np.zeros(image.array.shape, np.float32)
     for site in centre + directions * (half_extent + 15.0):
         squared = np.sum((points - site) ** 2, axis=-1) / reach_mm**2
@@ -481,6 +488,7 @@ def head_probes(
         (12, 60.0, 0.7),
         (32, 40.0, 0.7),
     ),
+    arrays_behind: Sequence[Tuple[int, float, float]] = ((8, 60.0, 1.0),),
     atrophied_heads: Sequence[Tuple[float, float, float]] = tuple(
         (scale, factor, csf) for scale in (0.88, 0.95) for factor in (0.95, 0.93) for csf in (0.25, 0.4)
     ),
@@ -535,7 +543,8 @@ def head_probes(
       towards the surface by ``coil_gains`` (darker below 1), as scans are before bias-field correction;
     * phased-array coils: the same heads moved under the profile of a head coil's elements (:func:`phased_array_profile`
       at ``phased_arrays``: elements, reach in mm, share of the profile), darker at the brain's base and lumpy under
-      the elements, which the engine's radial profile does not describe;
+      the elements, which the engine's radial profile does not describe; and under ``arrays_behind``, the same with
+      elements only behind the head, whose brain's front reads far darker than its back;
     * atrophied heads: the same heads at ``atrophied_heads`` (scale, the brain's factor inside the skull, CSF level),
       the brain shrunk on the skull base (``RandAtrophyd(anchor="base")``), with 80 mm of drawn neck, moved and
       acquired sagittal 1.2×1×1 mm: an older adult's research scan (a brain 0.93× across holds 0.80 of its volume);
@@ -633,6 +642,10 @@ def head_probes(
         for elements, reach, share in phased_arrays:
             name = f"{source_name} moved, {elements}-element coil, reach {reach:g} mm, share {share:g}"
             cases.append((name, phased_array_profile(coil_image, elements, reach, share), coil_label.array))
+        for elements, reach, share in arrays_behind:
+            name = f"{source_name} moved, {elements}-element coil behind the head, reach {reach:g} mm, share {share:g}"
+            behind = phased_array_profile(coil_image, elements, reach, share, behind_only=True)
+            cases.append((name, behind, coil_label.array))
         for scale, factor, csf in atrophied_heads:
             head, label = _scaled_about_centre(source, scale)
             shrink = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf), anchor="base")
