@@ -698,6 +698,26 @@ def test_a_real_head_under_a_32_element_helmet_at_its_full_range_gets_its_brain(
     assert plane["hd95_mm"] > HD95_TARGET_MM and plane["dice"] < brain["dice"], plane
 
 
+def test_a_real_head_under_a_coil_only_behind_it_is_not_turned_and_gets_its_brain(package):
+    """Colin27, moved and under 8 coil elements behind the head only (the benchmark's profile at its full range): the
+    front of the brain reads at a tenth of the back, the first pass is unsure and its brain sits off the head's centre,
+    so the orientation check runs, and a turn looks surer than that first pass. 2.3.17 kept the turn ("top back") and
+    missed (0.9502 / 8.31 mm, docs/brain-model.md); 2.3.18 keeps the head as it lies where, with its intensity gradient
+    taken out, the network is surer of it than of the turn, as here: 0.9661 / 4.24 mm (`/tmp` script, 2026-12-02)."""
+    from meddl.data import colin27_brain_pair
+
+    pair = with_brain_label(colin27_brain_pair())
+    moved, label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    behind = phased_array_profile(moved, 8, 60.0, 1.0, behind_only=True)
+
+    result, brain = segment_and_score(package, behind, label.array)
+    assert result.orientation_turn == "none"
+    assert result.gradient_removed[1] > 1.0, result.gradient_removed  # LPS: +y is back, towards the elements
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    turned, alone = segment_and_score(package, behind, label.array, without="orientation_check.min_gradient_pass_gain")
+    assert turned.orientation_turn != "none" and alone["hd95_mm"] > HD95_TARGET_MM, (turned.orientation_turn, alone)
+
+
 def test_a_freesurfer_conformed_mgz_gets_its_brain_on_its_own_grid(tmp_path, capsys):
     """FreeSurfer hands its users ``orig.mgz``: 256³ voxels of 1 mm in LIA orientation, intensities scaled to 0-255 in
     one byte. nimare's 1 mm copy conformed so must come out on that grid and meet the targets against nimare's mask.

