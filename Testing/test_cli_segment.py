@@ -486,6 +486,8 @@ def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
         ("postprocess", {"min_edge_contrast": "high"}),
         ("postprocess", {"min_edge_contrast": float("nan")}),
         ("postprocess", []),
+        ("postprocess", {"tissue_trim": {"min_ratio": -0.5}}),
+        ("postprocess", {"tissue_trim": "on"}),
     ],
 )
 def test_a_model_with_a_malformed_inference_or_postprocess_setting_exits_4_naming_it(

@@ -226,13 +226,13 @@ class ModelSpec:
             "input.crop_foreground.cut_side_extent_mm must be two finite numbers > 0 (grid axes i and j, mm)",
         )
 
-        def settings(name: str, non_negative: Sequence[str]) -> Dict[str, Any]:
-            """``input.<name>`` (absent: {}) after checking it is an object whose ``non_negative`` keys are >= 0."""
-            value = spec_input.get(name)
-            need(value is None or isinstance(value, dict), f"input.{name} must be an object")
+        def settings(name: str, non_negative: Sequence[str], section: str = "input") -> Dict[str, Any]:
+            """``<section>.<name>`` (absent: {}) after checking it is an object whose ``non_negative`` keys are >= 0."""
+            value = (data.get(section) or {}).get(name)
+            need(value is None or isinstance(value, dict), f"{section}.{name} must be an object")
             for key in non_negative:
                 number = (value or {}).get(key)
-                need(number is None or (_is_number(number) and number >= 0), f"input.{name}.{key} must be >= 0")
+                need(number is None or (_is_number(number) and number >= 0), f"{section}.{name}.{key} must be >= 0")
             return value or {}
 
         value = spec_input.get("min_extent_mm")
@@ -284,6 +284,8 @@ class ModelSpec:
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
+        trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed")
+        settings("tissue_trim", trim_keys, section="postprocess")
         need(isinstance(data.get("inference", {}), dict), "inference must be an object")
         flips = data.get("inference", {}).get("flip_axes", list(FLIP_AXES))
         need(
