@@ -45,6 +45,7 @@ from brain_stress import (  # noqa: E402
     no_head_inputs,
     noisy_air,
     phased_array_profile,
+    with_lesion,
     with_neck,
 )
 from brain_stress import CORONAL as BENCHMARK_CORONAL  # noqa: E402
@@ -723,21 +724,17 @@ def test_the_tissue_trim_takes_an_older_real_brain_out_of_its_band_of_csf(packag
     """Colin27 at 0.88x with its brain shrunk to 0.93x on the skull base, the gap at 0.4 of the brain's level, 80 mm
     of drawn neck, acquired sagittal 1.2x1x1 mm (the benchmark's atrophied-head probe): the bundled model draws part
     of the band of CSF round the brain as brain and misses (0.9343 / 5.20 mm). A package that asks for
-    ``postprocess.tissue_trim`` (the candidate 2.3.19 of docs/brain-model.md, not bundled: it cut a dark lesion at
-    the cortex) trims it off and meets the targets: 0.9536 / 4.66 mm, 3.9 % of the brain drawn trimmed (`/tmp`
-    script, 2026-12-02). The same head unshrunk (young) is left as the network drew it."""
+    ``postprocess.tissue_trim`` (the candidates 2.3.19 of docs/brain-model.md, not bundled) trims it off and meets the
+    targets: 0.9536 / 4.66 mm, 3.9 % of the brain drawn and 47 % of its surface trimmed (`/tmp` script,
+    2026-12-02). The same head unshrunk (young) is left as the network drew it, and so is a dark lesion 50 mm across
+    at its cortex, which the first candidate cut (2.45 % of the brain, 18 % of its surface)."""
     import copy
 
     from meddl.data import VolumePair, colin27_brain_pair
     from meddl.train import RandAtrophyd
 
     trimming = copy.deepcopy(package)
-    trimming.spec.postprocess["tissue_trim"] = {
-        "min_ratio": 0.5,
-        "closing_mm": 4.0,
-        "level_mm": 15.0,
-        "min_removed": 0.02,
-    }
+    trimming.spec.postprocess["tissue_trim"] = {"min_removed": 0.02, "min_surface_share": 0.33}
     pair = with_brain_label(colin27_brain_pair())
     head, label = _scaled_about_centre(pair, 0.88)
     shrink = RandAtrophyd(prob=1.0, factor_range=(0.93, 0.93), csf_range=(0.4, 0.4), anchor="base")
@@ -753,6 +750,11 @@ def test_the_tissue_trim_takes_an_older_real_brain_out_of_its_band_of_csf(packag
     moved, moved_label = acquire(pair, (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
     young, _ = segment_and_score(trimming, moved, moved_label.array)
     assert young.tissue_trimmed == 0.0
+    # A dark lesion 50 mm across at the cortex reads as CSF, but it is a bite in one place, not a band all round.
+    lesioned = VolumePair(pair.name, with_lesion(pair, 25.0, 0.3, (1.0, 0.3, 0.8)), pair.label, "")
+    patient, patient_label = acquire(lesioned, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    bitten, _ = segment_and_score(trimming, patient, patient_label.array)
+    assert bitten.tissue_trimmed == 0.0
 
 
 def test_a_freesurfer_conformed_mgz_gets_its_brain_on_its_own_grid(tmp_path, capsys):

@@ -510,7 +510,9 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     darkens the brain's base does not read as CSF); its largest piece closed by a ball of ``closing_mm`` keeps the
     sulci and the fissure between the hemispheres, and what of the label lies outside that envelope goes. Only where
     that is at least ``min_removed`` of the label (a band of CSF all round, not the partial voxels of a young brain's
-    surface) is anything changed. The ratio reads magnitude images, whose air is dark.
+    surface) and takes at least ``min_surface_share`` of its surface voxels (a band follows the surface; a dark
+    lesion at the cortex, which the ratio cannot tell from CSF, is a bite in one place) is anything changed. The
+    ratio reads magnitude images, whose air is dark.
 
     Returns the share of the label's voxels removed (0.0: none).
     """
@@ -545,6 +547,11 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     removed = 1.0 - float(kept.sum()) / float(mask.sum())
     if removed < float(options.get("min_removed", 0.0)):
         return 0.0
+    least_surface = float(options.get("min_surface_share", 0.0))
+    if least_surface > 0:
+        surface = mask & ~ndimage.binary_erosion(mask)
+        if float((surface & ~kept).sum()) < least_surface * float(surface.sum()):
+            return 0.0
     inner = tuple(slice(before, n - after) for (before, after), n in zip(margin, mask.shape))
     view = labels[box]
     view[mask[inner] & ~kept[inner]] = 0

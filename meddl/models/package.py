@@ -284,7 +284,7 @@ class ModelSpec:
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
-        trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed")
+        trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed", "min_surface_share")
         settings("tissue_trim", trim_keys, section="postprocess")
         need(isinstance(data.get("inference", {}), dict), "inference must be an object")
         flips = data.get("inference", {}).get("flip_axes", list(FLIP_AXES))
