@@ -250,6 +250,24 @@ def test_postprocessing_keeps_the_largest_component_and_fills_holes_like_scipy(h
     assert not result[3, 3, 3]
 
 
+def test_fill_holes_fills_closed_cavities_only_as_scipy_does():
+    from scipy import ndimage
+
+    from meddl.transforms import fill_holes
+
+    shell = np.ones((9, 9, 9), dtype=bool)
+    shell[3:6, 3:6, 3:6] = False  # a closed cavity: filled
+    shell[4, 4, 0:4] = False  # ... once a tunnel opens it onto a face it is not
+    rng = np.random.default_rng(1)
+    masks = [shell, np.ones((4, 4, 4), bool), np.zeros((4, 4, 4), bool)]
+    masks += [ndimage.binary_dilation(rng.random((12, 10, 8)) < p) for p in (0.05, 0.15, 0.3)]
+    for mask in masks:
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    closed = shell.copy()
+    closed[4, 4, 0:3] = True
+    assert fill_holes(closed).all() and not fill_holes(shell)[4, 4, 4]
+
+
 def test_opening_in_mm_cuts_a_thin_bridge_so_the_joined_blob_is_dropped():
     # A "brain" (ball of 30 mm) joined by a 4 mm bridge to an "orbit" (ball of 10 mm) on a 1x1x3 mm grid: the
     # largest component alone keeps the orbit; an opening by a 6 mm ball, measured in mm, cuts the bridge first.

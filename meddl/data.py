@@ -89,12 +89,12 @@ def data_file(package: str, relative: str) -> Path:
     return path
 
 
-def _binary(image: Image, fill_holes: bool = False) -> Image:
+def _binary(image: Image, fill: bool = False) -> Image:
     mask = np.asarray(image.array) > 0.5
-    if fill_holes:
-        from scipy import ndimage
+    if fill:
+        from meddl.transforms import fill_holes
 
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     return image.with_array(mask.astype(np.uint8))
 
 
@@ -121,7 +121,7 @@ def fsl_mni152_brain_pairs() -> List[VolumePair]:
             VolumePair(
                 f"fsl-mni152-{int(resolution)}mm-nimare",
                 image,
-                _binary(mask, fill_holes=True),
+                _binary(mask, fill=True),
                 f"nimare {package_version('nimare')}: tpl-MNI152NLin6Asym_res-{resolution}_T1w / "
                 "desc-brain_mask (holes filled)",
             )
@@ -192,9 +192,9 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
     the brain's envelope, sulcal CSF included, as the templates' masks draw it), holes filled, largest component
     kept.
     """
-    from scipy import ndimage
 
-    from meddl.infer import keep_largest_component, open_mm
+    from meddl.infer import open_mm
+    from meddl.transforms import fill_holes, keep_largest_component
 
     folder = Path("/usr/share/mricron/templates")
     paths = [folder / "ch2.nii.gz", folder / "ch2bet.nii.gz"]
@@ -206,7 +206,7 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
     # outside runs on past the faces, as padding with air would make it. A reference is exact: its distances are
     # taken on the 1 mm grid itself, not on the coarser grid inference opens its masks on for speed.
     outside = open_mm(~(brain.array > 0), brain.spacing[::-1], closing_mm, finest_mm=min(brain.spacing))
-    closed = ndimage.binary_fill_holes(~outside)
+    closed = fill_holes(~outside)
     keep_largest_component(closed)
     return VolumePair(
         "colin27-1mm-mricron",

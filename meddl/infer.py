@@ -29,6 +29,7 @@ from meddl.transforms import (
     bounding_box,
     crop_box,
     crop_to_foreground,
+    fill_holes,
     foreground_object,
     frame_cut_base,
     frame_cut_sides,
@@ -410,7 +411,6 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
     every label there exactly as in the whole volume); returns ``labels``. Components are numbered in
     uint16 when they fit (half the memory of scipy's default int32 on a large box).
     """
-    from scipy import ndimage
 
     opening_mm = float(options.get("opening_mm", 0) or 0)
     largest = bool(options.get("largest_component", False))
@@ -434,7 +434,7 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
         if largest and keep_largest_component(mask):
             view[(view == value) & ~mask] = 0
         if fill:
-            filled = ndimage.binary_fill_holes(mask)
+            filled = fill_holes(mask)
             filled &= view == 0
             view[filled] = value
             del filled
@@ -496,8 +496,20 @@ def local_mean(values: np.ndarray, mask: np.ndarray, spacing_kji: Sequence[float
     weighted = ndimage.gaussian_filter(block_mean(np.where(mask, values, 0).astype(np.float32), factors), sigmas)
     weights = ndimage.gaussian_filter(block_mean(mask, factors), sigmas)
     coarse = np.where(weights > 1e-3, weighted / np.maximum(weights, 1e-3), 0.0).astype(np.float32)
-    fine = ndimage.zoom(coarse, factors, order=1, grid_mode=True, mode="nearest")
-    return fine[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    return upsample_linear(coarse, factors, mask.shape)
+
+
+def upsample_linear(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Float32 ``coarse`` interpolated linearly onto the grid ``factors`` times finer per axis (voxel centres aligned
+    as block means place them; values held at the edges), cut to ``shape``.
+
+    As scipy's ``zoom`` (order 1, grid mode) but on torch's threads: a tenth of its time on a head's bounding box.
+    """
+    import torch
+
+    grid = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[None, None]
+    fine = torch.nn.functional.interpolate(grid, scale_factor=tuple(factors), mode="trilinear", align_corners=False)
+    return fine[0, 0, : shape[0], : shape[1], : shape[2]].numpy()
 
 
 def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
@@ -540,10 +552,10 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     keep_largest_component(core)
     at_radius = radius**2 * (1.0 + RADIUS_TOLERANCE)
     grown = core | (squared_distance_outside(~core, spacing_kji) <= at_radius)
-    envelope = ndimage.binary_fill_holes((squared_distance_outside(grown, spacing_kji) > at_radius) | core)
+    envelope = fill_holes((squared_distance_outside(grown, spacing_kji) > at_radius) | core)
     kept = mask & envelope
     keep_largest_component(kept)
-    kept = ndimage.binary_fill_holes(kept)
+    kept = fill_holes(kept)
     removed = 1.0 - float(kept.sum()) / float(mask.sum())
     if removed < float(options.get("min_removed", 0.0)):
         return 0.0
@@ -873,7 +885,7 @@ def quiet_noisy_air(image: Image, face_median: float = 0.1, calm_std: float = 0.
     if not calm.any():  # nothing calm anywhere: no head to keep, so leave the volume as it came
         return image
     keep_largest_component(calm)
-    head = ndimage.binary_fill_holes(ndimage.binary_closing(calm, iterations=3) | calm)  # closing erodes at faces
+    head = fill_holes(ndimage.binary_closing(calm, iterations=3) | calm)  # closing erodes at faces
     return image.with_array(np.where(head, image.array, floor).astype(image.array.dtype))
 
 

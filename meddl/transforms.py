@@ -17,6 +17,7 @@ from meddl.io import Image, image_from_sitk, image_to_sitk
 
 __all__ = [
     "keep_largest_component",
+    "fill_holes",
     "volume_faces",
     "model_grid",
     "reference_grid",
@@ -173,6 +174,21 @@ def keep_largest_component(mask: np.ndarray) -> bool:
         sizes[0] = 0
         np.equal(components, int(np.argmax(sizes)), out=mask)
     return count > 1
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the grid's faces filled (6-connectivity).
+
+    The same result as scipy's ``binary_fill_holes``, which floods the background from the faces one dilation at a
+    time; labelling the background once is a quarter of its time on a head's bounding box.
+    """
+    background, count = _components(~mask)
+    if count == 0:
+        return mask.copy()
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[np.unique(volume_faces(background))] = True
+    outside[0] = False
+    return ~outside[background]
 
 
 def _components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
