@@ -234,8 +234,8 @@ def segment_and_score(
     package, image: Image, reference: np.ndarray, without: Optional[str] = None, progress: Optional[Callable] = None
 ):
     """The bundled model's result on ``image`` and its brain scores against ``reference``; ``without`` names an
-    ``input`` setting (dotted: one inside another) to drop first (what the model does without that pass);
-    ``progress`` receives segment_image's reports."""
+    ``input`` setting (dotted: one inside another), or after ``postprocess.`` a post-processing one, to drop first
+    (what the model does without that step); ``progress`` receives segment_image's reports."""
     import copy
 
     from meddl.infer import segment_image
@@ -244,6 +244,8 @@ def segment_and_score(
         package = copy.deepcopy(package)
         *outer, name = without.split(".")
         settings = package.spec.input
+        if outer[:1] == ["postprocess"]:
+            settings, outer = package.spec.postprocess, outer[1:]
         for key in outer:
             settings = settings[key]
         del settings[name]
@@ -722,19 +724,15 @@ def test_a_real_head_under_a_coil_only_behind_it_is_not_turned_and_gets_its_brai
 
 def test_the_tissue_trim_takes_an_older_real_brain_out_of_its_band_of_csf(package):
     """Colin27 at 0.88x with its brain shrunk to 0.93x on the skull base, the gap at 0.4 of the brain's level, 80 mm
-    of drawn neck, acquired sagittal 1.2x1x1 mm (the benchmark's atrophied-head probe): the bundled model draws part
-    of the band of CSF round the brain as brain and misses (0.9343 / 5.20 mm). A package that asks for
-    ``postprocess.tissue_trim`` (the candidates 2.3.19 of docs/brain-model.md, not bundled) trims it off and meets the
-    targets: 0.9536 / 4.66 mm, 3.9 % of the brain drawn and 47 % of its surface trimmed (`/tmp` script,
-    2026-12-02). The same head unshrunk (young) is left as the network drew it, and so is a dark lesion 50 mm across
-    at its cortex, which the first candidate cut (2.45 % of the brain, 18 % of its surface)."""
-    import copy
-
+    of drawn neck, acquired sagittal 1.2x1x1 mm (the benchmark's atrophied-head probe): the network draws part of the
+    band of CSF round the brain as brain, and without ``postprocess.tissue_trim`` the model misses (2.3.18: 0.9343 /
+    5.20 mm). With it (bundled since 2.3.19) the band is trimmed off and the targets are met: 0.9536 / 4.66 mm, 3.9 %
+    of the brain drawn and 47 % of its surface trimmed (docs/brain-model.md). The same head unshrunk (young) is left
+    as the network drew it, and so is a dark lesion 50 mm across at its cortex, which a trim without the surface gate
+    cut (2.45 % of the brain, 18 % of its surface)."""
     from meddl.data import VolumePair, colin27_brain_pair
     from meddl.train import RandAtrophyd
 
-    trimming = copy.deepcopy(package)
-    trimming.spec.postprocess["tissue_trim"] = {"min_removed": 0.02, "min_surface_share": 0.33}
     pair = with_brain_label(colin27_brain_pair())
     head, label = _scaled_about_centre(pair, 0.88)
     shrink = RandAtrophyd(prob=1.0, factor_range=(0.93, 0.93), csf_range=(0.4, 0.4), anchor="base")
@@ -742,18 +740,18 @@ def test_the_tissue_trim_takes_an_older_real_brain_out_of_its_band_of_csf(packag
     head, label = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
 
-    result, brain = segment_and_score(trimming, image, label.array)
+    result, brain = segment_and_score(package, image, label.array)
     assert result.tissue_trimmed >= 0.02, result.tissue_trimmed
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    bundled, alone = segment_and_score(package, image, label.array)
-    assert bundled.tissue_trimmed == 0.0 and alone["dice"] < DICE_TARGET, alone
+    untrimmed, alone = segment_and_score(package, image, label.array, without="postprocess.tissue_trim")
+    assert untrimmed.tissue_trimmed == 0.0 and alone["dice"] < DICE_TARGET, alone
     moved, moved_label = acquire(pair, (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
-    young, _ = segment_and_score(trimming, moved, moved_label.array)
+    young, _ = segment_and_score(package, moved, moved_label.array)
     assert young.tissue_trimmed == 0.0
     # A dark lesion 50 mm across at the cortex reads as CSF, but it is a bite in one place, not a band all round.
     lesioned = VolumePair(pair.name, with_lesion(pair, 25.0, 0.3, (1.0, 0.3, 0.8)), pair.label, "")
     patient, patient_label = acquire(lesioned, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
-    bitten, _ = segment_and_score(trimming, patient, patient_label.array)
+    bitten, _ = segment_and_score(package, patient, patient_label.array)
     assert bitten.tissue_trimmed == 0.0
 
 

