@@ -550,6 +550,11 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     if not core.any():
         return 0.0
     keep_largest_component(core)
+    least_removed = float(options.get("min_removed", 0.0))
+    # What is kept below holds the core whole (one piece inside the envelope), so at most the rest can go: most young
+    # heads stop here, before the closing's distance maps.
+    if 1.0 - float(core.sum()) / float(mask.sum()) < least_removed:
+        return 0.0
     at_radius = radius**2 * (1.0 + RADIUS_TOLERANCE)
     grown = core | (squared_distance_outside(~core, spacing_kji) <= at_radius)
     envelope = fill_holes((squared_distance_outside(grown, spacing_kji) > at_radius) | core)
@@ -557,7 +562,7 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     keep_largest_component(kept)
     kept = fill_holes(kept)
     removed = 1.0 - float(kept.sum()) / float(mask.sum())
-    if removed < float(options.get("min_removed", 0.0)):
+    if removed < least_removed:
         return 0.0
     least_surface = float(options.get("min_surface_share", 0.0))
     if least_surface > 0:
