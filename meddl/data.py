@@ -192,7 +192,6 @@ def colin27_brain_pair(closing_mm: float = 4.0) -> VolumePair:
     the brain's envelope, sulcal CSF included, as the templates' masks draw it), holes filled, largest component
     kept.
     """
-
     from meddl.infer import open_mm
     from meddl.transforms import fill_holes, keep_largest_component
 

@@ -411,7 +411,6 @@ def postprocess_labelmap(labels: np.ndarray, options: Dict, spacing: Optional[Se
     every label there exactly as in the whole volume); returns ``labels``. Components are numbered in
     uint16 when they fit (half the memory of scipy's default int32 on a large box).
     """
-
     opening_mm = float(options.get("opening_mm", 0) or 0)
     largest = bool(options.get("largest_component", False))
     fill = bool(options.get("fill_holes", False))
