@@ -523,7 +523,8 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     that is at least ``min_removed`` of the label (a band of CSF all round, not the partial voxels of a young brain's
     surface) and takes at least ``min_surface_share`` of its surface voxels (a band follows the surface; a dark
     lesion at the cortex, which the ratio cannot tell from CSF, is a bite in one place) is anything changed. The
-    ratio reads magnitude images, whose air is dark.
+    ratio is taken above the image's dark level (its 0.5th percentile), so that an image stored about zero (MP2RAGE
+    "UNI" images from -0.5 to 0.5) reads as its magnitude would.
 
     Returns the share of the label's voxels removed (0.0: none).
     """
@@ -539,7 +540,9 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     # Room for the closing on every side, beyond the grid's faces too: a brain the field of view cuts stays whole.
     margin = [(int(math.ceil(radius / s)) + 1,) * 2 for s in spacing_kji]
     mask = np.pad(found[box], margin)
-    values = np.pad(image.array[box].astype(np.float32), margin, mode="edge")
+    # Percentiles of one voxel in 27 are as good here as in quiet_noisy_air, and ten times cheaper.
+    floor = float(np.percentile(image.array[::3, ::3, ::3], 0.5))
+    values = np.pad(image.array[box].astype(np.float32) - np.float32(floor), margin, mode="edge")
     smoothing = float(options.get("smoothing_mm", 1.0))
     if smoothing > 0:
         values = ndimage.gaussian_filter(values, [smoothing / s for s in spacing_kji])
