@@ -268,6 +268,21 @@ def test_fill_holes_fills_closed_cavities_only_as_scipy_does():
     assert fill_holes(closed).all() and not fill_holes(shell)[4, 4, 4]
 
 
+def test_upsample_linear_is_scipys_linear_zoom_on_the_block_grid():
+    # The opening and the trim's tissue level take values on a coarse grid of block means back to the fine one; the
+    # fine voxel centres must fall where scipy's zoom (order 1, grid mode, edges held) puts them.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    for factors, shape in [((2, 2, 2), (9, 11, 13)), ((1, 2, 2), (5, 8, 6)), ((3, 1, 2), (7, 4, 9))]:
+        coarse = rng.random(shape, dtype=np.float32) * 100
+        fine_shape = tuple(n * f - 1 for n, f in zip(shape, factors))  # a grid that was padded to whole blocks
+        expected = ndimage.zoom(coarse, factors, order=1, grid_mode=True, mode="nearest")
+        upsampled = infer.upsample_linear(coarse, factors, fine_shape)
+        assert upsampled.shape == fine_shape
+        np.testing.assert_allclose(upsampled, expected[: fine_shape[0], : fine_shape[1], : fine_shape[2]], atol=1e-3)
+
+
 def test_opening_in_mm_cuts_a_thin_bridge_so_the_joined_blob_is_dropped():
     # A "brain" (ball of 30 mm) joined by a 4 mm bridge to an "orbit" (ball of 10 mm) on a 1x1x3 mm grid: the
     # largest component alone keeps the orbit; an opening by a 6 mm ball, measured in mm, cuts the bridge first.

@@ -450,12 +450,11 @@ def open_mm(
     ball's size as a structuring element's would. ``mask`` must have background on every face (a grown box).
 
     Along axes finer than ``finest_mm`` the distances are taken on a grid coarser by a whole factor (a coarse voxel
-    is in the mask when at least half of its voxels are) and interpolated back, with half a coarse voxel of slack
-    for that rounding; the result is never more than ``mask``. The mask comes from probabilities on a 2 mm grid,
-    so this loses nothing that was there, and a 0.5 mm head's opening takes 2 s instead of 14.
+    is in the mask when at least half of its voxels are) and interpolated back (:func:`upsample_linear`), with half
+    a coarse voxel of slack for that rounding; the result is never more than ``mask``. The mask comes from
+    probabilities on a 2 mm grid, so this loses nothing that was there, at a fraction of the exact transform's cost
+    on a 0.5 mm head.
     """
-    from scipy import ndimage
-
     factors = [max(1, int(finest_mm // s)) for s in spacing_kji]
     exact = factors == [1, 1, 1]
     grid, spacing = mask, list(spacing_kji)
@@ -469,11 +468,9 @@ def open_mm(
     squared = squared_distance_outside(~eroded, spacing)
     if exact:
         return squared <= at_radius
-    distance = ndimage.zoom(
-        np.sqrt(np.maximum(squared[1:-1, 1:-1, 1:-1], 0.0)), factors, order=1, grid_mode=True, mode="nearest"
-    )
+    distance = upsample_linear(np.sqrt(np.maximum(squared[1:-1, 1:-1, 1:-1], 0.0)), factors, mask.shape)
     slack = max(spacing) / 2.0
-    return mask & (distance[: mask.shape[0], : mask.shape[1], : mask.shape[2]] <= radius_mm + slack)
+    return mask & (distance <= radius_mm + slack)
 
 
 def block_mean(array: np.ndarray, factors: Sequence[int]) -> np.ndarray:
