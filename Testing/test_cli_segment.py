@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -70,7 +71,13 @@ def test_one_file_gives_a_labelmap_on_its_grid_and_a_json_summary(model, fsl_t1_
     )
     assert code == 0, err
     summary = json.loads(out)
-    assert set(summary["timings_s"]) >= {"load_model", "read", "preprocess", "forward", "postprocess", "write"}
+    timings = summary["timings_s"]
+    steps = ["read", "preprocess", "forward", "postprocess", "write"]
+    assert set(timings) >= {"load_model", "start", "total", *steps}
+    # The split accounts for the command's time: its start (imports, model) and the steps add up to its total.
+    assert timings["start"] >= timings["load_model"] > 0
+    accounted = timings["start"] + sum(timings[step] for step in steps)
+    assert accounted <= timings["total"] + 1e-3 and timings["total"] - accounted < 0.25 * timings["total"], timings
     assert summary["windows"] > 0 and summary["device"] == "cpu"
     assert read_image(tmp_path / "seg.nrrd").same_grid(t1)
 
@@ -184,7 +191,9 @@ def test_batch_format_option_and_output_names(model, t1, fsl_t1_2mm, tmp_path, c
     )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one.nrrd", "three.nrrd", "two.nrrd"]
-    assert "segmented 3 of 3" in out
+    # One line says what the batch cost: the start once (imports, model), then each volume.
+    cost = r"\(start [\d.]+ s, then [\d.]+ s a volume; [\d.]+ s in all\)"
+    assert re.search(r"segmented 3 of 3 volumes into .* " + cost, out)
     assert read_image(tmp_path / "out" / "three.nrrd").same_grid(read_image(tmp_path / "in" / "three.mgz"))
 
 

@@ -1,8 +1,6 @@
 """``python -m meddl`` runs the CLI (the guard keeps spawned child processes from re-running it)."""
 
-import sys
-
-from meddl.cli import main
+from meddl.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -9,17 +9,19 @@ exception is one line too (the traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import logging
 import sys
+import time
 import traceback
 from typing import List, Optional
 
 from meddl import __version__
 from meddl.errors import EXIT_CANCELLED, EXIT_INTERNAL, MedDLError, ModalityError
 
-__all__ = ["main", "build_parser", "emit", "error_line"]
+__all__ = ["main", "command", "build_parser", "emit", "error_line"]
 
 # Modules that provide sub-commands, in the order `meddl --help` lists them.
 COMMAND_MODULES = [
@@ -67,8 +69,10 @@ def error_line(error: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    started = time.perf_counter()  # before torch and MONAI load: a command can report what its start cost
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -93,5 +97,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_INTERNAL
 
 
+def command() -> None:
+    """The ``meddl`` program (and ``python -m meddl``): :func:`main` on the process's arguments, then exit.
+
+    torch and MONAI leave about a million objects behind them, and the interpreter's last garbage collections walk
+    them all on the way out: 1.8-2.1 s after ``meddl segment`` had printed its line, on 2 cores, against 0.4-0.5 s
+    with them frozen out of those collections (:func:`gc.freeze`). The process is ending and the OS takes its memory
+    back; exit handlers still run.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

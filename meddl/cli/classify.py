@@ -161,6 +161,9 @@ def _probability_text(summary: Dict) -> str:
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    from meddl.startup import import_engine
+
+    import_engine()
     from meddl.classify.infer import classify_file, list_batch_inputs, load_classifier
     from meddl.cli import emit
     from meddl.infer import select_device

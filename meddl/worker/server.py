@@ -481,10 +481,9 @@ def _warm_up_imports(num_threads: int) -> None:
     """Import the heavy engine now, so the cold start pays for it and the first request does not."""
     # The engine reads MEDDL_NUM_THREADS on every job; pin it so that jobs keep the worker's choice.
     os.environ["MEDDL_NUM_THREADS"] = str(num_threads)
-    import monai.inferers  # noqa: F401
-    import monai.networks.nets  # noqa: F401
+    from meddl.startup import import_engine
 
-    import meddl.models  # noqa: F401
+    import_engine()
     from meddl.infer import configure_threads
 
     configure_threads(num_threads)
