@@ -163,14 +163,14 @@ def _probability_text(summary: Dict) -> str:
 def run_classify(args: argparse.Namespace) -> int:
     from meddl.startup import import_engine
 
+    source: Path = args.input
+    if not source.exists():  # said before the seconds of importing torch and MONAI
+        raise InputError("no such file or folder", source)
     import_engine()
     from meddl.classify.infer import classify_file, list_batch_inputs, load_classifier
     from meddl.cli import emit
     from meddl.infer import select_device
 
-    source: Path = args.input
-    if not source.exists():
-        raise InputError("no such file or folder", source)
     device = select_device(args.device)
     package = load_classifier(_model_path(args.model), device)
     show = sys.stderr.isatty() and not getattr(args, "json", False)

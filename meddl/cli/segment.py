@@ -182,14 +182,14 @@ def _timing_text(summary: Dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from meddl.startup import import_engine
 
+    source: Path = args.input
+    if not source.exists():  # said before the seconds of importing torch and MONAI
+        raise InputError("no such file or folder", source)
     import_engine()
     from meddl.infer import segment_file, select_device
     from meddl.io.readers import WRITE_FORMATS
     from meddl.models import load_model
 
-    source: Path = args.input
-    if not source.exists():
-        raise InputError("no such file or folder", source)
     show_bars = sys.stderr.isatty() and not getattr(args, "json", False)
     device = select_device(args.device)
     started = time.perf_counter()
