@@ -19,11 +19,11 @@ ENGINE_MODULES = ("monai.networks.nets", "monai.inferers", "meddl.infer", "meddl
 def import_engine() -> None:
     """Import torch, MONAI's networks and inferers and the engine's inference modules; nothing once they are loaded.
 
-    These imports leave about a million objects that live as long as the process. Python's cyclic garbage collector,
-    started every few hundred new objects, walks that growing heap again and again while they load: pausing it took
-    these imports from 7.77 to 5.90 s on 2 cores (``benchmarks/segment_speed.py``, best of 5). What they left is then
-    frozen out of later collections (:func:`gc.freeze`), so that neither a collection during a job nor the
-    interpreter's last ones at exit walk it again.
+    These imports leave some 600,000 objects that the cyclic garbage collector tracks, and they live as long as the
+    process. The collector, started every few hundred new objects, walks that growing heap again and again while they
+    load: pausing it took these imports from 7.77 to 5.90 s on 2 cores (``benchmarks/segment_speed.py``, best of 5).
+    What they left is then frozen out of later collections (:func:`gc.freeze`), so that neither a collection during a
+    job nor the interpreter's last ones at exit walk it again.
     """
     if all(name in sys.modules for name in ENGINE_MODULES):
         return

@@ -100,10 +100,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 def command() -> None:
     """The ``meddl`` program (and ``python -m meddl``): :func:`main` on the process's arguments, then exit.
 
-    torch and MONAI leave about a million objects behind them, and the interpreter's last garbage collections walk
-    them all on the way out: 1.8-2.1 s after ``meddl segment`` had printed its line, on 2 cores, against 0.4-0.5 s
-    with them frozen out of those collections (:func:`gc.freeze`). The process is ending and the OS takes its memory
-    back; exit handlers still run.
+    torch and MONAI leave some 600,000 objects behind them, and the interpreter's last garbage collections walk them
+    all on the way out: 1.8-2.1 s after ``meddl segment`` had printed its line, on 2 cores, against 0.4-0.5 s with
+    them frozen out of those collections (:func:`gc.freeze`). The process is ending and the OS takes its memory back;
+    exit handlers still run.
     """
     code = main()
     gc.freeze()
