@@ -1057,7 +1057,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         split = timing["timings_s"]
         parts = ", ".join(
             f"{k} {split[k]:.2f}"
-            for k in ("load_model", "read", "preprocess", "forward", "postprocess", "write")
+            for k in ("start", "read", "preprocess", "forward", "postprocess", "write")
             if k in split
         )
         runs = ", ".join(f"{wall:.2f}" for wall in timing["runs_wall_s"])
