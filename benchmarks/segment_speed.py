@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from meddl.io import Image, read_image, write_image  # noqa: E402
+from meddl.startup import ENGINE_MODULES  # noqa: E402
 from meddl.transforms import resample_to_grid  # noqa: E402
 
 BUNDLED_MODEL = REPO / "Resources" / "models" / "brain-t1"
@@ -277,8 +278,6 @@ def main() -> int:
     )
     (ours_s, summary), (forward_s, _), (plain_s, plain_split) = best["ours"], best["pure"], best["plain"]
     plain_output = next(scratch.glob("*_monai.nii.gz"))
-    from meddl.startup import ENGINE_MODULES
-
     starts = interleaved(
         args.repeats,
         {
