@@ -287,8 +287,8 @@ def _run_batch(
         "cases": done,
         "failures": failures,
     }
-    each = f", then {(result['seconds'] - start_seconds) / len(cases):.1f} s a volume" if cases else ""
-    timing = f"(start {start_seconds:.1f} s{each}; {result['seconds']:.1f} s in all)"
+    each = (result["seconds"] - start_seconds) / len(cases)  # a folder with no volumes was refused above
+    timing = f"(start {start_seconds:.1f} s, then {each:.1f} s a volume; {result['seconds']:.1f} s in all)"
     lines = [f"segmented {len(done)} of {len(cases)} volumes into {output_dir} {timing}"]
     lines += [f"  {Path(s['output']).name}" for s in done]
     emit(args, result, "\n".join(lines))
