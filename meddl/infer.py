@@ -550,9 +550,10 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
         return 0.0
     keep_largest_component(core)
     least_removed = float(options.get("min_removed", 0.0))
+    drawn = float(mask.sum())
     # What is kept below holds the core whole (one piece inside the envelope), so at most the rest can go: most young
     # heads stop here, before the closing's distance maps.
-    if 1.0 - float(core.sum()) / float(mask.sum()) < least_removed:
+    if 1.0 - float(core.sum()) / drawn < least_removed:
         return 0.0
     at_radius = radius**2 * (1.0 + RADIUS_TOLERANCE)
     grown = core | (squared_distance_outside(~core, spacing_kji) <= at_radius)
@@ -560,7 +561,7 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     kept = mask & envelope
     keep_largest_component(kept)
     kept = fill_holes(kept)
-    removed = 1.0 - float(kept.sum()) / float(mask.sum())
+    removed = 1.0 - float(kept.sum()) / drawn
     if removed < least_removed:
         return 0.0
     least_surface = float(options.get("min_surface_share", 0.0))
