@@ -16,6 +16,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -51,6 +52,8 @@ __all__ = [
     "predict_probabilities",
     "probabilities_to_labels",
     "segment_image",
+    "NetworkPass",
+    "PassRunner",
     "segment_file",
     "postprocess_labelmap",
     "trim_to_tissue",
@@ -590,6 +593,61 @@ def squared_distance_outside(mask: np.ndarray, spacing_kji: Sequence[float]) -> 
     return sitk.GetArrayFromImage(squared)
 
 
+@dataclass(frozen=True, eq=False)
+class NetworkPass:
+    """One look of the network at the input: what it looked at, on which grid, and the class probabilities it gave.
+
+    ``seen`` is the input as the pass saw it (noisy air blanked, a coil's or a gradient's field taken out) and
+    ``placed`` the input's own voxels in the world the pass saw (turned where the header had the head on its side):
+    the labelmap is drawn on ``placed``. What the pass found, and how sure it is, are measured once, when first asked.
+    """
+
+    seen: Image
+    placed: Image
+    model_image: Image
+    probabilities: np.ndarray
+    spec: ModelSpec
+    label: int  # the label whose largest object the later passes measure (the brain)
+
+    @cached_property
+    def found(self) -> FoundObject:
+        """The largest object of ``label`` and where the edge of what was imaged cuts it
+        (:func:`object_points_and_cut`)."""
+        return object_points_and_cut(self.probabilities, self.model_image, self.placed, self.label)
+
+    @cached_property
+    def confidence(self) -> float:
+        """How sure the pass is over the head (:func:`pass_confidence`)."""
+        return pass_confidence(self.model_image, self.probabilities, self.spec)
+
+
+class PassRunner:
+    """Runs the network's passes over one input: the package, device and flips they share, the cancel token each
+    window checks, and the count of windows they took (``windows[0]``)."""
+
+    def __init__(
+        self, package: ModelPackage, device: str, tta: bool, label: int, cancel: Optional[CancelToken] = None
+    ) -> None:
+        self.package, self.device, self.tta, self.label, self.cancel = package, device, tta, label, cancel
+        self.windows = [0]
+
+    def look(
+        self, seen: Image, placed: Image, model_image: Image, progress: Optional[ProgressCallback] = None
+    ) -> NetworkPass:
+        """The pass over ``model_image``: ``seen`` on the model grid, already normalised (:func:`model_input`)."""
+        probabilities = predict_probabilities(
+            model_image,
+            self.package,
+            self.device,
+            self.tta,
+            progress,
+            self.cancel,
+            normalized=True,
+            counter=self.windows,
+        )
+        return NetworkPass(seen, placed, model_image, probabilities, self.package.spec, self.label)
+
+
 def segment_image(
     image: Image,
     package: ModelPackage,
@@ -634,147 +692,114 @@ def segment_image(
 
     started = time.perf_counter()
     tta = bool(spec.inference.get("tta_flips", False)) if tta is None else tta
-    windows = [0]
     sizing = _calibrated(spec.input.get("size_normalization"), "reference_extent_mm")
     posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
     coil = _calibrated(spec.input.get("coil_normalization"), "reference_slope")
     grading = _calibrated(spec.input.get("gradient_normalization"), "reference_gradient")
     orienting = spec.input.get("orientation_check")
+    runner = PassRunner(package, device, tta, int((sizing or posing or orienting or {}).get("label", 1)), cancel)
     # Each later pass has its own stretch of the bar (the turns 0.3-0.4, where the gradient passes a turn is weighed
     # against hold it at 0.4, coil 0.4-0.45, gradient 0.45-0.5, size 0.5-0.6, pose 0.6-0.85), so that it never steps
     # back; without any, the first pass has them all.
-    probabilities = predict_probabilities(
-        model_image,
-        package,
-        device,
-        tta,
-        scaled(progress, 0.1, 0.3 if sizing or posing or coil or grading or orienting else 0.85),
-        cancel,
-        normalized=True,
-        counter=windows,
-    )
+    later_passes = sizing or posing or coil or grading or orienting
+    first = runner.look(seen, image, model_image, scaled(progress, 0.1, 0.3 if later_passes else 0.85))
+    current = first  # the latest pass: each later one looks again at what this one shows
     # The network learnt heads upright in the world: a header that lies about the orientation (an Analyze file, a
     # conversion that lost it) shows it a head on its side or upside down. Where the first pass's brain does not sit
     # high in its head, or the network is unsure of it (a neck taken for brain sits high), look at the head turned
     # each way and keep the turn the network is surest of.
-    brain_label = int((sizing or posing or orienting or {}).get("label", 1))
-    placed = image  # the input's voxels, placed in the world the passes see
     orientation_turn = "none"
-    needs_found = orienting or sizing or posing
-    found = object_points_and_cut(probabilities, model_image, placed, brain_label) if needs_found else None
     least_confidence = float((orienting or {}).get("min_confidence", 0.0))  # 0: off (a confidence is never below)
-    unsure = least_confidence > 0 and pass_confidence(model_image, probabilities, spec) < least_confidence
+    unsure = least_confidence > 0 and first.confidence < least_confidence
     graded = None  # the gradient passes (below), where the check ran them already
-    if orienting and (unsure or not head_lies_upright(found, model_image, spec, orienting)):
-        first = TurnedPass(np.eye(3), model_image, probabilities)
-        looking = scaled(progress, 0.3, 0.4)
-        turned = upright_pass(seen, package, device, tta, first, orienting, brain_label, looking, cancel, windows)
+    if orienting and (unsure or not head_lies_upright(first.found, first.model_image, spec, orienting)):
+        turned = upright_pass(first, runner, orienting, scaled(progress, 0.3, 0.4))
         over_turn = orienting.get("min_gradient_pass_gain")
         if turned is not None and grading and over_turn is not None:
             # A coil only behind the head darkens the front of the brain: the first pass is unsure and off-centre, and
             # a wrong turn looks surer than it, though far less sure than the head as it lies with the coil's gradient
             # taken out. A head a lost header turned is the other way round.
-            graded = gradient_passes(
-                seen, model_image, probabilities, package, device, tta, scaled(progress, 0.4, 0.4), cancel, windows
-            )
-            turned_confidence = pass_confidence(turned.model_image, turned.probabilities, spec)
-            if graded is not None and pass_confidence(
-                graded.model_image, graded.probabilities, spec
-            ) >= turned_confidence + float(over_turn):
+            graded = gradient_passes(first, runner, scaled(progress, 0.4, 0.4))
+            if graded is not None and graded.last.confidence >= turned.result.confidence + float(over_turn):
                 progress(0.4, "with its intensity gradient taken out, the head is surest as it lies: no turn")
-                turned, found = None, None
-                seen, model_image, probabilities = graded.seen, graded.model_image, graded.probabilities
+                turned, current = None, graded.last
             else:
                 graded = None  # measured on the head as it lay: the turned one has its own
         if turned is not None:
-            orientation_turn, model_image, probabilities = turned.description, turned.model_image, turned.probabilities
+            orientation_turn, current = turned.description, turned.result
             progress(0.4, f"the header had the head {orientation_turn}: the passes see it upright")
-            seen, placed = turned_world(seen, turned.turn), turned_world(image, turned.turn)
-            found = None
     # The network learnt bias-corrected heads: a receive coil's profile left in the scan (a brighter surface) makes it
     # draw an orbit as brain. Take the profile out of the image and look again.
     coil_gain = 1.0
     if coil:
-        corrected, coil_gain = without_coil_profile(seen, model_image, probabilities, coil)
+        corrected, coil_gain = without_coil_profile(current.seen, current.model_image, current.probabilities, coil)
         if corrected is not None:
             progress(0.4, f"the scan is {coil_gain:.2f}x as bright at its surface: a pass with that taken out")
-            seen, found = corrected, None
-            model_image = model_input(seen, spec, spec.target_spacing)
-            probabilities = predict_probabilities(
-                model_image, package, device, tta, scaled(progress, 0.4, 0.45), cancel, normalized=True, counter=windows
-            )
+            model_image = model_input(corrected, spec, spec.target_spacing)
+            current = runner.look(corrected, current.placed, model_image, scaled(progress, 0.4, 0.45))
     # ... and a phased-array coil's elements sit around and above the head, none under the chin: the base of the brain
     # reads darker than the network ever saw (gradient_passes).
     if grading and graded is None:
-        graded = gradient_passes(
-            seen, model_image, probabilities, package, device, tta, scaled(progress, 0.45, 0.5), cancel, windows
-        )
+        graded = gradient_passes(current, runner, scaled(progress, 0.45, 0.5))
         if graded is not None:
-            seen, model_image, probabilities, found = graded.seen, graded.model_image, graded.probabilities, None
+            current = graded.last
     gradient_removed = graded.removed if graded is not None else np.zeros(3)
     # The network learnt one head size and pose, the template's: look again at a head of another size, then at
     # one tilted away from that pose, on a grid that shows it as the template was shown.
-    if found is None and (sizing or posing):  # what the first pass found, unless a later pass replaced it
-        found = object_points_and_cut(probabilities, model_image, placed, brain_label)
-    size_scale = head_size_factor(found, sizing) if sizing else 1.0
+    size_scale = head_size_factor(current.found, sizing) if sizing else 1.0
+    spacing = [s * size_scale for s in spec.target_spacing]
     if size_scale != 1.0:
         progress(0.5, f"the head is {size_scale:.2f}x the size the model learnt: a pass on a grid to match")
-        spacing = [s * size_scale for s in spec.target_spacing]
-        model_image = model_input(seen, spec, spacing, height_scale=size_scale)
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.5, 0.6), cancel, normalized=True, counter=windows
-        )
-        # Pose from this pass: a small head's first pass can take its neck for brain, which stands the axis upright.
-        found = object_points_and_cut(probabilities, model_image, placed, brain_label) if posing else None
-    rotation = head_pose_rotation(found, posing) if posing else None
+        model_image = model_input(current.seen, spec, spacing, height_scale=size_scale)
+        current = runner.look(current.seen, current.placed, model_image, scaled(progress, 0.5, 0.6))
+    # The pose from the latest pass, the size pass's where it ran: a small head's first pass can take its neck for
+    # brain, which stands the axis upright.
+    rotation = head_pose_rotation(current.found, posing) if posing else None
     tilt = _rotation_angle_deg(rotation)
     if rotation is not None:
         progress(0.6, f"the head is pitched {tilt:.0f} deg from the pose the model learnt: a pass on a turned grid")
-        spacing = [s * size_scale for s in spec.target_spacing]
-        model_image = model_input(seen, spec, spacing, height_scale=size_scale, direction=rotation.T)
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.6, 0.85), cancel, normalized=True, counter=windows
-        )
+        model_image = model_input(current.seen, spec, spacing, height_scale=size_scale, direction=rotation.T)
+        current = runner.look(current.seen, current.placed, model_image, scaled(progress, 0.6, 0.85))
     # A scan that runs down the neck sits the head higher in the window than the template's field of view did: look
     # again with no more below the brain than the package allows.
     below_mm = (spec.input.get("crop_foreground") or {}).get("max_below_object_mm")
-    trimmed = trim_below_object(model_image, probabilities, brain_label, below_mm) if below_mm is not None else None
+    trimmed = None
+    if below_mm is not None:
+        trimmed = trim_below_object(current.model_image, current.probabilities, runner.label, below_mm)
     neck_trimmed_mm = 0.0
     if trimmed is not None:
-        neck_trimmed_mm = float(model_image.array.shape[0] - trimmed.array.shape[0]) * model_image.spacing[2]
+        rows_left_out = current.model_image.array.shape[0] - trimmed.array.shape[0]
+        neck_trimmed_mm = float(rows_left_out) * current.model_image.spacing[2]
         progress(
             0.85,
             f"the scan runs {neck_trimmed_mm:.0f} mm further down the neck than the model learnt: a pass without it",
         )
         model_image = framed_cuts(trimmed, spec, size_scale)  # the trim keeps the top: a cut one stays framed
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.85, 0.86), cancel, normalized=True, counter=windows
-        )
+        current = runner.look(current.seen, current.placed, model_image, scaled(progress, 0.85, 0.86))
     timings["forward"] = time.perf_counter() - started
 
     started = time.perf_counter()
     progress(0.86, "resampling probabilities to the input grid")
-    labels = labels_on_input(probabilities, model_image, placed, spec, scaled(progress, 0.86, 0.93), cancel)
-    del probabilities
+    labels = labels_on_input(
+        current.probabilities, current.model_image, current.placed, spec, scaled(progress, 0.86, 0.93), cancel
+    )
     least = spec.postprocess.get("min_edge_contrast")
     step = edge_contrast(image, labels > 0, spec.normalization) if least is not None else None
     timings["postprocess"] = time.perf_counter() - started
     no_edge = step is not None and step < float(least)  # step is None where the package sets no least step
     # A cut base framed with air: only where what the model drew follows an edge. Framed, a volume with no head in it
     # (a head CT stored without its Hounsfield offset) can show the network enough of a head to draw one.
-    framed = model_image if no_edge else framed_base(model_image, spec, size_scale)
-    if framed is not model_image:
+    framed = current.model_image if no_edge else framed_base(current.model_image, spec, size_scale)
+    if framed is not current.model_image:
         started = time.perf_counter()
         below_mm = float(framed.metadata["air_below_cut_mm"])
         progress(0.93, f"the field of view cuts the base of the head: a pass with {below_mm:.0f} mm of air below it")
-        model_image = framed
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, scaled(progress, 0.93, 0.95), cancel, normalized=True, counter=windows
-        )
+        current = runner.look(current.seen, current.placed, framed, scaled(progress, 0.93, 0.95))
         timings["forward"] += time.perf_counter() - started
         started = time.perf_counter()
-        labels = labels_on_input(probabilities, model_image, placed, spec, scaled(progress, 0.95, 0.98), cancel)
-        del probabilities
+        labels = labels_on_input(
+            current.probabilities, current.model_image, current.placed, spec, scaled(progress, 0.95, 0.98), cancel
+        )
         timings["postprocess"] += time.perf_counter() - started
     if no_edge and not image.metadata.get("force"):
         names = " and ".join(label.name for label in spec.foreground_labels)
@@ -801,7 +826,7 @@ def segment_image(
         labelmap=labelmap,
         timings=timings,
         label_volumes_ml=volumes,
-        windows=windows[0],
+        windows=runner.windows[0],
         size_scale=size_scale,
         tilt_correction_deg=tilt,
         orientation_turn=orientation_turn,
@@ -809,9 +834,9 @@ def segment_image(
         coil_gain=coil_gain,
         gradient_removed=tuple(round(float(v), 3) for v in gradient_removed),
         neck_trimmed_mm=neck_trimmed_mm,
-        air_above_cut_mm=float(model_image.metadata.get("air_above_cut_mm", 0.0)),
-        air_beside_cut_mm=float(model_image.metadata.get("air_beside_cut_mm", 0.0)),
-        air_below_cut_mm=float(model_image.metadata.get("air_below_cut_mm", 0.0)),
+        air_above_cut_mm=float(current.model_image.metadata.get("air_above_cut_mm", 0.0)),
+        air_beside_cut_mm=float(current.model_image.metadata.get("air_beside_cut_mm", 0.0)),
+        air_below_cut_mm=float(current.model_image.metadata.get("air_below_cut_mm", 0.0)),
         edge_contrast=step,
         no_edge=no_edge,
         tissue_trimmed=tissue_trimmed,
@@ -1170,28 +1195,18 @@ def without_intensity_gradient(
 
 
 class GradientPasses(NamedTuple):
-    """The passes :func:`gradient_passes` ran: the input with the field taken out, and what the network made of it."""
+    """What :func:`gradient_passes` ran: its last pass, on the input with the field taken out, and that field."""
 
-    seen: Image
-    model_image: Image
-    probabilities: np.ndarray
+    last: NetworkPass
     removed: np.ndarray  # the excess gradient taken out over all looks (log intensity per 100 mm along LPS)
 
 
 def gradient_passes(
-    seen: Image,
-    model_image: Image,
-    probabilities: np.ndarray,
-    package: ModelPackage,
-    device: str,
-    tta: bool,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-    counter: Optional[List[int]] = None,
+    first: NetworkPass, runner: PassRunner, progress: Optional[ProgressCallback] = None
 ) -> Optional[GradientPasses]:
-    """Up to ``gradient_normalization.max_passes`` looks at ``seen``, each with the brain's intensity gradient over the
-    template's taken out (:func:`without_intensity_gradient`) of what the look before showed; None where the first
-    look (``model_image``, ``probabilities``) gives nothing to take out.
+    """Up to ``gradient_normalization.max_passes`` looks at ``first.seen``, each with the brain's intensity gradient
+    over the template's taken out (:func:`without_intensity_gradient`) of what the look before showed; None where the
+    ``first`` look gives nothing to take out.
 
     A phased-array coil's elements sit around and above the head, none under the chin: the base of the brain reads
     darker than the network ever saw, and it left the lowest 20-30 mm out. A look that missed the dark base measures
@@ -1199,26 +1214,22 @@ def gradient_passes(
     found a brain that follows an edge (``postprocess.min_edge_contrast``): a volume with no head has no gradient.
     """
     progress = progress or no_progress  # 0 to 1 over each look
-    spec = package.spec
+    spec = runner.package.spec
     grading = spec.input["gradient_normalization"]
-    removed, done = np.zeros(3), None
+    removed, done, latest = np.zeros(3), None, first
     for look in range(int(grading.get("max_passes", 3))):
         least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
         least_edge = spec.postprocess.get("min_edge_contrast") if look == 0 else None
         corrected, excess = without_intensity_gradient(
-            seen, model_image, probabilities, grading, least_change, least_edge
+            latest.seen, latest.model_image, latest.probabilities, grading, least_change, least_edge
         )
         if corrected is None:
             break
         removed = removed + excess
         strength = float(np.linalg.norm(removed))
         progress(0.0, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
-        seen = corrected
-        model_image = model_input(seen, spec, spec.target_spacing)
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, progress, cancel, normalized=True, counter=counter
-        )
-        done = GradientPasses(seen, model_image, probabilities, removed)
+        latest = runner.look(corrected, latest.placed, model_input(corrected, spec, spec.target_spacing), progress)
+        done = GradientPasses(latest, removed)
     return done
 
 
@@ -1361,11 +1372,10 @@ def pass_confidence(model_image: Image, probabilities: np.ndarray, spec: ModelSp
 
 
 class TurnedPass(NamedTuple):
-    """A pass on the input turned in the world (:func:`turned_world`), and what the network made of it."""
+    """A pass on the input turned in the world (:func:`turned_world`)."""
 
     turn: np.ndarray
-    model_image: Image
-    probabilities: np.ndarray
+    result: NetworkPass
 
     @property
     def description(self) -> str:
@@ -1381,19 +1391,11 @@ def _direction_words(vector: np.ndarray) -> str:
 
 
 def upright_pass(
-    seen: Image,
-    package: ModelPackage,
-    device: str,
-    tta: bool,
-    first: TurnedPass,
-    orienting: Dict,
-    label: int,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-    counter: Optional[List[int]] = None,
+    first: NetworkPass, runner: PassRunner, orienting: Dict, progress: Optional[ProgressCallback] = None
 ) -> Optional[TurnedPass]:
-    """The pass on ``seen`` turned (:data:`AXIS_TURNS`) as the network is surest of (:func:`pass_confidence`), where
-    it is surer than the ``first`` pass (no turn) by ``orienting["min_gain"]``, else None.
+    """The pass on the ``first`` pass's input turned (:data:`AXIS_TURNS`) as the network is surest of
+    (:attr:`NetworkPass.confidence`), where it is surer than ``first`` (no turn) by ``orienting["min_gain"]``, else
+    None.
 
     All 23 turns are looked at: the network reads a head turned about the vertical nearly as well as an upright one,
     so a first look at which way is up alone can pick a wrong up with the face forward over the right one with the
@@ -1403,31 +1405,27 @@ def upright_pass(
     the face: the one whose head reaches further in front of the brain (:func:`face_reach_mm`) is kept.
     """
     progress = progress or no_progress  # 0 to 1 over the turns
-    spec = package.spec
+    spec = runner.package.spec
     rows = orienting.get("face_rows")
 
     def look(turn: np.ndarray) -> TurnedPass:
-        model_image = model_input(turned_world(seen, turn), spec, spec.target_spacing)
-        probabilities = predict_probabilities(
-            model_image, package, device, tta, None, cancel, normalized=True, counter=counter
-        )
-        return TurnedPass(turn, model_image, probabilities)
+        seen = turned_world(first.seen, turn)
+        model_image = model_input(seen, spec, spec.target_spacing)
+        return TurnedPass(turn, runner.look(seen, turned_world(first.placed, turn), model_image))
 
-    def reach(turned: TurnedPass) -> float:
-        return face_reach_mm(turned.model_image, turned.probabilities, spec, label, rows)
+    def reach(candidate: NetworkPass) -> float:
+        return face_reach_mm(candidate.model_image, candidate.probabilities, spec, first.label, rows)
 
-    first_confidence = pass_confidence(first.model_image, first.probabilities, spec)
-    best, best_index, best_confidence, reaches = None, -1, first_confidence, []
+    best, best_index, best_confidence, reaches = None, -1, first.confidence, []
     for index, turn in enumerate(AXIS_TURNS):
         progress(
             index / len(AXIS_TURNS), f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})"
         )
         turned = look(turn)
-        confidence = pass_confidence(turned.model_image, turned.probabilities, spec)
-        reaches.append(reach(turned) if rows is not None else math.nan)
-        if confidence > best_confidence:
-            best, best_index, best_confidence = turned, index, confidence
-    if best is None or best_confidence < first_confidence + float(orienting.get("min_gain", 0.01)):
+        reaches.append(reach(turned.result) if rows is not None else math.nan)
+        if turned.result.confidence > best_confidence:
+            best, best_index, best_confidence = turned, index, turned.result.confidence
+    if best is None or best_confidence < first.confidence + float(orienting.get("min_gain", 0.01)):
         return None
     if rows is None:
         return best
