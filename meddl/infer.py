@@ -1027,6 +1027,15 @@ def object_tilt_deg(points: np.ndarray) -> float:
     return math.degrees(math.asin(float(np.clip(_front_back_axis(points)[2], -1.0, 1.0))))
 
 
+def _inner_voxels(model_image: Image, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The LPS positions (mm) and intensities of ``mask`` less its outer voxel layer, where partial volume with CSF
+    would darken the brain's profile: what :func:`coil_profile_slope` and :func:`intensity_gradient` measure."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask)
+    return _lps_points(model_image, inner), model_image.array[inner].astype(np.float64)
+
+
 def coil_profile_slope(model_image: Image, mask: np.ndarray, radius_mm: float) -> Tuple[float, np.ndarray]:
     """How the brain's brighter tissue brightens towards its surface, and the brain's centre (LPS mm).
 
@@ -1035,15 +1044,11 @@ def coil_profile_slope(model_image: Image, mask: np.ndarray, radius_mm: float) -
     (partial volume with CSF). Bias-corrected heads read about -0.1 (grey matter lies outside the white); a coil
     profile ``gain`` times brighter at ``radius_mm`` adds about ln(gain) (docs/brain-model.md).
     """
-    from scipy import ndimage
-
-    inner = ndimage.binary_erosion(mask)
-    if np.count_nonzero(inner) < 1000:
+    points, values = _inner_voxels(model_image, mask)
+    if len(points) < 1000:
         return 0.0, np.zeros(3)
-    points = _lps_points(model_image, inner)
     centre = points.mean(axis=0)
     squared = ((points - centre) ** 2).sum(axis=1) / radius_mm**2
-    values = model_image.array[inner].astype(np.float64)
     keep = values > 0
     logs, bins = np.log(values[keep]), np.minimum((squared[keep] * 10).astype(int), 9)
     filled = [b for b, count in enumerate(np.bincount(bins, minlength=10)) if count > 50]
@@ -1104,11 +1109,7 @@ def _brain_cube_levels(
     """The cubes :func:`intensity_gradient` fits: each filled cube's position (LPS, in 100 mm about the brain's
     centre) and the 75th percentile of its log intensity, and that centre (LPS mm). No cubes where fewer than 1000
     voxels of ``mask`` less its outer layer are above zero."""
-    from scipy import ndimage
-
-    inner = ndimage.binary_erosion(mask)
-    points = _lps_points(model_image, inner)
-    values = model_image.array[inner].astype(np.float64)
+    points, values = _inner_voxels(model_image, mask)
     keep = values > 0
     points, logs = points[keep], np.log(values[keep])
     if len(logs) < 1000:
