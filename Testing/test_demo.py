@@ -52,6 +52,32 @@ def test_recipe_version_names_the_bundled_weights_and_marks_another_schedule(rep
     assert recipe_spec(arguments, precision, compiled=False).version == raw["version"] + "+steps-per-epoch-120"
 
 
+def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
+    """A quick try of the recipe (one epoch of two steps) ends with its package at --output and no staging folder.
+    Such a network may draw nothing that follows the head's edges: the cases the package refuses are recorded as
+    refused, with the reason, instead of ending the run in a traceback."""
+    output = tmp_path / "brain"
+    command = [sys.executable, "-m", "recipes.brain_t1", "--output", str(output), "--epochs", "1"]
+    command += ["--steps-per-epoch", "2", "--no-stress"]
+    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+    assert f"wrote {output}" in completed.stdout
+    assert not output.with_name("brain.recipe").exists()
+    package = load_model(output)
+    assert package.spec.version.endswith("+epochs-1.steps-per-epoch-2")
+    metrics = json.loads((output / "model.json").read_text())["metrics"]
+    cases = {**metrics["validation_full_pipeline"], **metrics["held_out_test"]}
+    assert len(cases) == 4
+    card = (output / "MODEL_CARD.md").read_text()
+    for name, scores in cases.items():
+        assert name in card
+        if scores["hd95_mm"] is None:  # refused: the reason is kept
+            assert scores["dice"] == 0.0 and "found no brain" in scores["refused"], scores
+        else:
+            assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95_mm"] >= 0.0, scores
+
+
 def test_demo_segments_the_held_out_brain(tmp_path, repo):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEDDL_NUM_THREADS="1")
     completed = subprocess.run(
