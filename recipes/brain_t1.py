@@ -346,7 +346,7 @@ def validation_pairs(pairs: List[VolumePair]) -> List[VolumePair]:
     ]
 
 
-def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict[str, float]]:
+def evaluate_pairs(package_dir: Path, pairs: List[VolumePair]) -> Dict[str, Dict[str, Any]]:
     """Segment each pair's image with the package (the full inference path) and score Dice and HD95.
 
     A case the package refuses (a network trained too briefly may draw nothing that follows the head's edges) scores
@@ -448,7 +448,7 @@ def calibrate_second_pass(package_dir: Path) -> Dict[str, List]:
     return {"widths_mm": widths, "tilts_deg": tilts, "coil_slopes": slopes, "gradients": gradients}
 
 
-def record_scores(package_dir: Path) -> Dict[str, Dict[str, float]]:
+def record_scores(package_dir: Path) -> Dict[str, Dict[str, Any]]:
     """Measure the validation and held-out figures of ``package_dir`` and write them into its model.json."""
     spec_path = package_dir / "model.json"
     spec = json.loads(spec_path.read_text())
