@@ -420,6 +420,35 @@ def test_an_augmented_run_stopped_and_resumed_gives_the_weights_of_one_that_ran_
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
+def test_a_moving_average_run_writes_the_average_and_resumes_to_the_same_weights(tmp_path, brain_4mm):
+    # With ema_decay the package holds the weights' moving average: not the plain run's weights, the same after a
+    # stop and resume (the average is in the checkpoint), and still a model that segments the brain.
+    from safetensors.torch import load_file
+
+    datalist = [{"image": str(brain_4mm["image"]), "label": str(brain_4mm["label"])}]
+    options = dict(
+        epochs=3, steps_per_epoch=4, seed=7, augment=False, patches_per_volume=2, learning_rate=1e-2, device="cpu"
+    )
+    plain = train_segmentation(tiny_spec(), datalist, tmp_path / "plain", **options)
+    through = train_segmentation(tiny_spec(), datalist, tmp_path / "through", ema_decay=0.5, **options)
+    stopped = tmp_path / "stopped"
+    train_segmentation(tiny_spec(), datalist, stopped, max_seconds=0.0, ema_decay=0.5, **options)
+    resumed = train_segmentation(tiny_spec(), datalist, stopped, ema_decay=0.5, **options)
+    record = json.loads((resumed / "model.json").read_text())
+    assert record["training"]["ema_decay"] == 0.5 and record["training"]["resumed_from"] == [{"epoch": 0, "step": 1}]
+    weights = {
+        name: load_file(str(folder / "weights.safetensors"))
+        for name, folder in (("plain", plain), ("through", through), ("resumed", resumed))
+    }
+    assert all(torch.equal(weights["through"][key], weights["resumed"][key]) for key in weights["through"])
+    assert not all(torch.equal(weights["through"][key], weights["plain"][key]) for key in weights["plain"])
+    label = read_image(brain_4mm["label"]).array
+    share = float((label > 0).mean())
+    assert record["metrics"]["validation"]["dice"]["brain"] > 2 * share / (1 + share) + 0.2
+    with pytest.raises(InputError, match="ema_decay"):
+        train_segmentation(tiny_spec(), datalist, tmp_path / "bad", ema_decay=1.0, **options)
+
+
 def test_a_compiled_run_trains_the_same_model_and_without_a_compiler_trains_as_it_is(tmp_path, capsys, brain_4mm):
     # --compile trains through torch.compile (fewer seconds a float32 step): the model must be the one an uncompiled
     # run gives, to rounding. Slicer's Python on Windows has no C++ compiler: there the run must say so

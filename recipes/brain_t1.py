@@ -68,6 +68,7 @@ UNVERSIONED_DEFAULTS = {
     "synthetic_fraction": 0.5,
     "brain_only_fraction": 0.3,
     "atrophy_fraction": 0.3,
+    "ema_decay": 0.0,
 }
 
 
@@ -487,7 +488,13 @@ def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> Mod
 def trained_with(spec: Dict[str, Any]) -> argparse.Namespace:
     """The recipe arguments a package's ``model.json`` records; a package trained before an option existed was
     trained without it."""
-    absent = {"atrophy_fraction": 0.0, "labels": "per-copy", "coil_field_fraction": 0.0, "lesion_fraction": 0.0}
+    absent = {
+        "atrophy_fraction": 0.0,
+        "labels": "per-copy",
+        "coil_field_fraction": 0.0,
+        "lesion_fraction": 0.0,
+        "ema_decay": 0.0,
+    }
     return argparse.Namespace(**{**absent, **spec["provenance"].get("recipe_args", {})})
 
 
@@ -917,6 +924,12 @@ def main(argv: List[str] = None) -> int:
         help="share of volumes with a lesion painted into the brain, dark or bright, most reaching the cortex "
         "(train.RandLesiond; 0.3 trained 2.7.0, which met 24 of the 40 stress cases: docs/brain-model.md)",
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=UNVERSIONED_DEFAULTS["ema_decay"],
+        help="above 0: validate and write a moving average of the weights (train_segmentation's ema_decay)",
+    )
     parser.add_argument("--patches-per-volume", type=int, default=UNVERSIONED_DEFAULTS["patches_per_volume"])
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
     parser.add_argument("--no-stress", action="store_true", help="skip benchmarks/brain_stress.py at the end")
@@ -1039,6 +1052,7 @@ def main(argv: List[str] = None) -> int:
         device="cpu",
         precision=precision,  # model.json records it
         compile_network=compile_network,
+        ema_decay=args.ema_decay,
     )
     spec_path = package / "model.json"
     spec = json.loads(spec_path.read_text())
