@@ -447,6 +447,11 @@ def test_a_moving_average_run_writes_the_average_and_resumes_to_the_same_weights
     assert record["metrics"]["validation"]["dice"]["brain"] > 2 * share / (1 + share) + 0.2
     with pytest.raises(InputError, match="ema_decay"):
         train_segmentation(tiny_spec(), datalist, tmp_path / "bad", ema_decay=1.0, **options)
+    # A run stopped without the average does not continue with one: that would be neither run.
+    halted = tmp_path / "halted"
+    train_segmentation(tiny_spec(), datalist, halted, max_seconds=0.0, **options)
+    with pytest.raises(InputError, match="different training run"):
+        train_segmentation(tiny_spec(), datalist, halted, ema_decay=0.5, **options)
 
 
 def test_a_compiled_run_trains_the_same_model_and_without_a_compiler_trains_as_it_is(tmp_path, capsys, brain_4mm):

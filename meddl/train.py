@@ -791,8 +791,9 @@ def _load_checkpoint(
     best_state = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     try:
         network.load_state_dict(model_state, strict=True)
-        if averaged is not None:
-            averaged.load_state_dict({k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")})
+        averaged_state = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if averaged is not None and averaged_state:  # none: a run without the average, which the fingerprint refuses
+            averaged.load_state_dict(averaged_state)
     except RuntimeError as error:
         raise InputError(f"checkpoint does not fit this network ({str(error).splitlines()[0]})", path) from None
     state: Dict[int, Dict[str, Any]] = {}
@@ -943,6 +944,8 @@ def train_segmentation(
         raise ModelError("refusing to overwrite an existing model package (versions are immutable)", output_dir)
     if epochs < 1:
         raise InputError(f"epochs must be at least 1 (got {epochs})")
+    if not 0.0 <= ema_decay < 1.0:
+        raise InputError(f"ema_decay must be at least 0 and below 1 (got {ema_decay})")
     device = select_device(device)
     if precision not in ("fp32", "bf16", "auto"):
         raise InputError(f"precision must be 'fp32', 'bf16' or 'auto' (got {precision!r})")
@@ -991,8 +994,6 @@ def train_segmentation(
     network.to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     total_steps = epochs * steps
-    if not 0.0 <= ema_decay < 1.0:
-        raise InputError(f"ema_decay must be at least 0 and below 1 (got {ema_decay})")
     averaged = None
     if ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -1024,7 +1025,7 @@ def train_segmentation(
         loop, best_state = _load_checkpoint(checkpoint, network, optimizer, averaged)
         if loop.get("fingerprint") != fingerprint:
             raise InputError(
-                "the checkpoint belongs to a different training run (seed, data or steps differ); "
+                "the checkpoint belongs to a different training run (seed, data, steps or moving average differ); "
                 "delete it or train with resume=False",
                 checkpoint,
             )
