@@ -488,13 +488,7 @@ def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> Mod
 def trained_with(spec: Dict[str, Any]) -> argparse.Namespace:
     """The recipe arguments a package's ``model.json`` records; a package trained before an option existed was
     trained without it."""
-    absent = {
-        "atrophy_fraction": 0.0,
-        "labels": "per-copy",
-        "coil_field_fraction": 0.0,
-        "lesion_fraction": 0.0,
-        "ema_decay": 0.0,
-    }
+    absent = {"atrophy_fraction": 0.0, "labels": "per-copy", "coil_field_fraction": 0.0, "lesion_fraction": 0.0}
     return argparse.Namespace(**{**absent, **spec["provenance"].get("recipe_args", {})})
 
 
