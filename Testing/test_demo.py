@@ -78,6 +78,19 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
             assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95_mm"] >= 0.0, scores
 
 
+def test_recipe_bad_argument_gets_one_line_and_leaves_nothing(tmp_path, repo):
+    """A value train_segmentation refuses ends the recipe with one line and a non-zero exit, not a traceback, and
+    before anything is written."""
+    output = tmp_path / "brain"
+    command = [sys.executable, "-m", "recipes.brain_t1", "--output", str(output), "--ema-decay", "1.0"]
+    completed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines() == [
+        "recipes.brain_t1: ema_decay must be at least 0 and below 1 (got 1.0)"
+    ]
+    assert not list(tmp_path.iterdir())
+
+
 def test_demo_segments_the_held_out_brain(tmp_path, repo):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEDDL_NUM_THREADS="1")
     completed = subprocess.run(

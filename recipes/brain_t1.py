@@ -49,6 +49,7 @@ from meddl.data import (  # noqa: E402
     icbm152_2009a_brain_pair,
     package_version,
 )
+from meddl.errors import MedDLError  # noqa: E402
 from meddl.fsutil import write_text_atomic  # noqa: E402
 from meddl.models import ModelSpec  # noqa: E402
 from meddl.models.package import FLIP_AXES  # noqa: E402
@@ -945,9 +946,15 @@ def main(argv: List[str] = None) -> int:
     if args.card_only:
         print(write_model_card(args.output))
         return 0
-    if args.rescore:
-        return rescore(args.output)
+    try:
+        return rescore(args.output) if args.rescore else train_and_record(args)
+    except MedDLError as error:  # bad input or a bad package: one line, as meddl's own commands give it
+        print(f"recipes.brain_t1: {error}", file=sys.stderr)
+        return error.exit_code
 
+
+def train_and_record(args: argparse.Namespace) -> int:
+    """Train the package the recipe's arguments name, measure it and move it to ``--output``."""
     import torch
 
     from meddl.train import (
