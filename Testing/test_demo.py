@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
+from meddl.errors import EXIT_CANCELLED
 from meddl.io import read_image
 from meddl.models import load_model
+from meddl.train import checkpoint_path
 
 # The recipe measured the bundled package on this very volume (model.json metrics.held_out_test); the demo must
 # reproduce that figure (up to thread/BLAS noise) and stay above a floor that makes it a usable brain mask.
@@ -89,6 +93,35 @@ def test_recipe_bad_argument_gets_one_line_and_leaves_nothing(tmp_path, repo):
         "recipes.brain_t1: ema_decay must be at least 0 and below 1 (got 1.0)"
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_recipe_stopped_by_ctrl_c_says_what_it_keeps_and_continues(tmp_path, repo):
+    """Ctrl-C during training ends the recipe with one line (no traceback) and exit 130; the checkpoint of the last
+    finished epoch is kept and the next run goes on from it."""
+    output = tmp_path / "brain"
+    command = [sys.executable, "-m", "recipes.brain_t1", "--output", str(output), "--epochs", "20"]
+    command += ["--steps-per-epoch", "2", "--no-stress"]
+    checkpoint = checkpoint_path(output.with_name("brain.recipe"))
+    running = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and running.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode == EXIT_CANCELLED, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"recipes.brain_t1: stopped; training continues from its last finished epoch ({checkpoint}) when the same "
+        "command runs again"
+    )
+    # The next run (here for one step more) resumes from that epoch instead of starting afresh.
+    completed = subprocess.run(
+        command + ["--max-minutes", "0.001"], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "stopped early" in completed.stdout
+    resumed = json.loads((output.with_name("brain.recipe") / "model.json").read_text())["training"]["resumed_from"]
+    assert resumed and resumed[0]["epoch"] >= 1, resumed
 
 
 def test_demo_segments_the_held_out_brain(tmp_path, repo):

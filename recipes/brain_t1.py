@@ -50,11 +50,11 @@ from meddl.data import (  # noqa: E402
     icbm152_2009a_brain_pair,
     package_version,
 )
-from meddl.errors import MedDLError  # noqa: E402
+from meddl.errors import EXIT_CANCELLED, MedDLError  # noqa: E402
 from meddl.fsutil import write_text_atomic  # noqa: E402
 from meddl.models import ModelSpec  # noqa: E402
 from meddl.models.package import FLIP_AXES  # noqa: E402
-from meddl.train import TRAINED_FLIP_AXES  # noqa: E402
+from meddl.train import TRAINED_FLIP_AXES, checkpoint_path  # noqa: E402
 
 __all__ = ["brain_t1_spec", "write_model_card", "moved_pair", "validation_pairs", "recipe_spec", "trained_with", "main"]
 
@@ -951,6 +951,23 @@ def main(argv: List[str] = None) -> int:
     except MedDLError as error:  # bad input or a bad package: one line, as meddl's own commands give it
         print(f"recipes.brain_t1: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, as meddl's own commands end
+        print(f"recipes.brain_t1: stopped; {what_is_kept(args)}", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def what_is_kept(args: argparse.Namespace) -> str:
+    """What a stopped recipe run leaves, and the command that goes on from it."""
+    if args.rescore or args.card_only:
+        return f"{args.output} may be part rescored: `--rescore` again measures it afresh"
+    staging = args.output.with_name(args.output.name + ".recipe")
+    checkpoint = checkpoint_path(staging)
+    if checkpoint.is_file():
+        return f"training continues from its last finished epoch ({checkpoint}) when the same command runs again"
+    if (staging / "model.json").is_file():
+        benchmark = f"benchmarks/brain_stress.py --model {staging} --record"
+        return f"the trained package is in {staging}: `--rescore --output {staging}`, then `{benchmark}` measure it"
+    return "no epoch had finished, so nothing is kept"
 
 
 def train_and_record(args: argparse.Namespace) -> int:
