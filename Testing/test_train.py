@@ -371,10 +371,14 @@ def test_train_cli_writes_a_package_and_json_summary(tmp_path, capsys, brain_4mm
         "--no-augment",
         "--precision",
         "bf16",
+        "--ema-decay",
+        "0.9",
     )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["complete"] is True and summary["steps_done"] == 4 and summary["precision"] == "bf16"
+    assert summary["ema_decay"] == 0.9  # the package holds the weights' moving average
+    assert json.loads((tmp_path / "pkg" / "model.json").read_text())["training"]["ema_decay"] == 0.9
     assert 0.0 <= summary["validation"]["dice"]["brain"] <= 1.0
     assert load_model(tmp_path / "pkg").spec.name == "tiny-brain"
 

@@ -56,6 +56,13 @@ def register(subparsers) -> None:
         help="train through torch.compile: needs a C++ compiler and about a minute first, then faster float32 steps "
         "on a CPU (without a compiler the run says so and trains as it is)",
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="above 0 (0.995, say): validate and write a moving average of the weights, each step moving it "
+        "1 - decay of the way to the network's; smoother, less tied to the last steps' draws (default: off)",
+    )
     parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON on stdout")
     parser.set_defaults(func=run)
 
@@ -176,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                 device=None if args.device == "auto" else args.device,
                 precision=args.precision,
                 compile_network=args.compile,
+                ema_decay=args.ema_decay,
             )
     finally:
         bar.close()
@@ -188,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         "steps_done": training["steps_done"],
         "precision": training["precision"],
         "compiled_steps": training["compiled_steps"],
+        "ema_decay": training.get("ema_decay", 0.0),
         "validation": metrics,
         "wall_time_s": model_json["provenance"]["wall_time_s"],
     }
