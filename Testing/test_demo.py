@@ -81,6 +81,21 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
         else:
             assert 0.0 <= scores["dice"] <= 1.0 and scores["hd95_mm"] >= 0.0, scores
 
+    # A run stopped after its training, while measuring, leaves the whole package staged: the same command measures
+    # it again (to the same figures) and moves it to --output, without training anew; other arguments are refused.
+    staging = output.with_name("brain.recipe")
+    output.rename(staging)
+    refused = subprocess.run(command + ["--seed", "5"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 4
+    assert refused.stderr.strip().splitlines() == [
+        f"recipes.brain_t1: {staging} holds a run trained with --seed 20261129; remove it or run with those"
+    ]
+    again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{staging}: trained by an earlier run of this command; measuring it" in again.stdout
+    assert "epoch 1/1" not in again.stdout and not staging.exists()
+    assert json.loads((output / "model.json").read_text())["metrics"] == metrics
+
 
 def test_recipe_bad_argument_gets_one_line_and_leaves_nothing(tmp_path, repo):
     """A value train_segmentation refuses ends the recipe with one line and a non-zero exit, not a traceback, and

@@ -39,7 +39,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Dict, List, Sequence  # noqa: E402
+from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -956,6 +956,31 @@ def main(argv: List[str] = None) -> int:
         return EXIT_CANCELLED
 
 
+# Arguments that do not change what is trained: a package staged by a run with other values of these is still its own.
+NOT_TRAINING_ARGS = ("output", "overwrite", "no_stress", "stress_probes", "max_minutes", "card_only", "rescore")
+
+
+def staged_package(staging: Path) -> Optional[Dict[str, Any]]:
+    """The ``model.json`` of the package a run of the recipe left in ``staging`` (whole, or a training's interim
+    one), or None when there is none."""
+    try:
+        return json.loads((staging / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def other_arguments(staged: Dict[str, Any], recipe_args: Dict[str, Any]) -> List[str]:
+    """The training arguments, as ``name value``, that the staged package was trained with and ``recipe_args``
+    would train otherwise."""
+    recorded = staged.get("provenance", {}).get("recipe_args", {})
+    names = sorted(set(recorded) | set(recipe_args))
+    return [
+        f"--{name.replace('_', '-')} {recorded.get(name)}"
+        for name in names
+        if name not in NOT_TRAINING_ARGS and recorded.get(name) != recipe_args.get(name)
+    ]
+
+
 def what_is_kept(args: argparse.Namespace) -> str:
     """What a stopped recipe run leaves, and the command that goes on from it."""
     if args.rescore or args.card_only:
@@ -965,8 +990,7 @@ def what_is_kept(args: argparse.Namespace) -> str:
     if checkpoint.is_file():
         return f"training continues from its last finished epoch ({checkpoint}) when the same command runs again"
     if (staging / "model.json").is_file():
-        benchmark = f"benchmarks/brain_stress.py --model {staging} --record"
-        return f"the trained package is in {staging}: `--rescore --output {staging}`, then `{benchmark}` measure it"
+        return f"the trained package is in {staging}; the same command measures it and moves it to {args.output}"
     return "no epoch had finished, so nothing is kept"
 
 
@@ -1039,41 +1063,58 @@ def train_and_record(args: argparse.Namespace) -> int:
         + "gamma, intensity scale/shift, noise, left-right flips",
         "threads": args.threads,
     }
-    package = train_segmentation(
-        recipe_spec(args, precision, compile_network),
-        datalist,
-        staging,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        seed=args.seed,
-        batch_size=1,
-        patches_per_volume=args.patches_per_volume,
-        val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
-        pre_transforms=[
-            # Real scans run further down the neck than the template: repeat its bottom slab, as background.
-            RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
-            # Older brains than the template's young adults: smaller inside the skull, with CSF around them (0.3
-            # trained 2.3.0, bundled as 2.3.2). At 0 it is absent, not at probability 0, so that the run draws 2.1.0's
-            # random stream and gives its weights again (docs/brain-model.md).
-            *([RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))] if args.atrophy_fraction else []),
-            RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
-            RandBrainOnlyd(prob=args.brain_only_fraction),
-            # Patients' brains: a tumour, cyst or infarct reaching the cortex is brain. Absent at 0, as atrophy is.
-            *([RandLesiond(prob=args.lesion_fraction)] if args.lesion_fraction else []),
-            # A receive coil's profile on top of whatever contrast the head has now: absent at 0, as atrophy is.
-            *([RandCoilFieldd(prob=args.coil_field_fraction)] if args.coil_field_fraction else []),
-            # Other head shapes than the one template: the brain-only inputs above need it most.
-            RandSmoothDeformd(("image", "label"), prob=0.5, max_voxels=6.0),
-        ],
-        extra_keys=("tissues",),
-        provenance=provenance,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-        progress=_progress_printer(),
-        device="cpu",
-        precision=precision,  # model.json records it
-        compile_network=compile_network,
-        ema_decay=args.ema_decay,
-    )
+    staged = staged_package(staging)
+    differing = other_arguments(staged, provenance["recipe_args"]) if staged else []
+    if differing:
+        print(
+            f"recipes.brain_t1: {staging} holds a run trained with {', '.join(differing)}; remove it or run with those",
+            file=sys.stderr,
+        )
+        return 4
+    if staged and staged.get("training", {}).get("complete"):
+        # A run stopped after its training (while measuring it) left a whole package: measure it, do not retrain.
+        print(f"{staging}: trained by an earlier run of this command; measuring it")
+        package = staging
+    else:
+        package = train_segmentation(
+            recipe_spec(args, precision, compile_network),
+            datalist,
+            staging,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            seed=args.seed,
+            batch_size=1,
+            patches_per_volume=args.patches_per_volume,
+            val_datalist=[{"name": p.name, "image": p.image, "label": p.label} for p in validation],
+            pre_transforms=[
+                # Real scans run further down the neck than the template: repeat its bottom slab, as background.
+                RandInferiorExtensiond(("image", "tissues"), ("label",), prob=0.3, max_slices=25),
+                # Older brains than the template's young adults: smaller inside the skull, with CSF around them
+                # (0.3 trained 2.3.0, bundled as 2.3.2). At 0 it is absent, not at probability 0, so that the run
+                # draws 2.1.0's random stream and gives its weights again (docs/brain-model.md).
+                *(
+                    [RandAtrophyd(prob=args.atrophy_fraction, factor_range=(0.85, 0.98))]
+                    if args.atrophy_fraction
+                    else []
+                ),
+                RandSynthesizeFromTissuesd(prob=args.synthetic_fraction),
+                RandBrainOnlyd(prob=args.brain_only_fraction),
+                # Patients' brains: a tumour, cyst or infarct reaching the cortex is brain. Absent at 0, as atrophy is.
+                *([RandLesiond(prob=args.lesion_fraction)] if args.lesion_fraction else []),
+                # A receive coil's profile on top of whatever contrast the head has now: absent at 0, as atrophy is.
+                *([RandCoilFieldd(prob=args.coil_field_fraction)] if args.coil_field_fraction else []),
+                # Other head shapes than the one template: the brain-only inputs above need it most.
+                RandSmoothDeformd(("image", "label"), prob=0.5, max_voxels=6.0),
+            ],
+            extra_keys=("tissues",),
+            provenance=provenance,
+            max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+            progress=_progress_printer(),
+            device="cpu",
+            precision=precision,  # model.json records it
+            compile_network=compile_network,
+            ema_decay=args.ema_decay,
+        )
     spec_path = package / "model.json"
     spec = json.loads(spec_path.read_text())
     if compile_network and not spec["training"].get("compiled_steps"):  # it could not compile: eager weights
@@ -1097,7 +1138,8 @@ def train_and_record(args: argparse.Namespace) -> int:
             ended = f"with exit {code}" if code > 0 else f"by signal {-code}"
             print(
                 f"recipes.brain_t1: the stress benchmark ended {ended}; the trained package is complete in "
-                f"{staging} but has no stress figures: `{shlex.join(stress)}` records them",
+                f"{staging} but has no stress figures: the same command again measures it and moves it to {output} "
+                f"(`{shlex.join(stress)}` records them alone)",
                 file=sys.stderr,
             )
             return code if code > 0 else 128 - code
