@@ -1091,4 +1091,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: one line, as meddl's commands end; --record writes only once all is measured
+        print("brain_stress: stopped", file=sys.stderr)
+        sys.exit(130)
