@@ -971,8 +971,8 @@ def staged_package(staging: Path) -> Optional[Dict[str, Any]]:
 
 
 def other_arguments(staged: Dict[str, Any], recipe_args: Dict[str, Any]) -> List[str]:
-    """The training arguments, as ``name value``, that the staged package was trained with and ``recipe_args``
-    would train otherwise."""
+    """The training arguments, as ``--name value``, that the staged package was trained with and ``recipe_args``
+    would train otherwise (a resumed interim package included: its checkpoint's fingerprint holds only some)."""
     recorded = staged.get("provenance", {}).get("recipe_args", {})
     names = sorted(set(recorded) | set(recipe_args))
     return [
