@@ -961,6 +961,11 @@ def main(argv: List[str] = None) -> int:
 NOT_TRAINING_ARGS = ("output", "overwrite", "no_stress", "stress_probes", "max_minutes", "card_only", "rescore")
 
 
+def staging_folder(output: Path) -> Path:
+    """Where a run writing ``output`` builds and measures its package before it moves it there."""
+    return output.with_name(output.name + ".recipe")
+
+
 def staged_package(staging: Path) -> Optional[Dict[str, Any]]:
     """The ``model.json`` of the package a run of the recipe left in ``staging`` (whole, or a training's interim
     one), or None when there is none."""
@@ -986,7 +991,7 @@ def what_is_kept(args: argparse.Namespace) -> str:
     """What a stopped recipe run leaves, and the command that goes on from it."""
     if args.rescore or args.card_only:
         return f"{args.output} may be part rescored: `--rescore` again measures it afresh"
-    staging = args.output.with_name(args.output.name + ".recipe")
+    staging = staging_folder(args.output)
     checkpoint = checkpoint_path(staging)
     if checkpoint.is_file():
         return f"training continues from its last finished epoch ({checkpoint}) when the same command runs again"
@@ -1028,7 +1033,7 @@ def train_and_record(args: argparse.Namespace) -> int:
     validation = validation_pairs(pairs)
     icbm152_2009a_brain_pair()  # fail before training when the held-out data's package is missing
     output = args.output
-    staging = output.with_name(output.name + ".recipe")
+    staging = staging_folder(output)
     if output.exists() and not args.overwrite:
         print(f"{output}: exists; pass --overwrite to replace it", file=sys.stderr)
         return 4
