@@ -978,7 +978,7 @@ def staged_package(staging: Path) -> Optional[Dict[str, Any]]:
 def other_arguments(staged: Dict[str, Any], recipe_args: Dict[str, Any]) -> List[str]:
     """The training arguments, as ``--name value``, that the staged package was trained with and ``recipe_args``
     would train otherwise (a resumed interim package included: its checkpoint's fingerprint holds only some)."""
-    recorded = staged.get("provenance", {}).get("recipe_args", {})
+    recorded = vars(trained_with(staged))  # an option the package predates reads as it trained: absent
     names = sorted(set(recorded) | set(recipe_args))
     return [
         f"--{name.replace('_', '-')} {recorded.get(name)}"
