@@ -469,6 +469,15 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("gradient_normalization", {"reference_gradient": [0.1, "up"]}, "reference_gradient must be 3"),
         ("orientation_check", {"min_gradient_pass_gain": "some"}, "orientation_check.min_gradient_pass_gain"),
         ("orientation_check", {"min_confidence": -0.5}, "orientation_check.min_confidence"),
+        # Settings the engine reads only as it segments: before, each stopped it with an internal error.
+        ("size_normalization", {"reference_extent_mm": [120, 150], "label": 7}, "size_normalization.label"),
+        ("orientation_check", {"label": 1.0}, "orientation_check.label"),
+        ("orientation_check", {"face_rows": [0.35, 0.05]}, "orientation_check.face_rows"),
+        ("orientation_check", {"upright_share": None}, "orientation_check.upright_share"),
+        ("coil_normalization", {"reference_slope": -0.1, "radius_mm": "80 mm"}, "coil_normalization.radius_mm"),
+        ("coil_normalization", {"reference_slope": -0.1, "radius_mm": 0}, "coil_normalization.radius_mm"),
+        ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "max_passes": 2.5}, "max_passes"),
+        ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "block_mm": 0}, "block_mm"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
@@ -497,6 +506,7 @@ def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
         ("postprocess", []),
         ("postprocess", {"tissue_trim": {"min_ratio": -0.5}}),
         ("postprocess", {"tissue_trim": "on"}),
+        ("postprocess", {"tissue_trim": {"label": 2}}),
     ],
 )
 def test_a_model_with_a_malformed_inference_or_postprocess_setting_exits_4_naming_it(

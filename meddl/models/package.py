@@ -60,6 +60,8 @@ NORMALIZATIONS = ("percentile", "ct_window", "zscore", "none")
 # Model-grid axes a package may declare its network symmetric under (``inference.flip_axes``); on an LPS grid
 # i runs left-right, j front-back, k up-down. Packages that declare none are taken to be symmetric under all three.
 FLIP_AXES = ("i", "j", "k")
+# Keys of the engine's pass and trim settings that are not plain numbers; ModelSpec.from_json checks each its own way.
+STRUCTURED_SETTINGS = ("limits", "reference_extent_mm", "field", "reference_gradient", "reference_field", "face_rows")
 # The intensity fields ``input.gradient_normalization.field`` may name, by their terms after the constant: each a
 # product of the positions along L, P and S (in 100 mm about the brain's centre; meddl.infer.intensity_gradient).
 # Each field keeps the terms of the one before and adds its own degree; ``reference_field`` gives one number a term.
@@ -226,18 +228,36 @@ class ModelSpec:
             "input.crop_foreground.cut_side_extent_mm must be two finite numbers > 0 (grid axes i and j, mm)",
         )
 
-        def settings(name: str, non_negative: Sequence[str], section: str = "input") -> Dict[str, Any]:
-            """``<section>.<name>`` (absent: {}) after checking it is an object whose ``non_negative`` keys are >= 0."""
+        # The passes read a label's probability at the channel of its value, and the trim finds it in the labelmap.
+        foreground = [value for channel, value in enumerate(values) if value == channel != 0]
+
+        def settings(
+            name: str, non_negative: Sequence[str], section: str = "input", labelled: bool = True
+        ) -> Dict[str, Any]:
+            """``<section>.<name>`` (absent: {}) after checking it is an object of finite numbers (notes: text; the
+            lists and names in ``STRUCTURED_SETTINGS`` are checked by the caller), its ``non_negative`` keys >= 0 and,
+            where ``labelled``, its ``label`` (default 1) one of the model's foreground labels. The engine reads them
+            while it segments, where a wrong one would stop it with an internal error rather than this line."""
             value = (data.get(section) or {}).get(name)
             need(value is None or isinstance(value, dict), f"{section}.{name} must be an object")
+            for key, number in (value or {}).items():
+                if key.endswith("_note"):
+                    need(isinstance(number, str), f"{section}.{name}.{key} must be text")
+                elif key not in STRUCTURED_SETTINGS:
+                    need(_is_number(number), f"{section}.{name}.{key} must be a finite number")
             for key in non_negative:
                 number = (value or {}).get(key)
-                need(number is None or (_is_number(number) and number >= 0), f"{section}.{name}.{key} must be >= 0")
+                need(number is None or number >= 0, f"{section}.{name}.{key} must be >= 0")
+            label = value.get("label", 1) if value and labelled else None
+            need(
+                label is None or label in foreground and isinstance(label, int),
+                f"{section}.{name}.label must be one of the model's foreground label values {foreground}",
+            )
             return value or {}
 
         value = spec_input.get("min_extent_mm")
         need(value is None or (_is_number(value) and value >= 0), "input.min_extent_mm must be a finite number >= 0")
-        settings("noisy_air", ("face_median", "calm_std"))
+        settings("noisy_air", ("face_median", "calm_std"), labelled=False)
         sizing = settings("size_normalization", ("min_change", "max_cut_mm2", "max_cut_except_top_mm2"))
         extent = sizing.get("reference_extent_mm")
         need(
@@ -265,6 +285,13 @@ class ModelSpec:
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
         )
         grading = settings("gradient_normalization", ("min_change", "min_follow_change"))
+        for key in ("block_mm", "max_distance_mm"):
+            need(grading.get(key, 1) > 0, f"input.gradient_normalization.{key} must be > 0")
+        passes = grading.get("max_passes", 0)
+        need(
+            isinstance(passes, int) and passes >= 0,
+            "input.gradient_normalization.max_passes must be a whole number >= 0",
+        )
         surface = grading.get("field", "linear")
         need(surface in FIELD_TERMS, f"input.gradient_normalization.field must be one of {', '.join(FIELD_TERMS)}")
         for key, terms, what in (
@@ -280,7 +307,22 @@ class ModelSpec:
             surface == "linear" or grading.get("reference_gradient") is None or "reference_field" in grading,
             f"input.gradient_normalization.reference_field is missing: a {surface} field is measured against it",
         )
-        settings("orientation_check", ("min_gain", "min_confidence", "min_offset_mm", "min_gradient_pass_gain"))
+        orienting = settings(
+            "orientation_check", ("min_gain", "min_confidence", "min_offset_mm", "min_gradient_pass_gain")
+        )
+        rows = orienting.get("face_rows")
+        need(
+            rows is None
+            or (
+                isinstance(rows, list) and len(rows) == 2 and all(map(_is_number, rows)) and 0 <= rows[0] < rows[1] <= 1
+            ),
+            "input.orientation_check.face_rows must be [low, high] shares of the brain with 0 <= low < high <= 1",
+        )
+        coil = settings("coil_normalization", ("min_change",))
+        need(
+            coil.get("radius_mm", 80.0) > 0,
+            "input.coil_normalization.radius_mm must be > 0",
+        )
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
