@@ -587,6 +587,17 @@ def test_an_mr_with_a_few_strongly_negative_voxels_is_not_taken_for_a_ct(nibabel
     check_input(image, load_model(MODEL, "cpu"))  # no InputError
 
 
+def test_an_mr_stored_below_ct_air_is_segmented_not_taken_for_a_ct(tmp_path, capsys):
+    """Every voxel of this MR sits below CT air (stored with an offset): no body in Hounsfield units, so no CT. Before,
+    it was refused as one, "100 % of its voxels are at -500 or below"."""
+    from meddl.data import fsl_mni152_brain_pairs
+
+    pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
+    source = write_image(pair.image.with_array(pair.image.array.astype(np.float32) - 12000), tmp_path / "t1.nii.gz")
+    brain = cli_brain_scores(source, pair.label, tmp_path / "brain.nii.gz", capsys)
+    assert brain["dice"] >= 0.95 and brain["hd95_mm"] <= 5.0, brain
+
+
 def cli_brain_scores(source: Path, reference: Image, output: Path, capsys, *flags: str) -> dict:
     """``meddl segment`` of ``source`` with the bundled model into ``output``, whose labelmap must lie on the source's
     grid; its brain's scores against ``reference`` resampled onto that grid by physical position."""

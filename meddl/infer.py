@@ -93,7 +93,8 @@ PathLike = Union[str, os.PathLike]
 # is 32 MB of float32 per class, small next to the volume itself and large enough that ITK's
 # per-call overhead does not show.
 SLAB_VOXELS = 8_000_000
-# A volume with this share of voxels at or below -500 is a CT in Hounsfield units (air -1000), not an MR.
+# A volume with this share of voxels at or below -500, and as large a share above, is a CT in Hounsfield units (air
+# -1000 around a body), not an MR.
 CT_AIR_HU = -500.0
 CT_AIR_FRACTION = 0.05
 # The opening after thresholding runs on a grid no finer than this (mm): its distance transforms cost 7 s each on
@@ -191,7 +192,7 @@ def check_input(image: Image, package: ModelPackage) -> None:
         if found and str(found).upper() != str(expected).upper():
             raise ModalityError(f"the file's modality is {found} but model '{spec.name}' expects {expected}", source)
         air = hounsfield_air_fraction(image.array) if not found and str(expected).upper() == "MR" else 0.0
-        if air >= CT_AIR_FRACTION:
+        if CT_AIR_FRACTION <= air <= 1 - CT_AIR_FRACTION:
             raise ModalityError(
                 f"the file names no modality, but {100 * air:.0f} % of its voxels are at {CT_AIR_HU:g} or below, as "
                 f"air in a CT in Hounsfield units; model '{spec.name}' expects {expected}",
@@ -211,8 +212,10 @@ def check_input(image: Image, package: ModelPackage) -> None:
 def hounsfield_air_fraction(array: np.ndarray) -> float:
     """The fraction of voxels at or below ``CT_AIR_HU``: air in a CT stored in Hounsfield units (-1000).
 
-    Magnitude MR is never negative, so a volume with a few per cent of such voxels is a CT whatever its file
-    says (NIfTI and NRRD carry no modality; Slicer converts DICOM CT to Hounsfield units on load).
+    Magnitude MR is never negative, so a volume with a few per cent of such voxels, around a few per cent of body
+    above them, is a CT whatever its file says (NIfTI and NRRD carry no modality; Slicer converts DICOM CT to
+    Hounsfield units on load). Where nearly every voxel is that low there is no body in Hounsfield units: an image
+    stored with an offset, which the percentile normalisation takes as it is.
     """
     return float(np.count_nonzero(array <= CT_AIR_HU)) / max(1, array.size)
 
