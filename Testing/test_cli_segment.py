@@ -478,6 +478,7 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("coil_normalization", {"reference_slope": -0.1, "radius_mm": 0}, "coil_normalization.radius_mm"),
         ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "max_passes": 2.5}, "max_passes"),
         ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "block_mm": 0}, "block_mm"),
+        ("patch_size", [4096, 4096, 4096], "input.patch_size"),  # before: torch asked for 256 GiB
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
@@ -491,6 +492,22 @@ def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
     code, _, err = run_cli(capsys, "segment", "--model", broken, "--input", fsl_t1_2mm, "--output", tmp_path / "o.nrrd")
     assert code == 4 and err.count("\n") == 1 and "Traceback" not in err
     assert str(broken) in err and field in err
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_a_model_grid_too_large_to_hold_is_refused_in_one_line_before_it_is_allocated(
+    model, fsl_t1_2mm, tmp_path, capsys
+):
+    """A model at 0.01 mm asks for a grid of 18200 x 21800 x 18200 voxels on this head; before, numpy tried to
+    allocate 6.47 TiB for it and the command ended in an internal error."""
+    fine = tmp_path / "fine-model"
+    shutil.copytree(model, fine)
+    spec = json.loads((fine / "model.json").read_text())
+    spec["input"]["spacing"] = [0.01, 0.01, 0.01]
+    (fine / "model.json").write_text(json.dumps(spec))
+    code, _, err = run_cli(capsys, "segment", "--model", fine, "--input", fsl_t1_2mm, "--output", tmp_path / "o.nrrd")
+    assert code == 3 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(fsl_t1_2mm) in err and "model grid would be" in err and "implausible" in err, err
     assert not (tmp_path / "o.nrrd").exists()
 
 

@@ -34,6 +34,9 @@ __all__ = [
     "frame_cut_top",
 ]
 
+# The most voxels a model grid may have (512³: 0.5 GiB a float32 copy, and inference holds several such arrays).
+MAX_GRID_VOXELS = 512**3
+
 
 def model_grid(image: Image, spacing: Optional[Sequence[float]], direction: Optional[np.ndarray] = None) -> Image:
     """An empty grid at ``spacing`` covering ``image``'s physical extent (voxel edges included).
@@ -58,6 +61,14 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]], direction: Opti
     # Extents come from float32 headers (NIfTI): 160 x 1.2 mm reads as 192.0000076 mm. Without a tolerance
     # that is 97 voxels at 2 mm instead of 96, and one voxel past the patch size doubles the sliding windows.
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-3)).astype(int)
+    # Checked before anything is allocated: a model's spacing of 0.01 mm asked for 6.47 TiB here.
+    if float(np.prod(size, dtype=np.float64)) > MAX_GRID_VOXELS:
+        raise InputError(
+            f"at {'x'.join(f'{s:g}' for s in spacing)} mm the model grid would be {'x'.join(map(str, size))} voxels, "
+            f"more than the {MAX_GRID_VOXELS} this engine takes: the volume's extent or the model's spacing is "
+            "implausible",
+            image.metadata.get("source"),
+        )
     origin = direction @ (low + spacing / 2.0)
     return Image(np.zeros(size[::-1], dtype=np.uint8), tuple(spacing), tuple(origin), direction)
 
@@ -101,12 +112,6 @@ def to_model_grid(
     """Resample ``image`` to the canonical model grid (see :func:`model_grid`); voxels outside the input get
     its minimum."""
     grid = model_grid(image, spacing, direction)
-    voxels = grid.array.size
-    if voxels > 512**3:
-        raise InputError(
-            f"the model grid would have {voxels} voxels; the volume's extent or spacing is implausible",
-            image.metadata.get("source"),
-        )
     default = float(np.min(image.array)) if interpolation == "linear" else 0.0
     return resample_to_grid(image, grid, interpolation, default)
 

@@ -60,6 +60,8 @@ NORMALIZATIONS = ("percentile", "ct_window", "zscore", "none")
 # Model-grid axes a package may declare its network symmetric under (``inference.flip_axes``); on an LPS grid
 # i runs left-right, j front-back, k up-down. Packages that declare none are taken to be symmetric under all three.
 FLIP_AXES = ("i", "j", "k")
+# The largest patch a package may ask for: at 256³ each 16-channel float32 activation of the network is 1 GiB.
+MAX_PATCH_VOXELS = 256**3
 # Keys of the engine's pass and trim settings that are not plain numbers; ModelSpec.from_json checks each its own way.
 STRUCTURED_SETTINGS = ("limits", "reference_extent_mm", "field", "reference_gradient", "reference_field", "face_rows")
 # The intensity fields ``input.gradient_normalization.field`` may name, by their terms after the constant: each a
@@ -195,6 +197,10 @@ class ModelSpec:
         need(
             isinstance(spec_input.get("patch_size"), list) and all(int(p) > 0 for p in spec_input["patch_size"]),
             "input.patch_size must be a list of positive integers",
+        )
+        need(
+            math.prod(int(p) for p in spec_input["patch_size"]) <= MAX_PATCH_VOXELS,
+            f"input.patch_size must hold at most {MAX_PATCH_VOXELS} voxels (256³)",
         )
         spacing = spec_input.get("spacing")
         need(
