@@ -479,6 +479,11 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "max_passes": 2.5}, "max_passes"),
         ("gradient_normalization", {"reference_gradient": [0, 0, 0.1], "block_mm": 0}, "block_mm"),
         ("patch_size", [4096, 4096, 4096], "input.patch_size"),  # before: torch asked for 256 GiB
+        ("patch_size", ["a", 96, 96], "input.patch_size"),
+        ("patch_size", [96, 96], "input.patch_size must give 3"),
+        ("spacing", ["2", 2, 2], "input.spacing"),  # before: segmented on a grid it misread
+        ("normalization", {"kind": "ct_window", "low": 100, "high": 100}, "normalization.low"),  # before: 0 ml drawn
+        ("normalization", {"kind": "percentile", "lower": -5}, "normalization.lower"),
     ],
 )
 def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
@@ -524,6 +529,11 @@ def test_a_model_grid_too_large_to_hold_is_refused_in_one_line_before_it_is_allo
         ("postprocess", {"tissue_trim": {"min_ratio": -0.5}}),
         ("postprocess", {"tissue_trim": "on"}),
         ("postprocess", {"tissue_trim": {"label": 2}}),
+        ("inference", {"overlap": 1.0}),
+        ("inference", {"sw_batch_size": 0}),
+        ("inference", {"tta_flips": "yes"}),
+        ("postprocess", {"opening_mm": "six"}),
+        ("postprocess", {"largest_component": "no"}),  # before: read as true
     ],
 )
 def test_a_model_with_a_malformed_inference_or_postprocess_setting_exits_4_naming_it(

@@ -194,18 +194,20 @@ class ModelSpec:
         need(len(set(values)) == len(values), "label values must be unique")
         spec_input = data["input"]
         need(isinstance(spec_input, dict), "input must be an object")
+        patch, dims = spec_input.get("patch_size"), args.get("spatial_dims", 3)
         need(
-            isinstance(spec_input.get("patch_size"), list) and all(int(p) > 0 for p in spec_input["patch_size"]),
+            isinstance(patch, list) and all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in patch),
             "input.patch_size must be a list of positive integers",
         )
+        need(len(patch) == dims, f"input.patch_size must give {dims} sizes, one per axis of the network")
         need(
-            math.prod(int(p) for p in spec_input["patch_size"]) <= MAX_PATCH_VOXELS,
-            f"input.patch_size must hold at most {MAX_PATCH_VOXELS} voxels (256³)",
+            math.prod(patch) <= MAX_PATCH_VOXELS, f"input.patch_size must hold at most {MAX_PATCH_VOXELS} voxels (256³)"
         )
         spacing = spec_input.get("spacing")
         need(
-            spacing is None or (isinstance(spacing, list) and all(float(s) > 0 for s in spacing)),
-            "input.spacing must be positive numbers",
+            spacing is None
+            or (isinstance(spacing, list) and len(spacing) == dims and all(_is_number(s) and s > 0 for s in spacing)),
+            f"input.spacing must be {dims} positive numbers",
         )
         crop = spec_input.get("crop_foreground")
         need(crop is None or isinstance(crop, dict), "input.crop_foreground must be an object")
@@ -340,8 +342,34 @@ class ModelSpec:
             isinstance(flips, list) and len(set(flips)) == len(flips) and all(axis in FLIP_AXES for axis in flips),
             f"inference.flip_axes must list distinct axes out of {', '.join(FLIP_AXES)}",
         )
+        inference = data.get("inference", {})
+        overlap = inference.get("overlap", 0.25)
+        need(_is_number(overlap) and 0 <= overlap < 1, "inference.overlap must be a number from 0 up to (not) 1")
+        batch = inference.get("sw_batch_size", 1)
+        need(
+            isinstance(batch, int) and not isinstance(batch, bool) and batch > 0, "inference.sw_batch_size must be >= 1"
+        )
+        need(isinstance(inference.get("tta_flips", False), bool), "inference.tta_flips must be true or false")
+        postprocess = data.get("postprocess", {})
+        opening = postprocess.get("opening_mm", 0)
+        need(_is_number(opening) and opening >= 0, "postprocess.opening_mm must be a finite number >= 0")
+        for key in ("largest_component", "fill_holes"):
+            need(isinstance(postprocess.get(key, False), bool), f"postprocess.{key} must be true or false")
         normalization = spec_input.get("normalization", {"kind": "percentile"})
-        need(normalization.get("kind") in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
+        need(isinstance(normalization, dict), "input.normalization must be an object")
+        kind = normalization.get("kind")
+        need(kind in NORMALIZATIONS, f"input.normalization.kind must be one of {NORMALIZATIONS}")
+        # The bounds normalize_intensity maps to 0 and 1 (equal ones would divide by zero), with their defaults.
+        bounds = {"percentile": ("lower", "upper", 0.5, 99.5), "ct_window": ("low", "high", -1000, 1000)}
+        if kind in bounds:
+            low_key, high_key, low, high = bounds[kind]
+            low, high = normalization.get(low_key, low), normalization.get(high_key, high)
+            percentile = kind == "percentile"
+            need(
+                _is_number(low) and _is_number(high) and low < high and (not percentile or 0 <= low and high <= 100),
+                f"input.normalization.{low_key} and .{high_key} must be numbers with {low_key} < {high_key}"
+                + (" within 0-100" if percentile else ""),
+            )
         if data["task"] == "segmentation":
             need(0 in values, "a segmentation model needs a label with value 0 (background)")
             out_channels = args.get("out_channels")
