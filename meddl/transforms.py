@@ -43,6 +43,9 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]], direction: Opti
 
     Its axes are LPS (identity direction) unless ``direction`` (a rotation; columns = the grid's i, j, k axes in
     LPS) turns them: a second pass looks at a tilted head along the axes of the pose the model learnt.
+
+    Raises:
+        InputError: the grid would hold more than ``MAX_GRID_VOXELS`` (the input named by its ``source``).
     """
     spacing = np.asarray(spacing if spacing is not None else image.spacing, dtype=np.float64)
     direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)

@@ -327,10 +327,7 @@ class ModelSpec:
             "input.orientation_check.face_rows must be [low, high] shares of the brain with 0 <= low < high <= 1",
         )
         coil = settings("coil_normalization", ("min_change",))
-        need(
-            coil.get("radius_mm", 80.0) > 0,
-            "input.coil_normalization.radius_mm must be > 0",
-        )
+        need(coil.get("radius_mm", 80.0) > 0, "input.coil_normalization.radius_mm must be > 0")
         need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
         value = data.get("postprocess", {}).get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
