@@ -469,7 +469,7 @@ def test_a_model_home_segments_with_its_champion(model, fsl_t1_2mm, tmp_path, ca
         ("gradient_normalization", {"reference_gradient": [0.1, "up"]}, "reference_gradient must be 3"),
         ("orientation_check", {"min_gradient_pass_gain": "some"}, "orientation_check.min_gradient_pass_gain"),
         ("orientation_check", {"min_confidence": -0.5}, "orientation_check.min_confidence"),
-        # Settings the engine reads only as it segments: before, each stopped it with an internal error.
+        # Settings the engine reads only as it segments, and did not check when the package loaded.
         ("size_normalization", {"reference_extent_mm": [120, 150], "label": 7}, "size_normalization.label"),
         ("orientation_check", {"label": 1.0}, "orientation_check.label"),
         ("orientation_check", {"face_rows": [0.35, 0.05]}, "orientation_check.face_rows"),
@@ -503,8 +503,8 @@ def test_a_model_with_a_malformed_input_setting_exits_4_naming_the_field(
 def test_a_model_grid_too_large_to_hold_is_refused_in_one_line_before_it_is_allocated(
     model, fsl_t1_2mm, tmp_path, capsys
 ):
-    """A model at 0.01 mm asks for a grid of 18200 x 21800 x 18200 voxels on this head; before, numpy tried to
-    allocate 6.47 TiB for it and the command ended in an internal error."""
+    """A model at 0.01 mm asks for a grid of 18200 x 21800 x 18200 voxels on this head; before, numpy was asked for
+    the whole grid (6.47 TiB on Colin27's 1 mm head) and the command ended in an internal error."""
     fine = tmp_path / "fine-model"
     shutil.copytree(model, fine)
     spec = json.loads((fine / "model.json").read_text())

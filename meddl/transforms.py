@@ -64,7 +64,7 @@ def model_grid(image: Image, spacing: Optional[Sequence[float]], direction: Opti
     # Extents come from float32 headers (NIfTI): 160 x 1.2 mm reads as 192.0000076 mm. Without a tolerance
     # that is 97 voxels at 2 mm instead of 96, and one voxel past the patch size doubles the sliding windows.
     size = np.maximum(1, np.ceil((high - low) / spacing - 1e-3)).astype(int)
-    # Checked before anything is allocated: a model's spacing of 0.01 mm asked for 6.47 TiB here.
+    # Checked before anything is allocated: a model's spacing of 0.01 mm asked for 6.47 TiB here on a 1 mm head.
     if float(np.prod(size, dtype=np.float64)) > MAX_GRID_VOXELS:
         raise InputError(
             f"at {'x'.join(f'{s:g}' for s in spacing)} mm the model grid would be {'x'.join(map(str, size))} voxels, "
