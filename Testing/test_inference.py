@@ -555,3 +555,28 @@ def test_a_turned_model_grid_covers_the_image_along_its_own_axes():
     along = (physical - np.asarray(grid.origin)) @ turn  # grid-axis coordinates of the image's corners
     extent = (np.array(grid.size) - 1) * 2.0
     assert np.all(along >= -1.0 - 1e-6) and np.all(along <= extent + 1.0 + 1e-6)  # inside, up to half a voxel
+
+
+def test_a_gradient_field_past_float32_is_not_taken_out(fsl_t1_2mm, fsl_brain_mask_2mm):
+    """A cubic surface fitted to what is no brain can ask exp() for more than float32 holds. The pass then has nothing
+    to take out; before, it handed on an image of inf and NaN, and a network trained without synthesis drew 0 ml into
+    a head CT stored without its Hounsfield offset, unrefused (docs/brain-model.md)."""
+    from meddl.models.package import FIELD_TERMS
+
+    image = read_image(fsl_t1_2mm)
+    brain = (read_image(fsl_brain_mask_2mm).array > 0.5).astype(np.float32)
+    probabilities = np.stack([1 - brain, brain])
+    terms = len(FIELD_TERMS["cubic"])
+
+    def take_out(reference_field: float):
+        gradient = {
+            "field": "cubic",
+            "reference_gradient": [0.0, 0.0, 0.0],
+            "reference_field": [reference_field] * terms,
+        }
+        return infer.without_intensity_gradient(image, image, probabilities, gradient, min_change=0.0)
+
+    corrected, excess = take_out(0.0)  # the template's own surface: a field within float32
+    assert corrected is not None and np.isfinite(corrected.array).all() and np.linalg.norm(excess) > 0
+    corrected, excess = take_out(-300.0)  # exp(300 x a cubic term) near the brain's edge
+    assert corrected is None and not excess.any()

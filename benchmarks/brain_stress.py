@@ -1045,10 +1045,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"segmented anyway ({edges_s:.0f} s in all):"
         )
         for name, figures in edges["no_head"].items():
-            refused = figures["edge_contrast"] < least
+            step = figures["edge_contrast"]  # None where nothing was drawn, as the engine measures no step then
+            refused = step is not None and step < least
             print(
-                f"  {name:50s} step {figures['edge_contrast']:+.3f}, {figures['brain_ml'] / 1000:.2f} l of brain "
-                "drawn: " + ("refused" if refused else "NOT refused")
+                f"  {name:50s} step {'none' if step is None else f'{step:+.3f}'}, {figures['brain_ml'] / 1000:.2f} l "
+                "of brain drawn: " + ("refused" if refused else "NOT refused")
             )
 
     timing = None

@@ -1195,7 +1195,13 @@ def without_intensity_gradient(
     log_field = np.zeros(image.array.shape, np.float32)
     for coefficient, term in zip(field_excess, _field_terms(position, surface)):
         log_field += np.float32(-coefficient) * term
-    return image.with_array(image.array.astype(np.float32) * np.exp(log_field, out=log_field)), excess
+    with np.errstate(over="ignore", invalid="ignore"):
+        corrected = image.array.astype(np.float32) * np.exp(log_field, out=log_field)
+    if not np.isfinite(corrected).all():
+        # A surface fitted to what is no brain (a later look at a head CT stored without its Hounsfield offset, by a
+        # network trained without synthesis) ran past float32: no field to take out.
+        return None, np.zeros(3)
+    return image.with_array(corrected), excess
 
 
 class GradientPasses(NamedTuple):
