@@ -117,7 +117,16 @@ def test_recipe_stopped_by_ctrl_c_says_what_it_keeps_and_continues(tmp_path, rep
     command = [sys.executable, "-m", "recipes.brain_t1", "--output", str(output), "--epochs", "20"]
     command += ["--steps-per-epoch", "2", "--no-stress"]
     checkpoint = checkpoint_path(output.with_name("brain.recipe"))
-    running = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C at a terminal reaches a process whose SIGINT is the default. A shell that starts a job in the background
+    # (nohup ... &) leaves SIGINT ignored in it, and Python then raises no KeyboardInterrupt: the recipe ran on.
+    running = subprocess.Popen(
+        command,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while not checkpoint.is_file() and running.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
