@@ -328,18 +328,23 @@ class ModelSpec:
         )
         coil = settings("coil_normalization", ("min_change",))
         need(coil.get("radius_mm", 80.0) > 0, "input.coil_normalization.radius_mm must be > 0")
-        need(isinstance(data.get("postprocess", {}), dict), "postprocess must be an object")
-        value = data.get("postprocess", {}).get("min_edge_contrast")
+        postprocess = data.get("postprocess", {})
+        need(isinstance(postprocess, dict), "postprocess must be an object")
+        value = postprocess.get("min_edge_contrast")
         need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
         trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed", "min_surface_share")
         settings("tissue_trim", trim_keys, section="postprocess")
-        need(isinstance(data.get("inference", {}), dict), "inference must be an object")
-        flips = data.get("inference", {}).get("flip_axes", list(FLIP_AXES))
+        opening = postprocess.get("opening_mm", 0)
+        need(_is_number(opening) and opening >= 0, "postprocess.opening_mm must be a finite number >= 0")
+        for key in ("largest_component", "fill_holes"):
+            need(isinstance(postprocess.get(key, False), bool), f"postprocess.{key} must be true or false")
+        inference = data.get("inference", {})
+        need(isinstance(inference, dict), "inference must be an object")
+        flips = inference.get("flip_axes", list(FLIP_AXES))
         need(
             isinstance(flips, list) and len(set(flips)) == len(flips) and all(axis in FLIP_AXES for axis in flips),
             f"inference.flip_axes must list distinct axes out of {', '.join(FLIP_AXES)}",
         )
-        inference = data.get("inference", {})
         overlap = inference.get("overlap", 0.25)
         need(_is_number(overlap) and 0 <= overlap < 1, "inference.overlap must be a number from 0 up to (not) 1")
         batch = inference.get("sw_batch_size", 1)
@@ -347,11 +352,6 @@ class ModelSpec:
             isinstance(batch, int) and not isinstance(batch, bool) and batch > 0, "inference.sw_batch_size must be >= 1"
         )
         need(isinstance(inference.get("tta_flips", False), bool), "inference.tta_flips must be true or false")
-        postprocess = data.get("postprocess", {})
-        opening = postprocess.get("opening_mm", 0)
-        need(_is_number(opening) and opening >= 0, "postprocess.opening_mm must be a finite number >= 0")
-        for key in ("largest_component", "fill_holes"):
-            need(isinstance(postprocess.get(key, False), bool), f"postprocess.{key} must be true or false")
         normalization = spec_input.get("normalization", {"kind": "percentile"})
         need(isinstance(normalization, dict), "input.normalization must be an object")
         kind = normalization.get("kind")
