@@ -84,6 +84,10 @@ __all__ = [
     "squared_distance_outside",
     "keep_largest_component",
     "edge_contrast",
+    "intensity_spread",
+    "cut_axes",
+    "DrawnAnatomy",
+    "drawn_anatomy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,9 +143,13 @@ class SegmentationResult:
     air_above_cut_mm: float = 0.0  # air the last pass had above a head the field of view cuts at the top (mm)
     air_beside_cut_mm: float = 0.0  # ... and beyond a side of the head it cuts (mm, over both grid axes)
     air_below_cut_mm: float = 0.0  # ... and below a head it cuts at the base (mm)
-    # The step across the foreground's surface, where the package checks it: that drawn before a cut base is framed.
+    # What was drawn before a cut base is framed, where the package checks it (:func:`drawn_anatomy`): the image's
+    # step across its surface, the spread of its values inside it, the axes at whose ends the field of view cuts it.
     edge_contrast: Optional[float] = None
-    no_edge: bool = False  # that step is below the package's min_edge_contrast: segmented only because forced
+    intensity_spread: Optional[float] = None
+    cut_axes: int = 0
+    # Why that is no anatomy the model learnt, where one of the checks says so: segmented only because forced.
+    unlike_anatomy: Optional[str] = None
     tissue_trimmed: float = 0.0  # the share of the brain drawn on CSF round it that the tissue trim took off (0: none)
 
 
@@ -786,13 +794,11 @@ def segment_image(
     labels = labels_on_input(
         current.probabilities, current.model_image, current.placed, spec, scaled(progress, 0.86, 0.93), cancel
     )
-    least = spec.postprocess.get("min_edge_contrast")
-    step = edge_contrast(image, labels > 0, spec.normalization) if least is not None else None
+    drawn = drawn_anatomy(image, labels, spec)
     timings["postprocess"] = time.perf_counter() - started
-    no_edge = step is not None and step < float(least)  # step is None where the package sets no least step
-    # A cut base framed with air: only where what the model drew follows an edge. Framed, a volume with no head in it
-    # (a head CT stored without its Hounsfield offset) can show the network enough of a head to draw one.
-    framed = current.model_image if no_edge else framed_base(current.model_image, spec, size_scale)
+    # A cut base framed with air: only where what the model drew looks like its anatomy. Framed, a volume with no head
+    # in it (a head CT stored without its Hounsfield offset) can show the network enough of a head to draw one.
+    framed = current.model_image if drawn.unlike else framed_base(current.model_image, spec, size_scale)
     if framed is not current.model_image:
         started = time.perf_counter()
         below_mm = float(framed.metadata["air_below_cut_mm"])
@@ -804,18 +810,17 @@ def segment_image(
             current.probabilities, current.model_image, current.placed, spec, scaled(progress, 0.95, 0.98), cancel
         )
         timings["postprocess"] += time.perf_counter() - started
-    if no_edge and not image.metadata.get("force"):
+    if drawn.unlike and not image.metadata.get("force"):
         names = " and ".join(label.name for label in spec.foreground_labels)
         kind = f"{spec.modality} images" if spec.modality else "images"
         raise ModalityError(
-            f"model '{spec.name}' found no {names} here: what it drew follows no edge in the image (intensity step "
-            f"{step:+.2f} across its surface, where the model needs {float(least):.2f}), so this does not look like "
-            f"the {kind} the model was made for",
+            f"model '{spec.name}' found no {names} here: {drawn.unlike}, so this does not look like the {kind} the "
+            "model was made for",
             image.metadata.get("source"),
         )
     trimming = spec.postprocess.get("tissue_trim")
     tissue_trimmed = 0.0
-    if trimming and not no_edge:
+    if trimming and not drawn.unlike:
         started = time.perf_counter()
         tissue_trimmed = trim_to_tissue(image, labels, trimming)
         timings["postprocess"] += time.perf_counter() - started
@@ -840,8 +845,10 @@ def segment_image(
         air_above_cut_mm=float(current.model_image.metadata.get("air_above_cut_mm", 0.0)),
         air_beside_cut_mm=float(current.model_image.metadata.get("air_beside_cut_mm", 0.0)),
         air_below_cut_mm=float(current.model_image.metadata.get("air_below_cut_mm", 0.0)),
-        edge_contrast=step,
-        no_edge=no_edge,
+        edge_contrast=drawn.edge_contrast,
+        intensity_spread=drawn.intensity_spread,
+        cut_axes=len(drawn.cut_axes),
+        unlike_anatomy=drawn.unlike,
         tissue_trimmed=tissue_trimmed,
     )
 
@@ -860,6 +867,89 @@ def labels_on_input(
     return postprocess_labelmap(labels, spec.postprocess, image.spacing)
 
 
+class DrawnAnatomy(NamedTuple):
+    """What :func:`drawn_anatomy` measured of a model's foreground; a figure is None (axes empty) where the package
+    sets no check on it."""
+
+    edge_contrast: Optional[float]
+    intensity_spread: Optional[float]
+    cut_axes: Tuple[int, ...]
+    unlike: Optional[str]  # why it is no anatomy the model learnt (a clause); None where every check passes
+
+
+def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAnatomy:
+    """Whether the foreground of ``labels`` looks like the anatomy the model learnt, by the package's postprocess
+    checks: the image steps up into it by ``min_edge_contrast`` (:func:`edge_contrast`), its values inside spread by
+    ``min_intensity_spread`` (:func:`intensity_spread`), and the field of view cuts it along at most ``max_cut_axes``
+    of the array's axes (:func:`cut_axes`).
+
+    A network draws a brain into anything. Into noise it draws one along no edge; into a cylinder of even intensity
+    one along its edge, even inside (no grey and white matter); into smooth noise one that runs out of the volume on
+    three sides, where the field of view cuts a head's brain on one or two (top and base, or a side).
+    """
+    settings = spec.postprocess
+    mask = labels > 0
+    least_step, least_spread = settings.get("min_edge_contrast"), settings.get("min_intensity_spread")
+    most_axes = settings.get("max_cut_axes")
+    step = edge_contrast(image, mask, spec.normalization) if least_step is not None else None
+    spread = intensity_spread(image, mask, spec.normalization) if least_spread is not None else None
+    axes = cut_axes(mask, image.spacing) if most_axes is not None else ()
+    unlike = None
+    if step is not None and step < float(least_step):
+        unlike = (
+            f"what it drew follows no edge in the image (intensity step {step:+.2f} across its surface, where the "
+            f"model needs {float(least_step):.2f})"
+        )
+    elif spread is not None and spread < float(least_spread):
+        unlike = (
+            f"the image is even inside what it drew (its 10th to 90th percentile span {spread:.2f} of its median, "
+            f"where the model needs {float(least_spread):.2f})"
+        )
+    elif most_axes is not None and len(axes) > int(most_axes):
+        unlike = (
+            f"what it drew runs out of the field of view along all {len(axes)} of its axes, where the model's "
+            f"anatomy is cut along {int(most_axes)} at most"
+        )
+    return DrawnAnatomy(step, spread, axes, unlike)
+
+
+def _every_2mm(image: Image) -> Tuple[slice, ...]:
+    """Strides that take ``image``'s array about every 2 mm along each axis (the checks' figures, cheap on any grid)."""
+    return tuple(slice(None, None, max(1, int(round(2.0 / s)))) for s in image.spacing[::-1])
+
+
+def intensity_spread(image: Image, mask: np.ndarray, normalization: Dict, core_mm: float = 4.0) -> Optional[float]:
+    """How uneven ``image`` is inside ``mask``: its 90th minus its 10th percentile over its median, normalised as the
+    package normalises it, at least ``core_mm`` inside the surface, every ~2 mm.
+
+    A brain holds grey and white matter, CSF and vessels (brain-t1 2.3.19's weights on the stress set's heads: 0.41 and
+    up; a head remapped to nearly flat grey-white contrast 0.23); a cylinder of even intensity that a network drew a
+    brain into, 0.07. None where the core is empty or its median is not above zero.
+    """
+    from scipy import ndimage
+
+    sample = _every_2mm(image)
+    core = ndimage.binary_erosion(np.asarray(mask, dtype=bool)[sample], iterations=max(1, int(round(core_mm / 2.0))))
+    if not core.any():
+        return None
+    values = normalize_intensity(image.array[sample], normalization)[core]
+    low, median, high = (float(v) for v in np.percentile(values, [10, 50, 90]))
+    return (high - low) / median if median > 0 else None
+
+
+def cut_axes(mask: np.ndarray, spacing: Sequence[float], min_face_mm2: float = 200.0) -> Tuple[int, ...]:
+    """The array axes at an end of which ``mask`` meets the volume's face over at least ``min_face_mm2``: where the
+    field of view cuts it (``spacing`` x, y, z, as :class:`Image` has it; the array is k, j, i)."""
+    spacing_kji = spacing[::-1]
+    axes = []
+    for axis in range(3):
+        face_mm2 = float(np.prod([spacing_kji[other] for other in range(3) if other != axis]))
+        ends = (np.take(mask, 0, axis=axis), np.take(mask, mask.shape[axis] - 1, axis=axis))
+        if any(float(np.count_nonzero(end)) * face_mm2 >= min_face_mm2 for end in ends):
+            axes.append(axis)
+    return tuple(axes)
+
+
 def edge_contrast(image: Image, mask: np.ndarray, normalization: Dict, shell_mm: float = 4.0) -> Optional[float]:
     """How much brighter ``image`` is just inside ``mask``'s surface than just outside it, in normalised units.
 
@@ -872,8 +962,7 @@ def edge_contrast(image: Image, mask: np.ndarray, normalization: Dict, shell_mm:
     """
     from scipy import ndimage
 
-    steps = [max(1, int(round(2.0 / s))) for s in image.spacing[::-1]]  # (k, j, i) strides to about 2 mm
-    sample = tuple(slice(None, None, step) for step in steps)
+    sample = _every_2mm(image)
     inside = np.asarray(mask, dtype=bool)[sample]
     if not inside.any():
         return None
@@ -1638,8 +1727,8 @@ def segment_file(
         notes.append(f"another pass without {result.neck_trimmed_mm:.0f} mm of neck below the brain")
     if result.air_above_cut_mm:
         notes.append(f"the field of view cuts the top of the head: {result.air_above_cut_mm:.0f} mm of air above it")
-    if result.no_edge:
-        notes.append(f"run anyway: what the model drew follows no edge in the image (step {result.edge_contrast:+.2f})")
+    if result.unlike_anatomy:
+        notes.append(f"run anyway: {result.unlike_anatomy}")
     if result.air_beside_cut_mm:
         notes.append(f"the field of view cuts a side of the head: {result.air_beside_cut_mm:.0f} mm of air beyond it")
     if result.air_below_cut_mm:
@@ -1665,6 +1754,8 @@ def segment_file(
         "coil_gain": round(result.coil_gain, 3),
         "gradient_removed_per_100mm": list(result.gradient_removed),
         "edge_contrast": None if result.edge_contrast is None else round(result.edge_contrast, 3),
+        "intensity_spread": None if result.intensity_spread is None else round(result.intensity_spread, 3),
+        "cut_axes": result.cut_axes,
         "tissue_trimmed": round(result.tissue_trimmed, 4),
         "notes": notes,
         "geometry": result.labelmap.geometry(),

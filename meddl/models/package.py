@@ -330,8 +330,14 @@ class ModelSpec:
         need(coil.get("radius_mm", 80.0) > 0, "input.coil_normalization.radius_mm must be > 0")
         postprocess = data.get("postprocess", {})
         need(isinstance(postprocess, dict), "postprocess must be an object")
-        value = postprocess.get("min_edge_contrast")
-        need(value is None or _is_number(value), "postprocess.min_edge_contrast must be a finite number")
+        for key in ("min_edge_contrast", "min_intensity_spread"):
+            value = postprocess.get(key)
+            need(value is None or _is_number(value), f"postprocess.{key} must be a finite number")
+        axes = postprocess.get("max_cut_axes")
+        need(
+            axes is None or (isinstance(axes, int) and not isinstance(axes, bool) and 0 <= axes <= 2),
+            "postprocess.max_cut_axes must be a whole number from 0 to 2",
+        )
         trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed", "min_surface_share")
         settings("tissue_trim", trim_keys, section="postprocess")
         opening = postprocess.get("opening_mm", 0)
