@@ -718,11 +718,12 @@ def head_probes(
         try:
             result = segment_image(image, package, device="cpu", tta=tta)
         except ModalityError:  # a head the model refuses to segment misses the targets; the run goes on
-            rows.append({"probe": name, "dice": 0.0, "hd95_mm": math.inf, "edge_contrast": None})
+            rows.append({"probe": name, "dice": 0.0, "hd95_mm": math.inf, "edge_contrast": None, "refused": True})
             continue
         brain = segmentation_metrics(result.labelmap.array, label, {1: "brain"}, image.spacing)["brain"]
         dice, hd95 = float(brain["dice"]), float(brain["hd95_mm"])
-        rows.append({"probe": name, "dice": dice, "hd95_mm": hd95, "edge_contrast": result.edge_contrast})
+        drawn = {"intensity_spread": result.intensity_spread, "cut_axes": result.cut_axes}
+        rows.append({"probe": name, "dice": dice, "hd95_mm": hd95, "edge_contrast": result.edge_contrast, **drawn})
     return rows
 
 
@@ -771,7 +772,13 @@ def edge_figures(model: Path, rows: List[Dict], probes: Optional[List[Dict]]) ->
     for name, image in no_head_inputs():
         image.metadata["force"] = True  # the step, not the refusal, is what is measured
         result = segment_image(image, package, device="cpu")
-        no_head[name] = {"edge_contrast": result.edge_contrast, "brain_ml": result.label_volumes_ml.get("brain", 0.0)}
+        no_head[name] = {
+            "edge_contrast": result.edge_contrast,
+            "intensity_spread": result.intensity_spread,
+            "cut_axes": result.cut_axes,
+            "brain_ml": result.label_volumes_ml.get("brain", 0.0),
+            "refused": result.unlike_anatomy,  # the engine's reason; None: segmented as a head
+        }
 
     def span(values: List[Optional[float]]) -> List[Optional[float]]:
         known = [v for v in values if v is not None]
@@ -783,6 +790,11 @@ def edge_figures(model: Path, rows: List[Dict], probes: Optional[List[Dict]]) ->
         "stress_cases": span([r.get("edge_contrast") for r in rows]),
         "probes": span([p["edge_contrast"] for p in measured]) if measured else None,
         "least_probe": min(measured, key=lambda p: p["edge_contrast"])["probe"] if measured else None,
+        # The other checks of what was drawn (meddl.infer.drawn_anatomy), where the package sets them.
+        "min_intensity_spread": package.spec.postprocess.get("min_intensity_spread"),
+        "max_cut_axes": package.spec.postprocess.get("max_cut_axes"),
+        "heads_spread": span([r.get("intensity_spread") for r in rows + measured]),
+        "heads_most_cut_axes": max([r["cut_axes"] for r in rows + measured if r.get("cut_axes") is not None] or [0]),
         "no_head": no_head,
     }
 
@@ -905,7 +917,10 @@ def record_in_package(
             **edges,
             "stress_cases": [round(v, 3) for v in edges["stress_cases"]],
             "probes": None if edges["probes"] is None else [round(v, 3) for v in edges["probes"]],
-            "no_head": {k: {n: round(v, 3) for n, v in f.items()} for k, f in edges["no_head"].items()},
+            "no_head": {
+                k: {n: round(v, 3) if isinstance(v, float) else v for n, v in f.items()}
+                for k, f in edges["no_head"].items()
+            },
         },
     }
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
@@ -965,6 +980,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "dice": dice,
                 "hd95_mm": hd95,
                 "edge_contrast": entry.get("edge_contrast"),
+                "intensity_spread": entry.get("intensity_spread"),
+                "cut_axes": entry.get("cut_axes"),
             }
         )
         held = " (held out)" if source in HELD_OUT else ""
@@ -1044,12 +1061,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{edges['stress_cases'][0]:+.3f} to {edges['stress_cases'][1]:+.3f}{on_probes}; volumes with no head, "
             f"segmented anyway ({edges_s:.0f} s in all):"
         )
+        if edges["heads_spread"][0] is not None:
+            print(
+                f"the image's spread inside the brain drawn (meddl.infer.intensity_spread; refused below "
+                f"{edges['min_intensity_spread']}) on stress cases and probes: {edges['heads_spread'][0]:.3f} to "
+                f"{edges['heads_spread'][1]:.3f}; the axes along which the field of view cuts it (refused above "
+                f"{edges['max_cut_axes']}): {edges['heads_most_cut_axes']} at most"
+            )
         for name, figures in edges["no_head"].items():
             step = figures["edge_contrast"]  # None where nothing was drawn, as the engine measures no step then
-            refused = step is not None and step < least
+            spread = figures["intensity_spread"]
             print(
-                f"  {name:50s} step {'none' if step is None else f'{step:+.3f}'}, {figures['brain_ml'] / 1000:.2f} l "
-                "of brain drawn: " + ("refused" if refused else "NOT refused")
+                f"  {name:50s} step {'none' if step is None else f'{step:+.3f}'}, spread "
+                f"{'none' if spread is None else f'{spread:.3f}'}, cut along {figures['cut_axes']} axes, "
+                f"{figures['brain_ml'] / 1000:.2f} l of brain drawn: "
+                + (f"refused ({figures['refused']})" if figures["refused"] else "NOT refused")
             )
 
     timing = None

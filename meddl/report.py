@@ -199,14 +199,19 @@ def evaluate(
                 prediction = read_image(prediction_path)
                 check_same_grid(image, image_path, prediction, prediction_path)
                 predicted = prediction.array
-                edge_contrast = None
+                drawn: Dict = {"edge_contrast": None, "intensity_spread": None, "cut_axes": None}
             else:
                 from meddl.infer import segment_image
 
                 if force_modality:
                     image.metadata["force"] = True
                 result = segment_image(image, package, device, tta, scaled(report, 0.05, 0.85), cancel)
-                predicted, edge_contrast = result.labelmap.array, result.edge_contrast
+                predicted = result.labelmap.array
+                drawn = {
+                    "edge_contrast": result.edge_contrast,
+                    "intensity_spread": result.intensity_spread,
+                    "cut_axes": result.cut_axes,
+                }
                 prediction_path = None
                 if save_predictions:
                     prediction_path = write_image(result.labelmap, output_dir / "predictions" / f"{case}.nii.gz")
@@ -222,7 +227,7 @@ def evaluate(
                 "label": str(label_path),
                 "prediction": str(prediction_path) if prediction_path else None,
                 "metrics": scores,
-                "edge_contrast": edge_contrast,  # meddl.infer.edge_contrast; None for given predictions
+                **drawn,  # meddl.infer.drawn_anatomy's figures; None for given predictions
             }
             mean_dice = float(np.mean([s["dice"] for s in scores.values()])) if scores else 1.0
             if worst is None or mean_dice < worst[0]:

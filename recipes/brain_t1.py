@@ -604,10 +604,15 @@ def write_model_card(package: Path) -> Path:
             )
         edges = stress.get("edge_contrast")
         if edges:
-            no_head = "; ".join(
-                f"{name} {v['edge_contrast']:+.3f} ({v['brain_ml'] / 1000:.2f} l drawn)"
-                for name, v in edges["no_head"].items()
-            )
+
+            def no_head_text(name: str, v: Dict[str, Any]) -> str:
+                step = "no step" if v["edge_contrast"] is None else f"{v['edge_contrast']:+.3f}"
+                verdict = ""  # figures recorded before the engine's reason was
+                if "refused" in v:
+                    verdict = f", refused: {v['refused']}" if v["refused"] else ", NOT refused"
+                return f"{name} {step} ({v['brain_ml'] / 1000:.2f} l drawn{verdict})"
+
+            no_head = "; ".join(no_head_text(name, v) for name, v in edges["no_head"].items())
             stress_text += (
                 f"\n\nThe image's step into the brain drawn (`meddl.infer.edge_contrast`; the volume is refused below "
                 f"{edges['min_edge_contrast']}): stress cases {edges['stress_cases'][0]:+.3f} to "
@@ -619,6 +624,14 @@ def write_model_card(package: Path) -> Path:
                 )
                 + f"; volumes with no head in them, segmented anyway: {no_head}."
             )
+            spread = edges.get("heads_spread") or [None, None]
+            if spread[0] is not None:
+                stress_text += (
+                    f" The image's spread inside the brain drawn (`meddl.infer.intensity_spread`; refused below "
+                    f"{edges['min_intensity_spread']}) on the stress cases and probes: {spread[0]:.3f} to "
+                    f"{spread[1]:.3f}; the axes along which the field of view cuts it (refused above "
+                    f"{edges['max_cut_axes']}): {edges['heads_most_cut_axes']} at most."
+                )
         if stress.get("segment_256x256x160_s"):
             runs = stress.get("segment_256x256x160_runs_s")
             stress_text += (
