@@ -336,7 +336,7 @@ class MedDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _offerToSegmentAnyway(self, runner) -> bool:
         """When the engine refused the volume as not the model's kind of image (a CT given to an MR model, or a
-        volume where what the model drew follows no edge), ask whether to run it anyway, as the command line's
+        volume where what the model drew is unlike its anatomy), ask whether to run it anyway, as the command line's
         --force-modality does; True if it runs again."""
         if runner is not self.runner or not isinstance(runner.error, ModalityError):
             return False
