@@ -88,7 +88,7 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
     refused = subprocess.run(command + ["--seed", "5"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 4
     assert refused.stderr.strip().splitlines() == [
-        f"recipes.brain_t1: {staging} holds a run trained with --seed 20261131; remove it or run with those"
+        f"recipes.brain_t1: {staging} holds a run trained with --seed 20261129; remove it or run with those"
     ]
     again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
