@@ -592,6 +592,18 @@ def test_a_volume_with_no_head_in_it_is_refused_in_one_line_and_runs_when_forced
     assert any(note.startswith("run anyway: ") and note[12:] in line for note in summary["notes"]), summary["notes"]
 
 
+def test_an_even_ball_the_size_of_a_head_is_refused_as_even_inside(tmp_path):
+    # 2.3.19 took the whole ball for a brain along its edge (1.69 l, step +0.874 against the 0.03 needed); inside, the
+    # image spreads 0.07 of its median, where a head's brain spreads 0.23 and more (docs/brain-model.md, 2.3.20).
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[:120, :140, :130]
+    ball = np.sqrt(((k - 60) * 1.5) ** 2 + ((j - 70) * 1.5) ** 2 + ((i - 65) * 1.5) ** 2) < 75
+    values = (ball * 600.0 + np.abs(rng.normal(0, 30, ball.shape))).astype(np.int16)
+    source = write_image(Image(values, (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), np.eye(3)), tmp_path / "ball.nii.gz")
+    line = _refusal(source, tmp_path)
+    assert "found no brain here: the image is even inside what it drew" in line and "--force-modality" in line, line
+
+
 def test_the_checks_of_what_was_drawn_read_a_head_as_a_head_and_an_even_volume_as_none():
     """The figures behind two of the refusals, on the template's own brain mask: its inside spreads as grey and white
     matter do and the field of view cuts it along one axis at most (its brainstem); the same mask filled with one
