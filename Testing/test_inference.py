@@ -580,3 +580,21 @@ def test_a_gradient_field_past_float32_is_not_taken_out(fsl_t1_2mm, fsl_brain_ma
     assert corrected is not None and np.isfinite(corrected.array).all() and np.linalg.norm(excess) > 0
     corrected, excess = take_out(-300.0)  # exp(300 x a cubic term) near the brain's edge
     assert corrected is None and not excess.any()
+
+
+def test_a_coil_profile_past_float32_is_not_taken_out(fsl_t1_2mm, fsl_brain_mask_2mm):
+    """The coil pass divides out exp(excess x (r / radius)²) as the gradient pass divides out its field: a slope far
+    from the template's (a look at what is no brain) could ask exp() for more than float32 holds. The pass then has
+    nothing to take out, rather than handing the network an image of inf."""
+    image = read_image(fsl_t1_2mm)
+    brain = (read_image(fsl_brain_mask_2mm).array > 0.5).astype(np.float32)
+    probabilities = np.stack([1 - brain, brain])
+
+    def take_out(reference_slope: float):
+        coil = {"reference_slope": reference_slope, "min_change": 0.2, "radius_mm": 80.0}
+        return infer.without_coil_profile(image, image, probabilities, coil)
+
+    corrected, gain = take_out(1.0)  # a profile within float32
+    assert corrected is not None and np.isfinite(corrected.array).all() and gain != 1.0
+    corrected, gain = take_out(100.0)  # exp(100 x 1.5) at the far corners
+    assert corrected is None and gain == 1.0

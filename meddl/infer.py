@@ -1175,8 +1175,19 @@ def without_coil_profile(
     squared *= np.float32(1.0 / radius**2)
     np.minimum(squared, 1.5, out=squared)
     squared *= np.float32(-excess)
-    profile_removed = image.array.astype(np.float32) * np.exp(squared, out=squared)
+    profile_removed = _times_exp(image.array, squared)
+    if profile_removed is None:
+        return None, 1.0
     return image.with_array(profile_removed), float(math.exp(excess))
+
+
+def _times_exp(values: np.ndarray, log_field: np.ndarray) -> Optional[np.ndarray]:
+    """``values`` in float32 times ``exp(log_field)`` (computed in ``log_field``'s memory), or None where that runs
+    past float32: a field fitted to what is no brain (a later look at a head CT stored without its Hounsfield offset,
+    by a network trained without synthesis, gave the image inf and NaN), which the passes then do not take out."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = values.astype(np.float32) * np.exp(log_field, out=log_field)
+    return product if np.isfinite(product).all() else None
 
 
 def intensity_gradient(
@@ -1284,11 +1295,8 @@ def without_intensity_gradient(
     log_field = np.zeros(image.array.shape, np.float32)
     for coefficient, term in zip(field_excess, _field_terms(position, surface)):
         log_field += np.float32(-coefficient) * term
-    with np.errstate(over="ignore", invalid="ignore"):
-        corrected = image.array.astype(np.float32) * np.exp(log_field, out=log_field)
-    if not np.isfinite(corrected).all():
-        # A surface fitted to what is no brain (a later look at a head CT stored without its Hounsfield offset, by a
-        # network trained without synthesis) ran past float32: no field to take out.
+    corrected = _times_exp(image.array, log_field)
+    if corrected is None:
         return None, np.zeros(3)
     return image.with_array(corrected), excess
 
