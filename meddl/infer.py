@@ -907,7 +907,7 @@ def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAna
         )
     elif most_axes is not None and len(axes) > int(most_axes):
         unlike = (
-            f"what it drew runs out of the field of view along all {len(axes)} of its axes, where the model's "
+            f"what it drew runs out of the field of view along {len(axes)} of its 3 axes, where the model's "
             f"anatomy is cut along {int(most_axes)} at most"
         )
     return DrawnAnatomy(step, spread, axes, unlike)
