@@ -45,13 +45,18 @@ def test_bundled_model_package_is_small_and_documented(repo):
 
 
 def test_recipe_version_names_the_bundled_weights_and_marks_another_schedule(repo):
-    """The recipe's arguments recorded in the bundled package give its version back; a shorter schedule, which
-    trains other weights (docs/brain-model.md: 30 of 40 at 120 steps an epoch), gives a marked one."""
-    from recipes.brain_t1 import recipe_spec, trained_with
+    """The recipe's arguments recorded in the bundled package give its version back, and so does its command as the
+    README gives it; a shorter schedule, which trains other weights (docs/brain-model.md: 30 of 40 at 120 steps an
+    epoch), gives a marked one."""
+    from recipes.brain_t1 import RECIPE_COMMAND, recipe_arguments, recipe_spec, trained_with
 
     raw = json.loads((repo / "Resources" / "models" / "brain-t1" / "model.json").read_text())
     arguments, precision = trained_with(raw), raw["training"]["precision"]
     assert recipe_spec(arguments, precision, compiled=False).version == raw["version"]
+    readme_command = RECIPE_COMMAND.split(" -m recipes.brain_t1 ")[1].split()
+    assert readme_command == ["--output", "Resources/models/brain-t1"]
+    defaults = recipe_arguments(readme_command)
+    assert recipe_spec(defaults, precision, compiled=False).version == raw["version"], vars(defaults)
     arguments.steps_per_epoch = 120
     assert recipe_spec(arguments, precision, compiled=False).version == raw["version"] + "+steps-per-epoch-120"
 
@@ -88,7 +93,7 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
     refused = subprocess.run(command + ["--seed", "5"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 4
     assert refused.stderr.strip().splitlines() == [
-        f"recipes.brain_t1: {staging} holds a run trained with --seed 20261129; remove it or run with those"
+        f"recipes.brain_t1: {staging} holds a run trained with --seed 20261131; remove it or run with those"
     ]
     again = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -62,19 +62,20 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 # What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
 # (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
+# The bundled family (2.9.21) trains without the tissue synthesis, on the seed whose run met all 40 stress cases.
 UNVERSIONED_DEFAULTS = {
     "epochs": 36,
     "steps_per_epoch": 160,
-    "seed": 20261129,
+    "seed": 20261131,
     "patches_per_volume": 1,
-    "synthetic_fraction": 0.5,
+    "synthetic_fraction": 0.0,
     "brain_only_fraction": 0.3,
     "atrophy_fraction": 0.3,
     "ema_decay": 0.0,
 }
-# Without the tissue synthesis the atrophy recipe trains a version of its own (a share of 0, like atrophy's), named for
-# the seed whose run met all 40 stress cases (2.9.21, not bundled: docs/brain-model.md).
-WITHOUT_SYNTHESIS_DEFAULTS = {**UNVERSIONED_DEFAULTS, "synthetic_fraction": 0.0, "seed": 20261131}
+# With it (a share above 0) the recipe trains 2.3.20, bundled before 2.9.21, and every variant (other labels, coil
+# fields, lesions, no atrophy, --compile) was measured so: they default to it (docs/brain-model.md).
+WITH_SYNTHESIS_DEFAULTS = {**UNVERSIONED_DEFAULTS, "synthetic_fraction": 0.5, "seed": 20261129}
 
 
 def brain_t1_spec(
@@ -87,10 +88,11 @@ def brain_t1_spec(
     synthesis: bool = True,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, the bundled 2.3.20 under ``bfloat16`` autocast and 2.6.11 in float32; without the tissue ``synthesis``
-    as well, 2.9.21 under ``bfloat16`` and 2.9.20 in float32; else 2.1.23; ``consensus``: trained on the consensus
-    labels, 2.4.20, not bundled; ``coil_field``: trained under receive coils' profiles as well, 2.5.11; ``lesions``:
-    trained with lesions painted into the brain as well, 2.7.22 in float32 and 2.7.23 under ``bfloat16``;
+    brains, with the tissue ``synthesis`` 2.3.20 under ``bfloat16`` autocast (bundled before 2.9.21) and 2.6.11 in
+    float32; without it, the bundled 2.9.21 under ``bfloat16`` and 2.9.20 in float32; else 2.1.23; ``consensus``:
+    trained on the consensus labels, 2.4.20, not bundled; ``coil_field``: trained under receive coils' profiles as
+    well, 2.5.11; ``lesions``: trained with lesions painted into the brain as well, 2.7.22 in float32 and 2.7.23 under
+    ``bfloat16``;
     ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.10 for the
     atrophy recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
@@ -485,8 +487,7 @@ def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> Mod
     Arguments in :data:`UNVERSIONED_DEFAULTS` that differ from their defaults go into the version's build metadata
     (``2.6.1+steps-per-epoch-120``): such a run trains other weights than the version names.
     """
-    variant = args.labels == "consensus" or bool(args.coil_field_fraction) or bool(args.lesion_fraction)
-    without_synthesis = bool(args.atrophy_fraction) and not variant and not args.synthetic_fraction
+    without_synthesis = not is_variant(args) and not args.synthetic_fraction
     spec = brain_t1_spec(
         atrophy=bool(args.atrophy_fraction),
         consensus=args.labels == "consensus",
@@ -497,13 +498,37 @@ def recipe_spec(args: argparse.Namespace, precision: str, compiled: bool) -> Mod
         synthesis=not without_synthesis,
     )
     changed = []
-    for name, default in (WITHOUT_SYNTHESIS_DEFAULTS if without_synthesis else UNVERSIONED_DEFAULTS).items():
+    for name, default in (UNVERSIONED_DEFAULTS if without_synthesis else WITH_SYNTHESIS_DEFAULTS).items():
         value = getattr(args, name, default)  # a package from before an argument existed trained with its default
         if value != default and not (name == "atrophy_fraction" and value == 0):  # 0: a version of its own
             changed.append(f"{name.replace('_', '-')}-{value}")
     if changed:
         spec.version += "+" + ".".join(changed)
     return spec
+
+
+def is_variant(args: argparse.Namespace) -> bool:
+    """Whether the arguments train a variant of the bundled family (other labels, coil fields, lesions, no atrophy,
+    ``torch.compile``), all of them measured with the tissue synthesis."""
+    return (
+        args.labels == "consensus"
+        or bool(args.coil_field_fraction)
+        or bool(args.lesion_fraction)
+        or not args.atrophy_fraction
+        or bool(getattr(args, "compile", False))
+    )
+
+
+def with_family_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the synthesis share and the seed its family trains with where they were not given: the bundled
+    family without synthesis (:data:`UNVERSIONED_DEFAULTS`), a share above 0 or a variant with it
+    (:data:`WITH_SYNTHESIS_DEFAULTS`)."""
+    if args.synthetic_fraction is None:
+        args.synthetic_fraction = WITH_SYNTHESIS_DEFAULTS["synthetic_fraction"] if is_variant(args) else 0.0
+    if args.seed is None:
+        family = UNVERSIONED_DEFAULTS if not args.synthetic_fraction else WITH_SYNTHESIS_DEFAULTS
+        args.seed = family["seed"]
+    return args
 
 
 def trained_with(spec: Dict[str, Any]) -> argparse.Namespace:
@@ -549,6 +574,14 @@ def write_model_card(package: Path) -> Path:
     """Render ``MODEL_CARD.md`` from the package's ``model.json``: every figure in it is a measured one."""
     spec = json.loads((Path(package) / "model.json").read_text(encoding="utf-8"))
     provenance, metrics, training = spec["provenance"], spec["metrics"], spec["training"]
+    synthesis = float(provenance.get("recipe_args", {}).get("synthetic_fraction", 0.5))
+    contrast_text = (
+        "tissue-class maps\nof that head are turned into images with a random intensity per class (SynthStrip-style "
+        f"synthesis, {synthesis:g} of the volumes), "
+        if synthesis
+        else "its contrast is varied by\nintensity augmentation only (without the tissue-class synthesis this "
+        "recipe met all 40 stress cases, with it 38: docs/brain-model.md), "
+    )
     arch = spec["architecture"]
     args = arch["args"]
 
@@ -835,8 +868,7 @@ All data come from installed packages (see `../shared/DATA.md`); nothing is down
 * No lesions and no hand-drawn labels are involved: the labels are the templates' own brain masks (and BET's
   for Colin27).
 
-Because there is a single head with skull, the recipe teaches shape rather than contrast: tissue-class maps
-of that head are turned into images with a random intensity per class (SynthStrip-style synthesis), brains
+Because there is a single head with skull, the recipe teaches shape rather than contrast: {contrast_text}brains
 are sometimes skull-stripped on the fly, and every volume goes through acquisition-simulating augmentation:
 {provenance.get("augmentation", "")}.
 
@@ -911,11 +943,30 @@ Held-out test (never seen in training or validation):
 
 
 def main(argv: List[str] = None) -> int:
+    args = recipe_arguments(argv)
+    if args.card_only:
+        print(write_model_card(args.output))
+        return 0
+    try:
+        return rescore(args.output) if args.rescore else train_and_record(args)
+    except MedDLError as error:  # bad input or a bad package: one line, as meddl's own commands give it
+        print(f"recipes.brain_t1: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, as meddl's own commands end
+        print(f"recipes.brain_t1: stopped; {what_is_kept(args)}", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def recipe_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The recipe's command line, with the synthesis share and seed of the family it trains filled in
+    (:func:`with_family_defaults`)."""
     parser = argparse.ArgumentParser(prog="python -m recipes.brain_t1", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("Resources/models/brain-t1"))
     parser.add_argument("--epochs", type=int, default=UNVERSIONED_DEFAULTS["epochs"])
     parser.add_argument("--steps-per-epoch", type=int, default=UNVERSIONED_DEFAULTS["steps_per_epoch"])
-    parser.add_argument("--seed", type=int, default=UNVERSIONED_DEFAULTS["seed"])
+    parser.add_argument(
+        "--seed", type=int, default=None, help="default: 20261131 without the tissue synthesis, 20261129 with it"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--precision",
@@ -935,8 +986,9 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument(
         "--synthetic-fraction",
         type=float,
-        default=UNVERSIONED_DEFAULTS["synthetic_fraction"],
-        help="share of volumes painted from their tissue classes at random intensities (0, --seed 20261131: 2.9.21)",
+        default=None,
+        help="share of volumes painted from their tissue classes at random intensities (default 0: the bundled "
+        "2.9.21; 0.5 with --seed 20261129: 2.3.20, bundled before it; the variants default to 0.5)",
     )
     parser.add_argument(
         "--atrophy-fraction",
@@ -988,18 +1040,7 @@ def main(argv: List[str] = None) -> int:
         action="store_true",
         help="keep --output's weights, apply this recipe's inference settings, re-measure its figures and card",
     )
-    args = parser.parse_args(argv)
-    if args.card_only:
-        print(write_model_card(args.output))
-        return 0
-    try:
-        return rescore(args.output) if args.rescore else train_and_record(args)
-    except MedDLError as error:  # bad input or a bad package: one line, as meddl's own commands give it
-        print(f"recipes.brain_t1: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, as meddl's own commands end
-        print(f"recipes.brain_t1: stopped; {what_is_kept(args)}", file=sys.stderr)
-        return EXIT_CANCELLED
+    return with_family_defaults(parser.parse_args(argv))
 
 
 # Arguments that do not change what is trained: a package staged by a run with other values of these is still its own.
