@@ -579,8 +579,8 @@ def write_model_card(package: Path) -> Path:
         "tissue-class maps\nof that head are turned into images with a random intensity per class (SynthStrip-style "
         f"synthesis, {synthesis:g} of the volumes), "
         if synthesis
-        else "its contrast is varied by\nintensity augmentation only (without the tissue-class synthesis this "
-        "recipe met all 40 stress cases, with it 38: docs/brain-model.md), "
+        else "its contrast is varied by\nintensity augmentation only (no tissue-class synthesis: docs/brain-model.md "
+        "compares the stress figures with and without it), "
     )
     arch = spec["architecture"]
     args = arch["args"]
