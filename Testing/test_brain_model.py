@@ -787,24 +787,23 @@ def test_a_real_head_under_a_coil_only_behind_it_is_not_turned_and_gets_its_brai
     assert_targets_and_no_worse(brain, alone)
 
 
-def older_colin27(brain_scale: float = 0.93):
-    """The benchmark's atrophied-head probe: Colin27 at 0.88x with its brain shrunk to ``brain_scale`` on the skull
-    base, the gap at 0.4 of the brain's level, 80 mm of drawn neck, acquired sagittal 1.2x1x1 mm. Returns the image,
-    its brain and the brain as it was before it shrank, on the image's grid."""
+def older_colin27():
+    """The benchmark's atrophied-head probe: Colin27 at 0.88x with its brain shrunk to 0.93x on the skull base, the
+    gap at 0.4 of the brain's level, 80 mm of drawn neck, acquired sagittal 1.2x1x1 mm. Returns the image, its brain
+    and the brain as it was before it shrank, on the image's grid."""
     from meddl.data import VolumePair, colin27_brain_pair
     from meddl.train import RandAtrophyd
 
     pair = with_brain_label(colin27_brain_pair())
     head, label = _scaled_about_centre(pair, 0.88)
-    shrink = RandAtrophyd(prob=1.0, factor_range=(brain_scale,) * 2, csf_range=(0.4, 0.4), anchor="base")
+    shrink = RandAtrophyd(prob=1.0, factor_range=(0.93, 0.93), csf_range=(0.4, 0.4), anchor="base")
     older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
     necked, shrunk = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
     rows_added = necked.array.shape[0] - head.array.shape[0]  # below the head: k runs inferior to superior
     unshrunk = shrunk.with_array(np.pad(label.array, [(rows_added, 0), (0, 0), (0, 0)]))
-    head = necked
 
     def acquired(brain: Image):
-        return acquire(VolumePair(pair.name, head, brain, ""), (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
+        return acquire(VolumePair(pair.name, necked, brain, ""), (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
 
     (image, shrunk), (_, unshrunk) = acquired(shrunk), acquired(unshrunk)
     return image, shrunk.array, unshrunk.array

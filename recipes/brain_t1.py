@@ -524,7 +524,8 @@ def with_family_defaults(args: argparse.Namespace) -> argparse.Namespace:
     family without synthesis (:data:`UNVERSIONED_DEFAULTS`), a share above 0 or a variant with it
     (:data:`WITH_SYNTHESIS_DEFAULTS`)."""
     if args.synthetic_fraction is None:
-        args.synthetic_fraction = WITH_SYNTHESIS_DEFAULTS["synthetic_fraction"] if is_variant(args) else 0.0
+        family = WITH_SYNTHESIS_DEFAULTS if is_variant(args) else UNVERSIONED_DEFAULTS
+        args.synthetic_fraction = family["synthetic_fraction"]
     if args.seed is None:
         family = UNVERSIONED_DEFAULTS if not args.synthetic_fraction else WITH_SYNTHESIS_DEFAULTS
         args.seed = family["seed"]
