@@ -71,6 +71,7 @@ __all__ = [
     "head_pose_rotation",
     "head_offset_mm",
     "head_lies_upright",
+    "least_sure_upright",
     "face_reach_mm",
     "pass_confidence",
     "upright_pass",
@@ -720,8 +721,7 @@ def segment_image(
     # high in its head, or the network is unsure of it (a neck taken for brain sits high), look at the head turned
     # each way and keep the turn the network is surest of.
     orientation_turn = "none"
-    least_confidence = float((orienting or {}).get("min_confidence", 0.0))  # 0: off (a confidence is never below)
-    unsure = least_confidence > 0 and first.confidence < least_confidence
+    unsure = bool(orienting) and first.confidence < least_sure_upright(first.found, orienting)
     graded = None  # the gradient passes (below), where the check ran them already
     if orienting and (unsure or not head_lies_upright(first.found, first.model_image, spec, orienting)):
         turned = upright_pass(first, runner, orienting, scaled(progress, 0.3, 0.4))
@@ -1428,6 +1428,26 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     if flattest is not None and _cut_tilt_deg(below_centre) > float(flattest):
         return False  # the lower half of a cut at a side, the front or the back: a head on its side or upside down
     return up_share <= -float(orienting.get("cut_base_down_share", 0.3))
+
+
+def least_sure_upright(found: FoundObject, orienting: Dict) -> float:
+    """The confidence a first pass needs for the orientation check to trust :func:`head_lies_upright`: below it, the
+    check looks at every turn.
+
+    ``min_confidence`` (0, or left out: the check trusts any pass): a neck taken for brain sits high, but the network
+    is unsure of it. Where the field of view cuts the brain on more than ``max_cut_base_mm2`` along a plane further
+    than ``cut_base_max_tilt_deg`` from the horizontal (its front, back or a side), ``cut_side_min_confidence`` where
+    that is higher: Colin27, whose field of view ends close to its brain, turned face up by a lost header, is cut so
+    (5548 mm²) and its brain sits 0.64 up in its head, as upright heads with such a cut do (0.54-0.94), but 2.9.21 is
+    0.9348 sure of it and 0.955 and surer of each of those (docs/brain-model.md, 2.9.23).
+    """
+    least = float(orienting.get("min_confidence", 0.0))
+    on_a_cut_side = orienting.get("cut_side_min_confidence")
+    if on_a_cut_side is None or found.cut_mm2 <= float(orienting.get("max_cut_base_mm2", 1000.0)):
+        return least
+    if _cut_tilt_deg(found.cut_points) <= float(orienting.get("cut_base_max_tilt_deg", 45.0)):
+        return least  # a cut top or base: an upright head's
+    return max(least, float(on_a_cut_side))
 
 
 def _cut_tilt_deg(cut_points: np.ndarray) -> float:
