@@ -956,3 +956,22 @@ def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_up
     unturned, alone = segment_and_score(package, image, label.array, without="orientation_check.cut_base_max_tilt_deg")
     assert unturned.orientation_turn == "none"
     assert_targets_and_no_worse(brain, alone)
+
+
+def test_a_head_cut_at_its_front_whose_header_turned_it_face_up_is_turned_upright(package):
+    """Colin27's field of view ends close to its brain; a header that lost the orientation shows it face up. Its
+    brain then sits 0.64 up in its head, where upright heads read 0.5 and up, so the head offset does not run the
+    check, and the network is 0.9348 sure of it, above the 0.86 under which the check runs anyway: 2.9.21 drew it as
+    it lay, 0.9519 / 19.47 mm (the stress probes). The field of view cuts its brain on 5548 mm² along a vertical
+    plane, and the network is 0.955 and surer of every upright head with such a cut: under 0.945 there, the check runs
+    (2.9.23, docs/brain-model.md), turns it upright and draws Colin27's own brain, 0.9756 / 3.00 mm."""
+    from meddl.data import colin27_brain_pair
+
+    pair = with_brain_label(colin27_brain_pair())
+    image, label = lost_orientation(pair.image, pair.label, (0, 1), 1)
+
+    result, brain = segment_and_score(package, image, label.array)
+    assert result.orientation_turn == "top forward, face down", result.orientation_turn
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unchecked, _ = segment_and_score(package, image, label.array, without="orientation_check.cut_side_min_confidence")
+    assert unchecked.orientation_turn == "none"  # the check runs because the cut side lowers the trust
