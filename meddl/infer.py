@@ -1409,7 +1409,11 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     and Colin27, whose fields of view end close to the brain). With ``cut_base_max_tilt_deg``, only a cut whose plane
     lies within so many degrees of the horizontal (:func:`_cut_tilt_deg`) is a cut base: the lower half of a cut
     front or back that a lost header turned upside down points down too, but stands upright (90 against the
-    cerebellum cuts' 0, docs/brain-model.md 2.3.14).
+    cerebellum cuts' 0, docs/brain-model.md 2.3.14). An offset whose superior part is at least
+    ``posed_upright_share`` of its length once :func:`head_pose_rotation` turns the head to the learnt pitch counts as
+    upright too: a head tilted back 40° reads 0.43 up, 0.91 turned. The pose pass turns none of the heads a lost
+    header turned: upside down or on a side their front-back axes lie within 15° of the learnt pitch, face up 80-86°
+    from it (docs/brain-model.md, 2.9.25).
     """
     if len(found.points) < 2:
         return True
@@ -1420,6 +1424,11 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     up_share = float(offset[2]) / length
     if up_share >= float(orienting.get("upright_share", 0.5)):
         return True
+    posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
+    posed_share = orienting.get("posed_upright_share")
+    rotation = head_pose_rotation(found, posing) if posing and posed_share is not None else None
+    if rotation is not None and float((rotation @ offset)[2]) / length >= float(posed_share):
+        return True  # a head tilted back or forward: upright once the pose pass turns it to the learnt pitch
     below_centre = found.cut_points[found.cut_points[:, 2] < found.points[:, 2].mean()]
     cut_base = len(below_centre) * found.voxel_face_mm2
     if cut_base <= float(orienting.get("max_cut_base_mm2", 1000.0)):
