@@ -255,9 +255,9 @@ def brain_t1_spec(
                 # its brain sits 0.64 up, and 2.9.21 is 0.9348 sure of it (HD95 19.47 mm as it lies); the upright heads
                 # of the stress set and the probes with such a cut, 0.955 and surer (2.9.23, docs/brain-model.md).
                 # A head tilted back 35-40 deg holds its brain less than half up (0.43 at 40 deg) and paid the 23 turns
-                # (23.9 s against 2.0 s) to keep none: an offset half up once the pose pass would turn the head to the
-                # learnt pitch (0.91 there) counts as upright; that pass turns none of the heads a lost header turned
-                # (within 15 deg of the learnt pitch, or 80-86 from it) (2.9.25, docs/brain-model.md).
+                # (22.3 s against 2.6 s without them) to keep none: an offset half up once the pose pass would turn the
+                # head to the learnt pitch (0.91 there) counts as upright; that pass turns none of the heads a lost
+                # header turned (within 15 deg of the learnt pitch, or 80-86 from it) (2.9.25, docs/brain-model.md).
                 "orientation_check": {
                     "min_offset_mm": 2.0,
                     "upright_share": 0.5,
