@@ -528,6 +528,7 @@ def test_a_model_grid_too_large_to_hold_is_refused_in_one_line_before_it_is_allo
         ("postprocess", {"min_intensity_spread": "even"}),
         ("postprocess", {"max_cut_axes": 3}),
         ("postprocess", {"max_cut_axes": 1.5}),
+        ("postprocess", {"min_edge_contrast_cut_twice": "faint"}),
         ("postprocess", []),
         ("postprocess", {"tissue_trim": {"min_ratio": -0.5}}),
         ("postprocess", {"tissue_trim": "on"}),

@@ -62,7 +62,7 @@ class InputError(MedDLError):
 class ModalityError(InputError):
     """The input's modality (from its DICOM tags or its values) is not the one the model expects, or the input is
     not the model's kind of image at all (what the model drew in it is unlike its anatomy: ``postprocess``'s
-    ``min_edge_contrast``, ``min_intensity_spread``, ``max_cut_axes``).
+    ``min_edge_contrast``, ``min_intensity_spread``, ``max_cut_axes``, ``min_edge_contrast_cut_twice``).
 
     The message states the problem only; each caller says how to run it anyway (``--force-modality`` on the
     command line, a question in Slicer), since the input may be right and the guess wrong.

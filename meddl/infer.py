@@ -880,20 +880,24 @@ class DrawnAnatomy(NamedTuple):
 def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAnatomy:
     """Whether the foreground of ``labels`` looks like the anatomy the model learnt, by the package's postprocess
     checks: the image steps up into it by ``min_edge_contrast`` (:func:`edge_contrast`), its values inside spread by
-    ``min_intensity_spread`` (:func:`intensity_spread`), and the field of view cuts it along at most ``max_cut_axes``
-    of the array's axes (:func:`cut_axes`).
+    ``min_intensity_spread`` (:func:`intensity_spread`), the field of view cuts it along at most ``max_cut_axes``
+    of the array's axes (:func:`cut_axes`), and where it cuts it along two, the step is ``min_edge_contrast_cut_twice``
+    at least.
 
     A network draws a brain into anything. Into noise it draws one along no edge; into a cylinder of even intensity
     one along its edge, even inside (no grey and white matter); into smooth noise one that runs out of the volume on
-    three sides, where the field of view cuts a head's brain on one or two (top and base, or a side).
+    three sides, or on two along an edge a little stronger than noise has, where the field of view cuts a head's brain
+    on one or two (top and base, or a side) and its brain steps up clearly.
     """
     settings = spec.postprocess
     mask = labels > 0
     least_step, least_spread = settings.get("min_edge_contrast"), settings.get("min_intensity_spread")
-    most_axes = settings.get("max_cut_axes")
-    step = edge_contrast(image, mask, spec.normalization) if least_step is not None else None
+    most_axes, least_step_cut_twice = settings.get("max_cut_axes"), settings.get("min_edge_contrast_cut_twice")
+    measure_step = least_step is not None or least_step_cut_twice is not None
+    step = edge_contrast(image, mask, spec.normalization) if measure_step else None
     spread = intensity_spread(image, mask, spec.normalization) if least_spread is not None else None
-    axes = cut_axes(mask, image.spacing) if most_axes is not None else ()
+    measure_axes = most_axes is not None or least_step_cut_twice is not None
+    axes = cut_axes(mask, image.spacing) if measure_axes else ()
     unlike = None
     if step is not None and step < float(least_step):
         unlike = (
@@ -909,6 +913,14 @@ def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAna
         unlike = (
             f"what it drew runs out of the field of view along {len(axes)} of its 3 axes, where the model's "
             f"anatomy is cut along {int(most_axes)} at most"
+        )
+    elif (
+        least_step_cut_twice is not None and len(axes) >= 2 and step is not None and step < float(least_step_cut_twice)
+    ):
+        unlike = (
+            f"what it drew runs out of the field of view along {len(axes)} of its 3 axes and follows a faint edge "
+            f"(intensity step {step:+.2f} across its surface, where the model's anatomy cut along two axes needs "
+            f"{float(least_step_cut_twice):.2f})"
         )
     return DrawnAnatomy(step, spread, axes, unlike)
 

@@ -330,7 +330,7 @@ class ModelSpec:
         need(coil.get("radius_mm", 80.0) > 0, "input.coil_normalization.radius_mm must be > 0")
         postprocess = data.get("postprocess", {})
         need(isinstance(postprocess, dict), "postprocess must be an object")
-        for key in ("min_edge_contrast", "min_intensity_spread"):
+        for key in ("min_edge_contrast", "min_intensity_spread", "min_edge_contrast_cut_twice"):
             value = postprocess.get(key)
             need(value is None or _is_number(value), f"postprocess.{key} must be a finite number")
         axes = postprocess.get("max_cut_axes")
