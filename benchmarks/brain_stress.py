@@ -729,8 +729,8 @@ def head_probes(
 
 def no_head_inputs() -> List[Tuple[str, Image]]:
     """Volumes with no head in them, as big as a head scan, that a user may still hand the brain model: noise
-    (uniform, Gaussian, smoothed), a cylinder and a torso-like phantom (a body ellipse with two organs), and the
-    InVesalius head CT stored without its Hounsfield offset (where Debian's invesalius-examples is installed)."""
+    (uniform, Gaussian, smoothed in three draws), a cylinder and a torso-like phantom (a body ellipse with two organs),
+    and the InVesalius head CT stored without its Hounsfield offset (with Debian's invesalius-examples)."""
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
@@ -744,6 +744,9 @@ def no_head_inputs() -> List[Tuple[str, Image]]:
         ("uniform noise", rng.uniform(0, 1000, shape)),
         ("Gaussian noise", np.abs(rng.normal(500, 200, shape))),
         ("smooth noise", ndimage.gaussian_filter(rng.uniform(0, 1000, shape), 4)),
+        # Two draws of their own, which brain-t1 2.9.25 let through (cut along two axes, stepping +0.03 to +0.05).
+        ("smooth noise, another draw", ndimage.gaussian_filter(np.random.default_rng(2).uniform(0, 1000, shape), 4)),
+        ("finer smooth noise", ndimage.gaussian_filter(np.random.default_rng(3).uniform(0, 1000, shape), 3)),
         ("cylinder 140 mm across", (across < 70) * 600.0 + np.abs(rng.normal(0, 30, shape))),
         ("torso phantom", torso + np.abs(rng.normal(0, 20, shape))),
     ]
