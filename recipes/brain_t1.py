@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 # What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
 # (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
-# The bundled family (2.9.25, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
+# The bundled family (2.9.27, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
 # all 40 stress cases.
 UNVERSIONED_DEFAULTS = {
     "epochs": 36,
@@ -74,7 +74,7 @@ UNVERSIONED_DEFAULTS = {
     "atrophy_fraction": 0.3,
     "ema_decay": 0.0,
 }
-# With it (a share above 0) the recipe trains 2.3.22 (the weights of 2.3.20, bundled before 2.9.21), and every
+# With it (a share above 0) the recipe trains 2.3.23 (the weights of 2.3.20, bundled before 2.9.21), and every
 # variant (other labels, coil fields, lesions, no atrophy, --compile) was measured so: they default to it
 # (docs/brain-model.md).
 WITH_SYNTHESIS_DEFAULTS = {**UNVERSIONED_DEFAULTS, "synthetic_fraction": 0.5, "seed": 20261129}
@@ -90,31 +90,31 @@ def brain_t1_spec(
     synthesis: bool = True,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, with the tissue ``synthesis`` 2.3.22 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
-    2.9.21) and 2.6.13 in float32; without it, the bundled 2.9.25 under ``bfloat16`` and 2.9.24 in float32; else
-    2.1.25; ``consensus``: trained on the consensus labels, 2.4.22, not bundled; ``coil_field``: trained under receive
-    coils' profiles as well, 2.5.13; ``lesions``: trained with lesions painted into the brain as well, 2.7.26 in
-    float32 and 2.7.27 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.12 for the
+    brains, with the tissue ``synthesis`` 2.3.23 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
+    2.9.21) and 2.6.14 in float32; without it, the bundled 2.9.27 under ``bfloat16`` and 2.9.26 in float32; else
+    2.1.26; ``consensus``: trained on the consensus labels, 2.4.23, not bundled; ``coil_field``: trained under receive
+    coils' profiles as well, 2.5.14; ``lesions``: trained with lesions painted into the brain as well, 2.7.28 in
+    float32 and 2.7.29 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.13 for the
     atrophy recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants and the variants without synthesis move two, so that their float32 and bfloat16 names never
     meet); the last added were the ``tissue_trim`` (2.3.19), the checks of what was drawn, ``min_intensity_spread``
     and ``max_cut_axes`` (2.3.20), and the orientation check's ``cut_side_min_confidence`` (2.3.21, 2.9.23) and
-    ``posed_upright_share`` (2.3.22, 2.9.25).
+    ``posed_upright_share`` (2.3.22, 2.9.25), and ``min_edge_contrast_cut_twice`` (2.3.23, 2.9.27).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.22"
+        version = "2.4.23"
     elif coil_field:
-        version = "2.5.13"
+        version = "2.5.14"
     elif lesions:
-        version = "2.7.27" if bfloat16 else "2.7.26"
+        version = "2.7.29" if bfloat16 else "2.7.28"
     elif atrophy and not synthesis:
-        version = "2.9.25" if bfloat16 else "2.9.24"
+        version = "2.9.27" if bfloat16 else "2.9.26"
     elif atrophy:
-        version = "2.3.22" if bfloat16 else ("2.8.12" if compiled else "2.6.13")
+        version = "2.3.23" if bfloat16 else ("2.8.13" if compiled else "2.6.14")
     else:
-        version = "2.1.25"
+        version = "2.1.26"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -298,6 +298,10 @@ def brain_t1_spec(
                 # that ran out of the volume on three sides (step +0.06); the stress set and the probes cut a brain
                 # along one axis at most (top, base, a side, or both sides of a folded field of view).
                 "max_cut_axes": 2,
+                # ... nor one cut along two with a faint edge: other draws of smooth noise let 2.9.25's weights (and
+                # the float32 twin's) draw one cut along two axes that steps +0.032 to +0.064, where heads cut at the
+                # top and the front, back or a side step +0.267 and more (2.9.27, docs/brain-model.md).
+                "min_edge_contrast_cut_twice": 0.13,
                 "tissue_trim": {
                     "label": 1,
                     "min_ratio": 0.5,
@@ -851,6 +855,9 @@ def write_model_card(package: Path) -> Path:
         )
     if cut_axes is not None:
         edge_text += f", or when the field of view cuts it along more than {cut_axes} of its three axes"
+    cut_twice = spec["postprocess"].get("min_edge_contrast_cut_twice")
+    if cut_twice is not None:
+        edge_text += f" (along two, when the step is under {cut_twice}: smooth noise, not a head cut twice)"
     trim = spec["postprocess"].get("tissue_trim")
     trim_text = (
         f", and a trim to the brain's own tissue (`tissue_trim`: what lies outside the envelope of the voxels at "
@@ -1015,7 +1022,7 @@ def recipe_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of volumes painted from their tissue classes at random intensities (default 0: the bundled "
-        "2.9.25; 0.5 with --seed 20261129: 2.3.22, whose weights were bundled before it; the variants default to 0.5)",
+        "2.9.27; 0.5 with --seed 20261129: 2.3.23, whose weights were bundled before it; the variants default to 0.5)",
     )
     parser.add_argument(
         "--atrophy-fraction",
