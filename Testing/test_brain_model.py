@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -626,6 +627,21 @@ def test_a_head_cut_at_its_top_and_a_side_is_segmented_not_refused_as_noise(pack
     assert result.cut_axes == 2 and result.unlike_anatomy is None, (result.cut_axes, result.edge_contrast)
     brain = segmentation_metrics(result.labelmap.array, label.array, {1: "brain"}, image.spacing)["brain"]
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+
+
+def test_the_cut_twice_check_works_in_a_package_without_the_plain_edge_check(no_heads, tmp_path):
+    """A package may set ``min_edge_contrast_cut_twice`` alone: the step is still measured, and smooth noise the field
+    of view cuts along two axes is refused by it."""
+    from meddl.errors import ModalityError
+    from meddl.infer import segment_image
+
+    package_dir = tmp_path / "cut-twice-only"
+    shutil.copytree(MODEL, package_dir)
+    spec = json.loads((package_dir / "model.json").read_text())
+    del spec["postprocess"]["min_edge_contrast"]
+    (package_dir / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(ModalityError, match="along 2 of its 3 axes and follows a faint edge"):
+        segment_image(no_heads["finer smooth noise"], load_model(package_dir, "cpu"), device="cpu")
 
 
 def test_an_even_ball_the_size_of_a_head_is_refused_as_even_inside(tmp_path):

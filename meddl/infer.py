@@ -899,7 +899,7 @@ def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAna
     measure_axes = most_axes is not None or least_step_cut_twice is not None
     axes = cut_axes(mask, image.spacing) if measure_axes else ()
     unlike = None
-    if step is not None and step < float(least_step):
+    if least_step is not None and step is not None and step < float(least_step):
         unlike = (
             f"what it drew follows no edge in the image (intensity step {step:+.2f} across its surface, where the "
             f"model needs {float(least_step):.2f})"
