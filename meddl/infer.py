@@ -149,6 +149,9 @@ class SegmentationResult:
     edge_contrast: Optional[float] = None
     intensity_spread: Optional[float] = None
     cut_axes: int = 0
+    # The step the check of a drawing cut along two axes read, on the image as the last pass saw it (a coil's or a
+    # gradient's field taken out); None where that check did not run.
+    seen_edge_contrast: Optional[float] = None
     # Why that is no anatomy the model learnt, where one of the checks says so: segmented only because forced.
     unlike_anatomy: Optional[str] = None
     tissue_trimmed: float = 0.0  # the share of the brain drawn on CSF round it that the tissue trim took off (0: none)
@@ -794,7 +797,7 @@ def segment_image(
     labels = labels_on_input(
         current.probabilities, current.model_image, current.placed, spec, scaled(progress, 0.86, 0.93), cancel
     )
-    drawn = drawn_anatomy(image, labels, spec)
+    drawn = drawn_anatomy(image, labels, spec, seen=current.seen)
     timings["postprocess"] = time.perf_counter() - started
     # A cut base framed with air: only where what the model drew looks like its anatomy. Framed, a volume with no head
     # in it (a head CT stored without its Hounsfield offset) can show the network enough of a head to draw one.
@@ -848,6 +851,7 @@ def segment_image(
         edge_contrast=drawn.edge_contrast,
         intensity_spread=drawn.intensity_spread,
         cut_axes=len(drawn.cut_axes),
+        seen_edge_contrast=drawn.seen_edge_contrast,
         unlike_anatomy=drawn.unlike,
         tissue_trimmed=tissue_trimmed,
     )
@@ -875,14 +879,17 @@ class DrawnAnatomy(NamedTuple):
     intensity_spread: Optional[float]
     cut_axes: Tuple[int, ...]
     unlike: Optional[str]  # why it is no anatomy the model learnt (a clause); None where every check passes
+    seen_edge_contrast: Optional[float] = None  # the step the cut-twice check read on ``seen``; None: it did not run
 
 
-def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAnatomy:
+def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec, seen: Optional[Image] = None) -> DrawnAnatomy:
     """Whether the foreground of ``labels`` looks like the anatomy the model learnt, by the package's postprocess
     checks: the image steps up into it by ``min_edge_contrast`` (:func:`edge_contrast`), its values inside spread by
     ``min_intensity_spread`` (:func:`intensity_spread`), the field of view cuts it along at most ``max_cut_axes``
     of the array's axes (:func:`cut_axes`), and where it cuts it along two, the step is ``min_edge_contrast_cut_twice``
-    at least.
+    at least on ``seen``: ``image`` as the last pass saw it, the same voxels with a coil's or a gradient's field taken
+    out (default: ``image``). A coil only behind the head leaves its front so dark that the step on the input falls to
+    noise's (+0.07 to +0.12 on heads cut twice), and that field is what the passes took out.
 
     A network draws a brain into anything. Into noise it draws one along no edge; into a cylinder of even intensity
     one along its edge, even inside (no grey and white matter); into smooth noise one that runs out of the volume on
@@ -914,15 +921,16 @@ def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec) -> DrawnAna
             f"what it drew runs out of the field of view along {len(axes)} of its 3 axes, where the model's "
             f"anatomy is cut along {int(most_axes)} at most"
         )
-    elif (
-        least_step_cut_twice is not None and len(axes) >= 2 and step is not None and step < float(least_step_cut_twice)
-    ):
-        unlike = (
-            f"what it drew runs out of the field of view along {len(axes)} of its 3 axes and follows a faint edge "
-            f"(intensity step {step:+.2f} across its surface, where the model's anatomy cut along two axes needs "
-            f"{float(least_step_cut_twice):.2f})"
-        )
-    return DrawnAnatomy(step, spread, axes, unlike)
+    seen_step = None
+    if unlike is None and least_step_cut_twice is not None and len(axes) >= 2:
+        seen_step = step if seen is None or seen is image else edge_contrast(seen, mask, spec.normalization)
+        if seen_step is not None and seen_step < float(least_step_cut_twice):
+            unlike = (
+                f"what it drew runs out of the field of view along {len(axes)} of its 3 axes and follows a faint edge "
+                f"(intensity step {seen_step:+.2f} across its surface, where the model's anatomy cut along two axes "
+                f"needs {float(least_step_cut_twice):.2f})"
+            )
+    return DrawnAnatomy(step, spread, axes, unlike, seen_step)
 
 
 def _every_2mm(image: Image) -> Tuple[slice, ...]:
