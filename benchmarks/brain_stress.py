@@ -489,6 +489,7 @@ def head_probes(
         (32, 40.0, 0.7),
     ),
     arrays_behind: Sequence[Tuple[int, float, float]] = ((8, 60.0, 1.0),),
+    cuts_behind_coil: Sequence[Tuple[str, float]] = (("back", 0.1), ("front", 0.15)),
     atrophied_heads: Sequence[Tuple[float, float, float]] = tuple(
         (scale, factor, csf) for scale in (0.88, 0.95) for factor in (0.95, 0.93) for csf in (0.25, 0.4)
     ),
@@ -544,7 +545,9 @@ def head_probes(
     * phased-array coils: the same heads moved under the profile of a head coil's elements (:func:`phased_array_profile`
       at ``phased_arrays``: elements, reach in mm, share of the profile), darker at the brain's base and lumpy under
       the elements, which the engine's radial profile does not describe; and under ``arrays_behind``, the same with
-      elements only behind the head, whose brain's front reads far darker than its back;
+      elements only behind the head, whose brain's front reads far darker than its back; and the first of those with
+      the top 10 % and ``cuts_behind_coil`` (side, fraction of the brain's extent) cut off by the field of view: a
+      brain cut along two axes whose dark front steps up on the input no more than a drawing in smooth noise does;
     * atrophied heads: the same heads at ``atrophied_heads`` (scale, the brain's factor inside the skull, CSF level),
       the brain shrunk on the skull base (``RandAtrophyd(anchor="base")``), with 80 mm of drawn neck, moved and
       acquired sagittal 1.2×1×1 mm: an older adult's research scan (a brain 0.93× across holds 0.80 of its volume);
@@ -667,6 +670,15 @@ def head_probes(
             array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
             cut_image, cut_label = cut_brain(moved, moved_label, array_axis, fraction, from_end)
             cases.append((f"{source_name} moved, {side} {fraction:.0%} of brain cut", cut_image, cut_label.array))
+        for side, fraction in cuts_behind_coil:
+            elements, reach, share = arrays_behind[0]
+            behind = phased_array_profile(moved, elements, reach, share, behind_only=True)
+            cut_image, cut_label = cut_superior(behind, moved_label, 0.1, top=True)
+            array_axis, from_end = {"front": (1, False), "back": (1, True)}[side]
+            cut_image, cut_label = cut_brain(cut_image, cut_label, array_axis, fraction, from_end)
+            name = f"{source_name} moved, {elements}-element coil behind the head"
+            name += f", top 10% and {side} {fraction:.0%} of brain cut"
+            cases.append((name, cut_image, cut_label.array))
         for scale, neck, fraction in cut_vertex_heads:
             head, label = _scaled_about_centre(source, scale)
             if neck:
@@ -722,7 +734,11 @@ def head_probes(
             continue
         brain = segmentation_metrics(result.labelmap.array, label, {1: "brain"}, image.spacing)["brain"]
         dice, hd95 = float(brain["dice"]), float(brain["hd95_mm"])
-        drawn = {"intensity_spread": result.intensity_spread, "cut_axes": result.cut_axes}
+        drawn = {
+            "intensity_spread": result.intensity_spread,
+            "cut_axes": result.cut_axes,
+            "seen_edge_contrast": result.seen_edge_contrast,  # where the field of view cuts it along two axes
+        }
         rows.append({"probe": name, "dice": dice, "hd95_mm": hd95, "edge_contrast": result.edge_contrast, **drawn})
     return rows
 
@@ -779,6 +795,7 @@ def edge_figures(model: Path, rows: List[Dict], probes: Optional[List[Dict]]) ->
             "edge_contrast": result.edge_contrast,
             "intensity_spread": result.intensity_spread,
             "cut_axes": result.cut_axes,
+            "seen_edge_contrast": result.seen_edge_contrast,
             "brain_ml": result.label_volumes_ml.get("brain", 0.0),
             "refused": result.unlike_anatomy,  # the engine's reason; None: segmented as a head
         }
@@ -798,6 +815,9 @@ def edge_figures(model: Path, rows: List[Dict], probes: Optional[List[Dict]]) ->
         "max_cut_axes": package.spec.postprocess.get("max_cut_axes"),
         "heads_spread": span([r.get("intensity_spread") for r in rows + measured]),
         "heads_most_cut_axes": max([r["cut_axes"] for r in rows + measured if r.get("cut_axes") is not None] or [0]),
+        # Where the field of view cuts the brain drawn along two axes: the step on the image the last pass saw.
+        "min_edge_contrast_cut_twice": package.spec.postprocess.get("min_edge_contrast_cut_twice"),
+        "probes_cut_twice": span([p.get("seen_edge_contrast") for p in measured]),
         "no_head": no_head,
     }
 
@@ -1070,6 +1090,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{edges['min_intensity_spread']}) on stress cases and probes: {edges['heads_spread'][0]:.3f} to "
                 f"{edges['heads_spread'][1]:.3f}; the axes along which the field of view cuts it (refused above "
                 f"{edges['max_cut_axes']}): {edges['heads_most_cut_axes']} at most"
+            )
+        if edges["probes_cut_twice"][0] is not None:
+            print(
+                f"the step on the image the last pass saw, where the field of view cuts the brain drawn along two axes "
+                f"(refused below {edges['min_edge_contrast_cut_twice']}), on probes: "
+                f"{edges['probes_cut_twice'][0]:+.3f} to {edges['probes_cut_twice'][1]:+.3f}"
             )
         for name, figures in edges["no_head"].items():
             step = figures["edge_contrast"]  # None where nothing was drawn, as the engine measures no step then

@@ -684,6 +684,14 @@ def write_model_card(package: Path) -> Path:
                     f"{spread[1]:.3f}; the axes along which the field of view cuts it (refused above "
                     f"{edges['max_cut_axes']}): {edges['heads_most_cut_axes']} at most."
                 )
+            cut_twice = edges.get("probes_cut_twice") or [None, None]
+            if cut_twice[0] is not None:
+                stress_text += (
+                    f" Where the field of view cuts the brain drawn along two axes, the step on the image the last "
+                    f"pass saw (a coil's or a gradient's field taken out; refused below "
+                    f"{edges['min_edge_contrast_cut_twice']}), on the probes: {cut_twice[0]:+.3f} to "
+                    f"{cut_twice[1]:+.3f}."
+                )
         if stress.get("segment_256x256x160_s"):
             runs = stress.get("segment_256x256x160_runs_s")
             stress_text += (
