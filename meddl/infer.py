@@ -1813,6 +1813,7 @@ def segment_file(
         "edge_contrast": None if result.edge_contrast is None else round(result.edge_contrast, 3),
         "intensity_spread": None if result.intensity_spread is None else round(result.intensity_spread, 3),
         "cut_axes": result.cut_axes,
+        "seen_edge_contrast": None if result.seen_edge_contrast is None else round(result.seen_edge_contrast, 3),
         "tissue_trimmed": round(result.tissue_trimmed, 4),
         "notes": notes,
         "geometry": result.labelmap.geometry(),

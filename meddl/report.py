@@ -199,7 +199,12 @@ def evaluate(
                 prediction = read_image(prediction_path)
                 check_same_grid(image, image_path, prediction, prediction_path)
                 predicted = prediction.array
-                drawn: Dict = {"edge_contrast": None, "intensity_spread": None, "cut_axes": None}
+                drawn: Dict = {
+                    "edge_contrast": None,
+                    "intensity_spread": None,
+                    "cut_axes": None,
+                    "seen_edge_contrast": None,
+                }
             else:
                 from meddl.infer import segment_image
 
@@ -211,6 +216,7 @@ def evaluate(
                     "edge_contrast": result.edge_contrast,
                     "intensity_spread": result.intensity_spread,
                     "cut_axes": result.cut_axes,
+                    "seen_edge_contrast": result.seen_edge_contrast,
                 }
                 prediction_path = None
                 if save_predictions:
