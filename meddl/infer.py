@@ -923,7 +923,9 @@ def drawn_anatomy(image: Image, labels: np.ndarray, spec: ModelSpec, seen: Optio
         )
     seen_step = None
     if unlike is None and least_step_cut_twice is not None and len(axes) >= 2:
-        seen_step = step if seen is None or seen is image else edge_contrast(seen, mask, spec.normalization)
+        # A turned world keeps the input's voxels (turned_world): only a field taken out or air blanked changes them.
+        same_voxels = seen is None or seen.array is image.array
+        seen_step = step if same_voxels else edge_contrast(seen, mask, spec.normalization)
         if seen_step is not None and seen_step < float(least_step_cut_twice):
             unlike = (
                 f"what it drew runs out of the field of view along {len(axes)} of its 3 axes and follows a faint edge "
