@@ -57,6 +57,7 @@ __all__ = [
     "segment_file",
     "postprocess_labelmap",
     "trim_to_tissue",
+    "fill_deep_pocket",
     "model_input",
     "crop_threshold",
     "FoundObject",
@@ -109,6 +110,8 @@ OPENING_FINEST_MM = 1.0
 # Squared distances within this share of the radius squared count as at the radius: float32 rounding must not decide
 # whether a voxel exactly 6 mm (five 1.2 mm slices) from the background is eroded.
 RADIUS_TOLERANCE = 1e-5
+# How far fill_deep_pocket takes a head on past a face of the field of view that cuts it (mm).
+POCKET_FACE_PAD_MM = 40.0
 # The 23 rotations (LPS) that turn a head by quarter turns: a header that lost or garbled the orientation (Analyze, a
 # conversion that dropped it) shows the head to the network in one of these or as it is.
 AXIS_TURNS = [
@@ -155,6 +158,8 @@ class SegmentationResult:
     # Why that is no anatomy the model learnt, where one of the checks says so: segmented only because forced.
     unlike_anatomy: Optional[str] = None
     tissue_trimmed: float = 0.0  # the share of the brain drawn on CSF round it that the tissue trim took off (0: none)
+    # What the pocket fill drew as brain: a bite out of the brain deeper under the scalp than its surface (ml; 0: none).
+    pocket_filled_ml: float = 0.0
 
 
 def select_device(device: Optional[str] = None) -> str:
@@ -593,6 +598,80 @@ def trim_to_tissue(image: Image, labels: np.ndarray, options: Dict) -> float:
     return removed
 
 
+def fill_deep_pocket(image: Image, labels: np.ndarray, options: Dict, spec: ModelSpec) -> float:
+    """Draw as ``options["label"]`` (default 1) a pocket of its hull that lies deeper under the scalp than its surface
+    does; in place.
+
+    A large dark lesion that reaches the cortex (a cyst, an old infarct, a necrotic tumour: CSF-dark on T1) is left
+    out of the brain by the network, which reads it as the CSF round the brain; the tissue trim cannot tell it from
+    CSF either. The scalp can: over a lesion it runs on at its usual distance, so the bite lies deeper under it than
+    the brain's surface does elsewhere, while the CSF, skull and scalp over a healthy brain lie shallower.
+
+    On a grid of about ``grid_mm`` (block means): the head is the crop's bright object (holes filled); the depth
+    under its surface is measured with the field of view's faces taken as no surface (a cut head runs on). A pocket
+    is what of the label's convex hull lies deeper than the label's median surface depth plus ``margin_mm``, is not
+    the label, and holds a ball of ``min_radius_mm`` (the hollows of a healthy skull base between the temporal lobes
+    and the brainstem hold none of 12 mm in any stress case or probe; the 50 mm lesion probes' bites one of 15-17 mm,
+    docs/brain-model.md): the union of such balls,
+    grown by up to ``grow_mm`` through what of the hull lies deeper than the ``surface_percentile`` of the surface
+    depths (the bite's rim, shallower than the pocket), then the label's holes filled. Most heads stop after the
+    depth map, with no ball anywhere.
+
+    Returns the volume added in ml (0.0: none).
+    """
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    value = int(options.get("label", 1))
+    spacing_kji = tuple(float(s) for s in image.spacing[::-1])
+    factors = [max(1, int(float(options.get("grid_mm", 2.0)) // s)) for s in spacing_kji]
+    spacing = np.array([s * f for s, f in zip(spacing_kji, factors)])
+    brain = block_mean(labels == value, factors) >= 0.5
+    surface = brain & ~ndimage.binary_erosion(brain)
+    if surface.sum() < 4:
+        return 0.0
+    values = normalize_intensity(block_mean(image.array, factors), spec.normalization)
+    head = fill_holes(foreground_object(values, crop_threshold(spec)))
+    del values
+    if head.all():  # a block cut from inside a head has no scalp to measure from
+        return 0.0
+    # The field of view's faces are no scalp: the head runs on past them, as far as this pad reaches.
+    pad = [(int(math.ceil(POCKET_FACE_PAD_MM / s)),) * 2 for s in spacing]
+    inner = tuple(slice(before, -after) for before, after in pad)
+    depth = np.sqrt(np.maximum(squared_distance_outside(np.pad(head, pad, mode="edge"), spacing), 0.0))[inner]
+    surface_depths = depth[surface]
+    deep = (depth > float(np.median(surface_depths)) + float(options.get("margin_mm", 2.0))) & ~brain
+    points = np.argwhere(surface) * spacing
+    try:
+        hull = Delaunay(points[ConvexHull(points).vertices])
+    except QhullError:  # a flat drawing has no hull to hold a pocket
+        return 0.0
+
+    def within_hull(mask: np.ndarray) -> np.ndarray:
+        voxels = np.argwhere(mask)
+        inside = np.zeros_like(mask)
+        inside[tuple(voxels[hull.find_simplex(voxels * spacing) >= 0].T)] = True
+        return inside
+
+    deep = within_hull(deep)
+    at_radius = float(options.get("min_radius_mm", 12.0)) ** 2 * (1.0 + RADIUS_TOLERANCE)
+    centres = squared_distance_outside(np.pad(deep, 1), spacing)[1:-1, 1:-1, 1:-1] > at_radius
+    if not centres.any():
+        return 0.0
+    pocket = deep & (squared_distance_outside(~centres, spacing) <= at_radius)
+    rim_depth = float(np.percentile(surface_depths, float(options.get("surface_percentile", 25.0))))
+    grow = float(options.get("grow_mm", 12.0))
+    rim = within_hull((depth > rim_depth) & ~brain) & (squared_distance_outside(~pocket, spacing) <= grow * grow)
+    pieces, _ = ndimage.label(rim)
+    touched = np.unique(pieces[pocket])
+    pocket |= np.isin(pieces, touched[touched > 0])
+    added = (upsample_linear(pocket.astype(np.float32), factors, labels.shape) >= 0.5) & (labels == 0)
+    labels[added] = value
+    added |= fill_holes(labels == value) & (labels == 0)
+    labels[added] = value
+    return float(added.sum()) * float(np.prod(spacing_kji)) / 1000.0
+
+
 def squared_distance_outside(mask: np.ndarray, spacing_kji: Sequence[float]) -> np.ndarray:
     """Squared Euclidean distance in mm² (float32) from each voxel of boolean ``mask`` to the nearest voxel outside
     it; 0 or less outside ``mask``, which must not fill the whole grid.
@@ -827,6 +906,14 @@ def segment_image(
         started = time.perf_counter()
         tissue_trimmed = trim_to_tissue(image, labels, trimming)
         timings["postprocess"] += time.perf_counter() - started
+    pocket_filling = spec.postprocess.get("pocket_fill")
+    pocket_filled_ml = 0.0
+    if pocket_filling and not drawn.unlike:
+        started = time.perf_counter()
+        pocket_filled_ml = fill_deep_pocket(image, labels, pocket_filling, spec)
+        timings["postprocess"] += time.perf_counter() - started
+        if pocket_filled_ml:
+            progress(0.98, f"{pocket_filled_ml:.0f} ml deep under the scalp, inside the brain's hull: drawn as brain")
     progress(0.98, "done")
 
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
@@ -854,6 +941,7 @@ def segment_image(
         seen_edge_contrast=drawn.seen_edge_contrast,
         unlike_anatomy=drawn.unlike,
         tissue_trimmed=tissue_trimmed,
+        pocket_filled_ml=pocket_filled_ml,
     )
 
 
@@ -1794,6 +1882,11 @@ def segment_file(
         notes.append(f"the field of view cuts the base of the head: {result.air_below_cut_mm:.0f} mm of air below it")
     if result.tissue_trimmed:
         notes.append(f"{result.tissue_trimmed:.1%} of what the model drew lay outside the brain's tissue: trimmed off")
+    if result.pocket_filled_ml:
+        notes.append(
+            f"{result.pocket_filled_ml:.0f} ml inside the brain's hull lay deeper under the scalp than its surface (a "
+            "lesion at the cortex?): drawn as brain"
+        )
     xforms = result.labelmap.metadata.get("nifti_xforms")
     if xforms and str(written).lower().endswith((".nii", ".nii.gz")):
         notes.append(
@@ -1817,6 +1910,7 @@ def segment_file(
         "cut_axes": result.cut_axes,
         "seen_edge_contrast": None if result.seen_edge_contrast is None else round(result.seen_edge_contrast, 3),
         "tissue_trimmed": round(result.tissue_trimmed, 4),
+        "pocket_filled_ml": round(result.pocket_filled_ml, 1),
         "notes": notes,
         "geometry": result.labelmap.geometry(),
         "label_volumes_ml": result.label_volumes_ml,

@@ -340,6 +340,10 @@ class ModelSpec:
         )
         trim_keys = ("label", "min_ratio", "closing_mm", "smoothing_mm", "level_mm", "min_removed", "min_surface_share")
         settings("tissue_trim", trim_keys, section="postprocess")
+        pocket_keys = ("label", "grid_mm", "margin_mm", "min_radius_mm", "surface_percentile", "grow_mm")
+        pocket = settings("pocket_fill", pocket_keys, section="postprocess")
+        need(pocket.get("grid_mm", 2.0) > 0, "postprocess.pocket_fill.grid_mm must be > 0")
+        need(pocket.get("surface_percentile", 25.0) <= 100, "postprocess.pocket_fill.surface_percentile must be <= 100")
         opening = postprocess.get("opening_mm", 0)
         need(_is_number(opening) and opening >= 0, "postprocess.opening_mm must be a finite number >= 0")
         for key in ("largest_component", "fill_holes"):
