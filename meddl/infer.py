@@ -653,12 +653,10 @@ def fill_deep_pocket(image: Image, labels: np.ndarray, options: Dict, spec: Mode
         inside[tuple(voxels[hull.find_simplex(voxels * spacing) >= 0].T)] = True
         return inside
 
-    deep = within_hull(deep)
-    at_radius = float(options.get("min_radius_mm", 12.0)) ** 2 * (1.0 + RADIUS_TOLERANCE)
-    centres = squared_distance_outside(np.pad(deep, 1), spacing)[1:-1, 1:-1, 1:-1] > at_radius
-    if not centres.any():
+    # The balls that fit: an opening, with no deep voxel beyond the grid's faces.
+    pocket = open_mm(np.pad(within_hull(deep), 1), spacing, float(options.get("min_radius_mm", 12.0)))[1:-1, 1:-1, 1:-1]
+    if not pocket.any():
         return 0.0
-    pocket = deep & (squared_distance_outside(~centres, spacing) <= at_radius)
     rim_depth = float(np.percentile(surface_depths, float(options.get("surface_percentile", 25.0))))
     grow = float(options.get("grow_mm", 12.0))
     rim = within_hull((depth > rim_depth) & ~brain) & (squared_distance_outside(~pocket, spacing) <= grow * grow)
