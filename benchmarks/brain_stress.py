@@ -302,13 +302,18 @@ def necked_acquisitions(
             bias, noise = float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.05))
             necked = VolumePair(pair.name, *drawn_neck(*_scaled_about_centre(pair, scale), neck), pair.source)
             image, label = acquire(necked, (pitch, roll, yaw), spacing, direction)
-            values = image.array * _bias(image.array.shape, rng, bias)
-            sigma = noise * float(np.percentile(values, 99))
-            values = np.hypot(values + rng.normal(0, sigma, values.shape), rng.normal(0, sigma, values.shape))
+            values = rician_noise(image.array * _bias(image.array.shape, rng, bias), noise, rng)
             pose = f"pitch {pitch:+.0f}, yaw {yaw:+.0f}, roll {roll:+.0f}"
             name = f"{source_name} {draw}: {scale:.2f}x, {pose}, {neck:.0f} mm neck, {acquisition}"
             cases.append((name, image.with_array(np.clip(values, 0, 32767).round().astype(np.int16)), label))
     return cases
+
+
+def rician_noise(values: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+    """``values`` as a magnitude image shows them under complex Gaussian noise of ``level`` times their 99th
+    percentile: Rician over the head, Rayleigh in the air (at 0.1, a mean of 0.125 of that percentile)."""
+    sigma = level * float(np.percentile(values, 99))
+    return np.hypot(values + rng.normal(0, sigma, values.shape), rng.normal(0, sigma, values.shape))
 
 
 def noisy_air(image: Image, level: float, rng: np.random.Generator) -> Image:
@@ -481,6 +486,7 @@ def head_probes(
     clinical_slabs_mm: Sequence[Tuple[float, float, float]] = ((0.5, 0.5, 3.0), (0.45, 0.45, 5.0)),
     side_cuts: Sequence[Tuple[str, float]] = tuple((s, f) for s in ("front", "back", "left") for f in (0.15, 0.25)),
     noise_levels: Sequence[float] = (0.2, 0.6, 0.8, 1.0),
+    noisy_pitches: Sequence[Tuple[float, float]] = ((-20.0, 0.1), (20.0, 0.15)),
     coil_gains: Sequence[float] = (1.5, 2.0, 3.0, 0.67, 0.5),
     phased_arrays: Sequence[Tuple[int, float, float]] = (
         (12, 60.0, 0.35),
@@ -553,6 +559,8 @@ def head_probes(
       acquired sagittal 1.2×1×1 mm: an older adult's research scan (a brain 0.93× across holds 0.80 of its volume);
     * noisy air: the same heads moved with their air full of noise up to ``noise_levels`` times the 99th percentile
       (:func:`noisy_air`), as MP2RAGE "UNI" images are (1.0) and low-field or bias-corrected scans may be (0.2-0.8);
+    * noisy pitched heads: the same heads at ``noisy_pitches`` (pitch in degrees, positive chin up; Rician noise in
+      units of the 99th percentile, :func:`rician_noise`), a fast or low-field scan of a head not in the learnt pose;
     * necks: the same heads moved with ``necks_1mm_mm`` of neck below (:func:`with_neck`), a sagittal MPRAGE's field
       of view on a real head (Colin27) as well as on the template;
     * necked acquisitions: Colin27 and nimare's 1 mm copy ``necked_draws`` times each with a drawn neck under several
@@ -638,6 +646,11 @@ def head_probes(
         for level in noise_levels:
             name = f"{source_name} moved, air noise to {level:g}x p99"
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
+        for pitch, level in noisy_pitches:
+            image, label = acquire(source, (pitch, 0.0, 0.0), source.image.spacing, AXIAL)
+            values = rician_noise(image.array, level, np.random.default_rng(4))
+            name = f"{source_name} pitched {pitch:+.0f} deg, Rician noise {level:g}x p99"
+            cases.append((name, image.with_array(np.clip(values, 0, 32767).round().astype(np.int16)), label.array))
         coil_image, coil_label = acquire(source, (8.0, -5.0, 4.0), source.image.spacing, AXIAL)
         for gain in coil_gains:
             name = f"{source_name} moved, coil profile {gain:g}x at 80 mm"
