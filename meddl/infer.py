@@ -38,6 +38,7 @@ from meddl.transforms import (
     keep_largest_component,
     normalize_intensity,
     resample_to_grid,
+    scanned_air_level,
     to_model_grid,
     volume_faces,
 )
@@ -1131,6 +1132,14 @@ def model_input(
     ``max_height_mm`` times ``height_scale`` (a head of another size keeps the same framing)."""
     model_image = to_model_grid(image, spacing, direction=direction)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
+    # Where the grid runs beyond the scan (turned to the head's pose, or square over an oblique acquisition), the crop
+    # and the checks that find the head measure the air only where the scan is.
+    scanned = to_model_grid(image.with_array(np.ones(image.array.shape[:3], np.uint8)), spacing, "nearest", direction)
+    if not scanned.array.all():
+        level = scanned_air_level(model_image.array, scanned.array > 0)
+        if level is not None:
+            model_image.metadata["air_level"] = level
+    del scanned
     crop = spec.input.get("crop_foreground")
     if crop:
         height = crop.get("max_height_mm")
@@ -1499,7 +1508,7 @@ def head_offset_mm(model_image: Image, brain_points: np.ndarray, threshold: floa
     heads the vector runs 8-15 mm, 0.72-0.98 of it superior. A brain with no head around it (skull-stripped) reads
     under 1 mm.
     """
-    head = foreground_object(model_image.array, threshold)
+    head = foreground_object(model_image.array, threshold, model_image.metadata.get("air_level"))
     if not head.any() or len(brain_points) == 0:
         return np.zeros(3)
     return brain_points.mean(axis=0) - _lps_points(model_image, head).mean(axis=0)
@@ -1590,7 +1599,7 @@ def face_reach_mm(
     brain = largest_object(probabilities, label)
     if brain is None:
         return float("nan")
-    head = foreground_object(model_image.array, crop_threshold(spec))
+    head = foreground_object(model_image.array, crop_threshold(spec), model_image.metadata.get("air_level"))
     filled = np.cumsum(brain.sum(axis=(1, 2)))
     low, high = (int(np.searchsorted(filled, share * filled[-1])) for share in rows)
     reaches = []

@@ -32,6 +32,7 @@ __all__ = [
     "frame_cut_base",
     "frame_cut_sides",
     "frame_cut_top",
+    "scanned_air_level",
 ]
 
 # The most voxels a model grid may have (512³: 0.5 GiB a float32 copy, and inference holds several such arrays).
@@ -172,6 +173,8 @@ NOISY_AIR_MAX_THRESHOLD = 0.6
 # ... unless what stays above that level is less than this share of the volume: then the volume is noise through and
 # through (no head in it), and it is cropped as before, for the edge check to refuse.
 NOISY_AIR_MIN_SHARE = 0.01
+# How deep inside the scan its faces are measured on a grid that runs beyond it: past the smoothing's reach (sigma 1).
+SCANNED_FACE_DEPTH = 3
 
 
 def keep_largest_component(mask: np.ndarray) -> bool:
@@ -219,16 +222,19 @@ def volume_faces(volume: np.ndarray) -> np.ndarray:
     return np.concatenate([np.moveaxis(volume, axis, 0)[end].ravel() for axis in range(3) for end in (0, -1)])
 
 
-def foreground_object(array: np.ndarray, threshold: float) -> np.ndarray:
+def foreground_object(array: np.ndarray, threshold: float, air_level: Optional[float] = None) -> np.ndarray:
     """The largest bright object (the head, the body) of a normalised ``array``, as a boolean mask.
 
     Smoothing first keeps noise speckles in the air out of it, and where the air is bright with noise the
-    threshold rises above it (``NOISY_AIR_MARGIN``).
+    threshold rises above it (``NOISY_AIR_MARGIN``). The air's level is ``air_level`` where the caller measured it
+    (:func:`scanned_air_level`, on a grid that runs beyond the scan), else the median of the smoothed volume's faces.
     """
     from scipy import ndimage
 
     smoothed = ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=1.0)
-    above_air = min(NOISY_AIR_MARGIN * float(np.median(volume_faces(smoothed))), NOISY_AIR_MAX_THRESHOLD)
+    if air_level is None:
+        air_level = float(np.median(volume_faces(smoothed)))
+    above_air = min(NOISY_AIR_MARGIN * air_level, NOISY_AIR_MAX_THRESHOLD)
     if above_air > threshold:
         mask = smoothed > above_air
         keep_largest_component(mask)
@@ -237,6 +243,28 @@ def foreground_object(array: np.ndarray, threshold: float) -> np.ndarray:
     mask = smoothed > threshold
     keep_largest_component(mask)
     return mask
+
+
+def scanned_air_level(array: np.ndarray, scanned: np.ndarray) -> Optional[float]:
+    """The air's level for :func:`foreground_object` on a grid that runs beyond the scan: the median of the smoothed
+    volume over the scan's own faces as the grid holds them, ``scanned`` a boolean mask of the voxels the scan
+    covers; None where it covers too little to say.
+
+    A grid turned to a head's pose, or laid square over an oblique acquisition, holds corners beyond the scan, filled
+    with its minimum; its faces then cross little of the scan, and counted as air the fill pulls their median down to
+    nothing. Noisy air (Rician noise at a tenth of the 99th percentile) then passes the crop's threshold and joins the
+    head: the crop takes in the whole field of view, and the network draws brain in the noise (docs/brain-model.md,
+    "Noisy air on a turned grid"). The faces measured lie ``SCANNED_FACE_DEPTH`` voxels inside the scan, where the
+    smoothing takes in next to none of the fill.
+    """
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(scanned, iterations=SCANNED_FACE_DEPTH, border_value=1)
+    faces = core & ~ndimage.binary_erosion(core, border_value=0)
+    if not faces.any():
+        return None
+    smoothed = ndimage.gaussian_filter(array.astype(np.float32, copy=False), sigma=1.0)
+    return float(np.median(smoothed[faces]))
 
 
 def crop_to_foreground(
@@ -250,8 +278,10 @@ def crop_to_foreground(
     ``max_height_mm`` keeps at most that much of the box below its superior end (grid axis k, which the LPS
     model grid points superior): a head model then frames the head the same way whether the scan stops under
     the cerebellum or runs down the neck to the shoulders, which are tissue and survive the threshold.
+
+    The air's level is ``image.metadata["air_level"]`` where the grid runs beyond the scan (:func:`scanned_air_level`).
     """
-    mask = foreground_object(image.array, threshold)
+    mask = foreground_object(image.array, threshold, image.metadata.get("air_level"))
     if not mask.any():
         return image
     margin = [int(math.ceil(margin_mm / s)) for s in image.spacing[::-1]]  # array order (k, j, i)
