@@ -1384,18 +1384,15 @@ def without_intensity_gradient(
     ``min_edge_contrast``. A volume with no head in it has no brain to measure a gradient on (a head CT stored without
     its Hounsfield offset: step -0.005, then drawn along an edge once its gradient was taken out).
 
-    The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, with ``x`` held along each
-    axis to the cubes the surface was fitted on, and to ``max_distance_mm``: beyond the brain the field stays what it
-    is at the brain's edge. Where the setting's ``field`` is ``"quadratic"`` or ``"cubic"``, the plane still decides,
-    but the field removed is that surface's excess over ``reference_field`` (the template's own,
-    :func:`intensity_gradient` with that ``surface``).
+    The field removed is ``exp(excess · (x - centre) / 100 mm)`` about the brain's centre, with ``x`` held to
+    ``max_distance_mm`` from it along each axis (the neck and the far air need no more). Where the setting's
+    ``field`` is ``"quadratic"`` or ``"cubic"``, the plane still decides, but the field removed is that surface's
+    excess over ``reference_field`` (the template's own, :func:`intensity_gradient` with that ``surface``).
     """
     mask = largest_object(probabilities, int(gradient.get("label", 1)))
     if mask is None:
         return None, np.zeros(3)
     positions, levels, centre = _brain_cube_levels(model_image, mask, float(gradient.get("block_mm", 16.0)))
-    if len(positions) <= len(FIELD_TERMS["linear"]):  # too few cubes to fit a plane: nothing measured
-        return None, np.zeros(3)
     excess = _fitted_field(positions, levels, "linear") - np.asarray(gradient["reference_gradient"], np.float64)
     if float(np.linalg.norm(excess)) <= (float(gradient.get("min_change", 0.2)) if min_change is None else min_change):
         return None, np.zeros(3)
@@ -1407,15 +1404,10 @@ def without_intensity_gradient(
     field_excess = excess
     if surface != "linear":  # the same cubes, fitted with a surface
         field_excess = _fitted_field(positions, levels, surface) - np.asarray(gradient["reference_field"], np.float64)
-    # A cubic fitted over the brain runs away beyond it: held only to the reach, a noisy scan's neck and air took a
-    # field of up to 4 log (x 80), the 99.5th percentile doubled and the crop grew into the air (docs/brain-model.md,
-    # "The field held to the brain").
     reach = float(gradient.get("max_distance_mm", 120.0))
-    lowest = np.maximum(positions.min(axis=0) * 100.0, -reach)
-    highest = np.minimum(positions.max(axis=0) * 100.0, reach)
-    position = []  # each LPS axis's position in 100 mm, held to the cubes and the reach
-    for offset, low, high in zip(_voxel_offsets(image, centre), lowest, highest):
-        np.clip(offset, low, high, out=offset)
+    position = []  # each LPS axis's position in 100 mm, held to the reach
+    for offset in _voxel_offsets(image, centre):
+        np.clip(offset, -reach, reach, out=offset)
         position.append(np.multiply(offset, np.float32(0.01), out=offset))
     log_field = np.zeros(image.array.shape, np.float32)
     for coefficient, term in zip(field_excess, _field_terms(position, surface)):
