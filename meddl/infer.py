@@ -1436,6 +1436,7 @@ def gradient_passes(
     darker than the network ever saw, and it left the lowest 20-30 mm out. A look that missed the dark base measures
     short, so later looks take out what is left beyond the smaller ``min_follow_change``. Only where the first look
     found a brain that follows an edge (``postprocess.min_edge_contrast``): a volume with no head has no gradient.
+    A look is kept only where the network is at least as sure of it as of the look before; else the passes end there.
     """
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
@@ -1449,10 +1450,16 @@ def gradient_passes(
         )
         if corrected is None:
             break
-        removed = removed + excess
-        strength = float(np.linalg.norm(removed))
+        strength = float(np.linalg.norm(removed + excess))
         progress(0.0, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
-        latest = runner.look(corrected, latest.placed, model_input(corrected, spec, spec.target_spacing), progress)
+        looked = runner.look(corrected, latest.placed, model_input(corrected, spec, spec.target_spacing), progress)
+        # A field fitted on a brain drawn in the wrong place keeps finding more gradient, and the brain it is fitted on
+        # drifts further at each look: the network grows less sure (docs/brain-model.md, "A gradient look kept where
+        # the network is surer").
+        if looked.confidence < latest.confidence:
+            progress(1.0, "the network is less sure with that taken out: the look before is kept")
+            break
+        removed, latest = removed + excess, looked
         done = GradientPasses(latest, removed)
     return done
 
