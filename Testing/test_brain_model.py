@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from brain_stress import (  # noqa: E402
     AXIAL,
     SAGITTAL,
-    _bias,
     _scaled_about_centre,
     acquire,
     coil_profile,
@@ -47,6 +46,8 @@ from brain_stress import (  # noqa: E402
     lost_orientation,
     no_head_inputs,
     noisy_air,
+    noisy_scan,
+    older_brain,
     phased_array_profile,
     rician_noise,
     with_lesion,
@@ -903,18 +904,11 @@ def test_an_older_noisy_head_under_a_helmet_keeps_no_gradient_pass_the_network_i
     engine at 5d3aec8 kept the passes, 0.9192 / 17.55 mm (`/tmp/s63/t_n4.py`, this test's steps; noise draws 1 and 2:
     3.12 and 5.00 mm, 17.0 and 17.0 before; docs/brain-model.md, "A gradient look kept where the network is surer")."""
     from meddl.data import VolumePair
-    from meddl.train import RandAtrophyd
 
     pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
-    head, label = _scaled_about_centre(pair, 0.98)
-    shrink = RandAtrophyd(prob=1.0, factor_range=(0.93, 0.93), csf_range=(0.37, 0.37), anchor="base")
-    older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
-    head, label = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 120.0)
+    head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, 0.98), 0.93, 0.37), 120.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (-20.0, -3.0, 2.0), (1.2, 1.0, 1.0), SAGITTAL)
-    helmet = phased_array_profile(image, 32, 40.0, 0.44)
-    rng = np.random.default_rng(0)
-    values = rician_noise(helmet.array * _bias(helmet.array.shape, rng, 0.34), 0.118, rng)
-    scan = helmet.with_array(np.clip(values, 0, 32767).round().astype(np.int16))
+    scan = noisy_scan(phased_array_profile(image, 32, 40.0, 0.44), 0.34, 0.118, np.random.default_rng(0))
 
     _, brain = segment_and_score(package, scan, label.array)
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
@@ -925,13 +919,10 @@ def older_colin27():
     gap at 0.4 of the brain's level, 80 mm of drawn neck, acquired sagittal 1.2x1x1 mm. Returns the image, its brain
     and the brain as it was before it shrank, on the image's grid."""
     from meddl.data import VolumePair, colin27_brain_pair
-    from meddl.train import RandAtrophyd
 
     pair = with_brain_label(colin27_brain_pair())
     head, label = _scaled_about_centre(pair, 0.88)
-    shrink = RandAtrophyd(prob=1.0, factor_range=(0.93, 0.93), csf_range=(0.4, 0.4), anchor="base")
-    older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
-    necked, shrunk = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
+    necked, shrunk = drawn_neck(*older_brain(head, label, 0.93, 0.4), 80.0)
     rows_added = necked.array.shape[0] - head.array.shape[0]  # below the head: k runs inferior to superior
     unshrunk = shrunk.with_array(np.pad(label.array, [(rows_added, 0), (0, 0), (0, 0)]))
 

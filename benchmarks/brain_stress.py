@@ -146,6 +146,27 @@ def _bias(shape: Sequence[int], rng: np.random.Generator, strength: float) -> np
     return np.exp(log_field).astype(np.float32)
 
 
+def as_stored(image: Image, values: np.ndarray) -> Image:
+    """``values`` on ``image``'s grid as a scanner stores them: rounded to int16, below 0 and above 32767 clipped."""
+    return image.with_array(np.clip(values, 0, 32767).round().astype(np.int16))
+
+
+def noisy_scan(image: Image, bias: float, noise: float, rng: np.random.Generator) -> Image:
+    """``image`` under a bias field of ``bias`` (:func:`_bias`) and Rician noise at ``noise`` of its 99th percentile
+    (:func:`rician_noise`), both drawn from ``rng``, as stored (:func:`as_stored`)."""
+    return as_stored(image, rician_noise(image.array * _bias(image.array.shape, rng, bias), noise, rng))
+
+
+def older_brain(image: Image, label: Image, factor: float, csf: float, anchor: str = "base") -> Tuple[Image, Image]:
+    """An older subject's head: ``image``'s brain shrunk to ``factor`` of its size in the same skull, on the skull
+    base (``anchor``), the gap filled with CSF at ``csf`` of the brain's level (the recipe's ``RandAtrophyd``)."""
+    from meddl.train import RandAtrophyd
+
+    shrink = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf), anchor=anchor)
+    older = shrink({"image": image.array[None].astype(np.float32), "label": label.array[None]})
+    return image.with_array(older["image"][0]), label.with_array(older["label"][0])
+
+
 def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
     """(case name, source name, perturbation, image, label) for every source × perturbation."""
     rng = np.random.default_rng(seed)
@@ -183,7 +204,7 @@ def stress_cases(seed: int = SEED) -> List[Tuple[str, str, str, Image, Image]]:
                 sigma = 0.06 * float(np.percentile(values, 99))
                 values = values * _bias(values.shape, rng, math.log(1.3))
                 values = np.abs(values + rng.normal(0, sigma, values.shape).astype(np.float32))
-            image = image.with_array(np.clip(values, 0, 32767).round().astype(np.int16))
+            image = as_stored(image, values)
             name = f"{pair.name}__{perturbation}"
             cases.append((name, pair.name, perturbation, image, label))
     return cases
@@ -302,10 +323,9 @@ def necked_acquisitions(
             bias, noise = float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.05))
             necked = VolumePair(pair.name, *drawn_neck(*_scaled_about_centre(pair, scale), neck), pair.source)
             image, label = acquire(necked, (pitch, roll, yaw), spacing, direction)
-            values = rician_noise(image.array * _bias(image.array.shape, rng, bias), noise, rng)
             pose = f"pitch {pitch:+.0f}, yaw {yaw:+.0f}, roll {roll:+.0f}"
             name = f"{source_name} {draw}: {scale:.2f}x, {pose}, {neck:.0f} mm neck, {acquisition}"
-            cases.append((name, image.with_array(np.clip(values, 0, 32767).round().astype(np.int16)), label))
+            cases.append((name, noisy_scan(image, bias, noise, rng), label))
     return cases
 
 
@@ -592,7 +612,6 @@ def head_probes(
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
     from meddl.models import load_model
-    from meddl.train import RandAtrophyd
 
     package = load_model(model, "cpu")
     pair = fsl_mni152_brain_pairs()[0]
@@ -615,11 +634,9 @@ def head_probes(
         cases.append((f"head {scale:.1f}x with {neck:.0f} mm of neck", head, label.array))
     nimare = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
     for factor, csf in atrophy:
-        older = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf))(
-            {"image": nimare.image.array[None].astype(np.float32), "label": nimare.label.array[None]}
-        )
+        older, older_label = older_brain(nimare.image, nimare.label, factor, csf, anchor="centre")
         name = f"nimare brain {factor:.2f}x in skull, CSF {csf:.1f}"
-        cases.append((name, nimare.image.with_array(older["image"][0]), older["label"][0]))
+        cases.append((name, older, older_label.array))
     colin = []
     try:
         colin.append(colin27_brain_pair())
@@ -634,12 +651,12 @@ def head_probes(
         source_name = "nimare 1 mm" if source is nimare_1mm else "Colin27"
         for spacing in isotropic_mm:
             image, label = acquire(source, (12.0, -15.0, 9.0), (spacing,) * 3, AXIAL)
-            image = image.with_array(np.clip(image.array, 0, 32767).round().astype(np.int16))
+            image = as_stored(image, image.array)
             name = f"{source_name} moved, {spacing:g} mm isotropic"
             cases.append((name, image, label.array))
         for slab in clinical_slabs_mm:
             image, label = acquire(source, (12.0, -15.0, 9.0), slab, AXIAL)
-            image = image.with_array(np.clip(image.array, 0, 32767).round().astype(np.int16))
+            image = as_stored(image, image.array)
             name = f"{source_name} moved, axial {'x'.join(f'{mm:g}' for mm in slab)} mm"
             cases.append((name, image, label.array))
         image, label = acquire(source, (10.0, -8.0, 5.0), source.image.spacing, AXIAL)
@@ -648,9 +665,9 @@ def head_probes(
             cases.append((name, noisy_air(image, level, np.random.default_rng(3)), label.array))
         for pitch, level in noisy_pitches:
             image, label = acquire(source, (pitch, 0.0, 0.0), source.image.spacing, AXIAL)
-            values = rician_noise(image.array, level, np.random.default_rng(4))
+            noisy = as_stored(image, rician_noise(image.array, level, np.random.default_rng(4)))
             name = f"{source_name} pitched {pitch:+.0f} deg, Rician noise {level:g}x p99"
-            cases.append((name, image.with_array(np.clip(values, 0, 32767).round().astype(np.int16)), label.array))
+            cases.append((name, noisy, label.array))
         coil_image, coil_label = acquire(source, (8.0, -5.0, 4.0), source.image.spacing, AXIAL)
         for gain in coil_gains:
             name = f"{source_name} moved, coil profile {gain:g}x at 80 mm"
@@ -663,10 +680,7 @@ def head_probes(
             behind = phased_array_profile(coil_image, elements, reach, share, behind_only=True)
             cases.append((name, behind, coil_label.array))
         for scale, factor, csf in atrophied_heads:
-            head, label = _scaled_about_centre(source, scale)
-            shrink = RandAtrophyd(prob=1.0, factor_range=(factor, factor), csf_range=(csf, csf), anchor="base")
-            older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
-            head, label = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
+            head, label = drawn_neck(*older_brain(*_scaled_about_centre(source, scale), factor, csf), 80.0)
             image, label = acquire(
                 VolumePair(source.name, head, label, source.source), (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL
             )
