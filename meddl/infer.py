@@ -1436,7 +1436,8 @@ def gradient_passes(
     darker than the network ever saw, and it left the lowest 20-30 mm out. A look that missed the dark base measures
     short, so later looks take out what is left beyond the smaller ``min_follow_change``. Only where the first look
     found a brain that follows an edge (``postprocess.min_edge_contrast``): a volume with no head has no gradient.
-    A look is kept only where the network is at least as sure of it as of the look before; else the passes end there.
+    A look is kept only where the network is at least as sure of it as of the look before, and where its crop box cuts
+    the brain along at most ``max_crop_cut_growth_mm2`` (1000) more than the look before's; else the passes end there.
     """
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
@@ -1458,6 +1459,12 @@ def gradient_passes(
         # the network is surer").
         if looked.confidence < latest.confidence:
             progress(1.0, "the network is less sure with that taken out: the look before is kept")
+            break
+        # A surer look may still frame the brain elsewhere, its crop box cutting what the look before held whole
+        # (docs/brain-model.md, "A gradient look kept where its crop holds the brain").
+        most_growth = float(grading.get("max_crop_cut_growth_mm2", 1000.0))
+        if looked.found.crop_cut_mm2 > latest.found.crop_cut_mm2 + most_growth:
+            progress(1.0, "the crop with that taken out cuts the brain: the look before is kept")
             break
         removed, latest = removed + excess, looked
         done = GradientPasses(latest, removed)
@@ -1715,11 +1722,17 @@ class FoundObject(NamedTuple):
     points: np.ndarray  # LPS positions (mm), one row per voxel of the object
     cut_points: np.ndarray  # the rows of those voxels that touch the edge of what was imaged
     voxel_face_mm2: float  # the area of the cut each of them stands for (the model grid is isotropic)
+    crop_cut_voxels: int = 0  # those of them on a side of the crop box that the scan goes on beyond
 
     @property
     def cut_mm2(self) -> float:
         """Where the edge of what was imaged cuts the object, anywhere (mm²)."""
         return len(self.cut_points) * self.voxel_face_mm2
+
+    @property
+    def crop_cut_mm2(self) -> float:
+        """Where the crop box, not the scan's field of view, cuts the object (mm²)."""
+        return self.crop_cut_voxels * self.voxel_face_mm2
 
     def cut_except_top_mm2(self) -> float:
         """The cut (mm²) but for a cut top: the part on or beyond the edges of the band the widths are measured over
@@ -1747,16 +1760,27 @@ def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: 
     mask = largest_object(probabilities, label)
     if mask is None:
         return FoundObject(np.zeros((0, 3)), np.zeros((0, 3)), face_mm2)
-    imaged = resample_to_grid(_field_of_view_box(image), model_image, "nearest", 0).array.astype(bool)
-    edge = ndimage.binary_dilation(~imaged)
+    # On the model grid grown by a voxel on each side, so that the scan's edge shows where it meets the crop's.
+    grown = replace(
+        model_image,
+        array=np.zeros(tuple(n + 2 for n in model_image.array.shape), dtype=np.uint8),
+        origin=tuple(np.asarray(model_image.origin) - model_image.direction @ np.asarray(model_image.spacing)),
+    )
+    imaged = resample_to_grid(_field_of_view_box(image), grown, "nearest", 0).array.astype(bool)
+    scan_edge = ndimage.binary_dilation(~imaged)[1:-1, 1:-1, 1:-1]
+    crop_edge = np.zeros_like(mask)
     for axis in range(3):
         index = [slice(None)] * 3
         for end in (0, -1):
             index[axis] = end
-            edge[tuple(index)] = True
+            crop_edge[tuple(index)] = True
+    crop_edge &= ~scan_edge
 
     # Cut faces are counted in voxels touching the edge, each worth one voxel face.
-    return FoundObject(_lps_points(model_image, mask), _lps_points(model_image, mask & edge), face_mm2)
+    cut = mask & (scan_edge | crop_edge)
+    return FoundObject(
+        _lps_points(model_image, mask), _lps_points(model_image, cut), face_mm2, int(np.count_nonzero(mask & crop_edge))
+    )
 
 
 def _voxel_offsets(image: Image, centre: Sequence[float]) -> Iterator[np.ndarray]:

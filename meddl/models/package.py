@@ -292,7 +292,7 @@ class ModelSpec:
             value is None or (_is_number(value) and -90 <= value <= 90),
             "input.pose_normalization.reference_tilt_deg must be an angle in [-90, 90] degrees",
         )
-        grading = settings("gradient_normalization", ("min_change", "min_follow_change"))
+        grading = settings("gradient_normalization", ("min_change", "min_follow_change", "max_crop_cut_growth_mm2"))
         for key in ("block_mm", "max_distance_mm"):
             need(grading.get(key, 1) > 0, f"input.gradient_normalization.{key} must be > 0")
         passes = grading.get("max_passes", 0)
