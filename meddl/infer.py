@@ -1442,6 +1442,7 @@ def gradient_passes(
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
     grading = spec.input["gradient_normalization"]
+    most_crop_cut_growth = float(grading.get("max_crop_cut_growth_mm2", 1000.0))
     removed, done, latest = np.zeros(3), None, first
     for look in range(int(grading.get("max_passes", 3))):
         least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
@@ -1462,8 +1463,7 @@ def gradient_passes(
             break
         # A surer look may still frame the brain elsewhere, its crop box cutting what the look before held whole
         # (docs/brain-model.md, "A gradient look kept where its crop holds the brain").
-        most_growth = float(grading.get("max_crop_cut_growth_mm2", 1000.0))
-        if looked.found.crop_cut_mm2 > latest.found.crop_cut_mm2 + most_growth:
+        if looked.found.crop_cut_mm2 > latest.found.crop_cut_mm2 + most_crop_cut_growth:
             progress(1.0, "the crop with that taken out cuts the brain: the look before is kept")
             break
         removed, latest = removed + excess, looked
@@ -1768,13 +1768,8 @@ def object_points_and_cut(probabilities: np.ndarray, model_image: Image, image: 
     )
     imaged = resample_to_grid(_field_of_view_box(image), grown, "nearest", 0).array.astype(bool)
     scan_edge = ndimage.binary_dilation(~imaged)[1:-1, 1:-1, 1:-1]
-    crop_edge = np.zeros_like(mask)
-    for axis in range(3):
-        index = [slice(None)] * 3
-        for end in (0, -1):
-            index[axis] = end
-            crop_edge[tuple(index)] = True
-    crop_edge &= ~scan_edge
+    crop_edge = ~scan_edge
+    crop_edge[1:-1, 1:-1, 1:-1] = False  # the crop box's faces, where the scan does not stop
 
     # Cut faces are counted in voxels touching the edge, each worth one voxel face.
     cut = mask & (scan_edge | crop_edge)
