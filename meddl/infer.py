@@ -35,6 +35,7 @@ from meddl.transforms import (
     frame_cut_base,
     frame_cut_sides,
     frame_cut_top,
+    head_object,
     keep_largest_component,
     normalize_intensity,
     resample_to_grid,
@@ -1515,14 +1516,14 @@ def head_pose_rotation(found: FoundObject, posing: Dict) -> Optional[np.ndarray]
 
 
 def head_offset_mm(model_image: Image, brain_points: np.ndarray, threshold: float) -> np.ndarray:
-    """LPS vector (mm) from the centre of the head (:func:`meddl.transforms.foreground_object` of the normalised
+    """LPS vector (mm) from the centre of the head (:func:`meddl.transforms.head_object` of the normalised
     model grid at ``threshold``, as the crop finds it) to the centre of ``brain_points``.
 
     An upright head holds its brain high and back, face, jaw and neck below and in front: on the stress set's whole
     heads the vector runs 8-15 mm, 0.72-0.98 of it superior. A brain with no head around it (skull-stripped) reads
     under 1 mm.
     """
-    head = foreground_object(model_image.array, threshold, model_image.metadata.get("air_level"))
+    head = head_object(model_image, threshold)
     if not head.any() or len(brain_points) == 0:
         return np.zeros(3)
     return brain_points.mean(axis=0) - _lps_points(model_image, head).mean(axis=0)
@@ -1605,7 +1606,7 @@ def face_reach_mm(
     """How much further the head reaches in front of the brain than behind it (mm), averaged over the brain's rows
     between the ``rows`` shares of its volume from the bottom; NaN where the pass found no brain.
 
-    The head is :func:`meddl.transforms.foreground_object` of ``model_image`` (an LPS model grid: j runs back, k up).
+    The head is :func:`meddl.transforms.head_object` of ``model_image`` (an LPS model grid: j runs back, k up).
     Beside an upright head's lower brain the orbits, nose and cheeks lie in front and only the occiput behind: over
     the rows 0.05-0.35 of two heads in ten acquisitions, 10.9-24.3 mm, and -5.0 to 7.1 mm for the same heads facing
     back (docs/brain-model.md, brain-t1 2.3.13). A face zeroed by defacing reads as none.
@@ -1613,7 +1614,7 @@ def face_reach_mm(
     brain = largest_object(probabilities, label)
     if brain is None:
         return float("nan")
-    head = foreground_object(model_image.array, crop_threshold(spec), model_image.metadata.get("air_level"))
+    head = head_object(model_image, crop_threshold(spec))
     filled = np.cumsum(brain.sum(axis=(1, 2)))
     low, high = (int(np.searchsorted(filled, share * filled[-1])) for share in rows)
     reaches = []
