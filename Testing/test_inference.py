@@ -411,6 +411,31 @@ def test_a_head_cut_at_the_top_gets_air_above_it_up_to_the_learnt_window_and_a_w
     assert frame_cut_top(noisy, 0.5, 10000.0, 400.0, max_height_mm=100.0) is noisy
 
 
+def test_noisy_air_over_a_whole_head_is_not_taken_for_a_cut_face_and_a_cut_head_still_is():
+    from meddl.transforms import crop_to_foreground, frame_cut_base, frame_cut_sides, frame_cut_top
+
+    # A "head" (ball of 80 mm radius, level 1) on a 2 mm grid under Rician noise of sigma 0.08: about half the air's
+    # voxels pass the crop's threshold of 0.1, so the crop's outer rows read some 15,000 mm² of "face" voxel by
+    # voxel, where the head itself only touches its box (docs/brain-model.md, "A crown read as cut under noisy air").
+    k, j, i = np.meshgrid(*(np.arange(n) * 2.0 for n in (100, 100, 100)), indexing="ij")
+    ball = ((i - 100) ** 2 + (j - 100) ** 2 + (k - 100) ** 2 <= 80**2).astype(np.float32)
+
+    def scanned(values: np.ndarray, sigma: float, origin_k_mm: float = 0.0) -> Image:
+        rng = np.random.default_rng(0)
+        noisy = np.hypot(values + rng.normal(0, sigma, values.shape), rng.normal(0, sigma, values.shape))
+        return crop_to_foreground(Image(noisy.astype(np.float32), (2.0, 2.0, 2.0), (0.0, 0.0, origin_k_mm)), 0.1)
+
+    whole = scanned(ball, 0.08)
+    assert frame_cut_top(whole, 0.1, 10000.0, 400.0, max_height_mm=100.0) is whole  # no air added, no row dropped
+    assert frame_cut_base(whole, 0.1, 10000.0, 400.0) is whole
+    assert frame_cut_sides(whole, 0.1, 10000.0, (400.0, 360.0)) is whole
+    # A head the field of view cuts 40 mm under its top or above its base, under lighter noise, is still framed.
+    cut_top = scanned(ball[:70].copy(), 0.03)
+    assert frame_cut_top(cut_top, 0.1, 10000.0, 400.0).metadata["air_above_cut_mm"] > 0
+    cut_base = scanned(ball[30:].copy(), 0.03, 60.0)
+    assert frame_cut_base(cut_base, 0.1, 10000.0, 400.0).metadata["air_below_cut_mm"] > 0
+
+
 def test_the_crop_keeps_noisy_air_out_when_its_smoothed_level_sits_on_the_threshold():
     from meddl.transforms import crop_to_foreground
 
