@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -327,6 +327,52 @@ def necked_acquisitions(
             name = f"{source_name} {draw}: {scale:.2f}x, {pose}, {neck:.0f} mm neck, {acquisition}"
             cases.append((name, noisy_scan(image, bias, noise, rng), label))
     return cases
+
+
+def older_subject_scans(
+    sources: Sequence[Tuple[str, VolumePair]], draws: int, seed: int
+) -> Iterator[Tuple[str, Image, Image]]:
+    """What an older subject's scan from another scanner brings, all at once: each (name, source) ``draws`` times at
+    0.85-1.05× its size, its brain shrunk to 0.88-1.0× on the skull base with CSF at 0.2-0.45 of the brain's level
+    (:func:`older_brain`), pitched −20° to 25°, turned and rolled up to ±15°, with 40, 80 or 120 mm of
+    :func:`drawn_neck`, on one of :func:`necked_acquisitions`' four grids, under a 32-element helmet
+    (:func:`phased_array_profile`, reach 40 mm) at a share of 0-0.5, a bias field of 0.1-0.5 and Rician noise of 2-12 %
+    of the 99th percentile (:func:`noisy_scan`). Yields (name, scan, label), one at a time (each a 1 mm head); names say
+    every draw's figures."""
+    acquisitions = [
+        ("sagittal 1.2x1x1", (1.2, 1.0, 1.0), SAGITTAL),
+        ("axial 1 mm", (1.0, 1.0, 1.0), AXIAL),
+        ("coronal 1x1.5x1", (1.0, 1.5, 1.0), CORONAL),
+        ("axial 0.9x0.9x2", (0.9, 0.9, 2.0), AXIAL),
+    ]
+    rng = np.random.default_rng(seed)
+    for draw in range(draws):
+        for source_name, pair in sources:
+            scale, factor, csf = (
+                float(rng.uniform(0.85, 1.05)),
+                float(rng.uniform(0.88, 1.0)),
+                float(rng.uniform(0.2, 0.45)),
+            )
+            pitch = float(rng.uniform(-20, 25))
+            yaw, roll = (float(a) for a in rng.uniform(-15, 15, 2))
+            neck = float(rng.choice([40, 80, 120]))
+            acquisition, spacing, direction = acquisitions[int(rng.integers(len(acquisitions)))]
+            helmet, bias, noise = (
+                float(rng.uniform(0, 0.5)),
+                float(rng.uniform(0.1, 0.5)),
+                float(rng.uniform(0.02, 0.12)),
+            )
+            head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, scale), factor, csf), neck)
+            image, label = acquire(
+                VolumePair(pair.name, head, label, pair.source), (pitch, roll, yaw), spacing, direction
+            )
+            scan = noisy_scan(phased_array_profile(image, 32, 40.0, helmet), bias, noise, rng)
+            name = (
+                f"{source_name} {draw}: {scale:.2f}x, brain {factor:.2f}x, CSF {csf:.2f}, pitch {pitch:+.0f}, "
+                f"yaw {yaw:+.0f}, roll {roll:+.0f}, {neck:.0f} mm neck, {acquisition}, helmet {helmet:.2f}, "
+                f"bias {bias:.2f}, noise {noise:.3f}"
+            )
+            yield name, scan, label
 
 
 def rician_noise(values: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
