@@ -79,6 +79,14 @@ AXIAL = np.eye(3)
 CORONAL = np.array([[-1.0, 0, 0], [0, 1.0, 0], [0, 0, -1.0]])  # i→R, j→P (thick), k→I
 SAGITTAL = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # i→L (thick), j→I, k→P
 
+# The grids users' research scans come on: (name, spacing, direction).
+USER_ACQUISITIONS = (
+    ("sagittal 1.2x1x1", (1.2, 1.0, 1.0), SAGITTAL),
+    ("axial 1 mm", (1.0, 1.0, 1.0), AXIAL),
+    ("coronal 1x1.5x1", (1.0, 1.5, 1.0), CORONAL),
+    ("axial 0.9x0.9x2", (0.9, 0.9, 2.0), AXIAL),
+)
+
 
 def acquire(
     pair: VolumePair,
@@ -306,12 +314,6 @@ def necked_acquisitions(
     pitched −20° to 25°, turned and rolled up to ±15°, with 40, 80 or 120 mm of :func:`drawn_neck`, acquired axial
     1 mm, sagittal 1.2×1×1, coronal 1×1.5×1 or axial 0.9×0.9×2 mm, under a bias field and Rician noise of 1-5 % of
     the 99th percentile."""
-    acquisitions = [
-        ("sagittal 1.2x1x1", (1.2, 1.0, 1.0), SAGITTAL),
-        ("axial 1 mm", (1.0, 1.0, 1.0), AXIAL),
-        ("coronal 1x1.5x1", (1.0, 1.5, 1.0), CORONAL),
-        ("axial 0.9x0.9x2", (0.9, 0.9, 2.0), AXIAL),
-    ]
     rng = np.random.default_rng(seed)
     cases = []
     for draw in range(draws):
@@ -319,7 +321,7 @@ def necked_acquisitions(
             scale, pitch = float(rng.uniform(0.85, 1.02)), float(rng.uniform(-20, 25))
             yaw, roll = (float(a) for a in rng.uniform(-15, 15, 2))
             neck = float(rng.choice([40, 80, 120]))
-            acquisition, spacing, direction = acquisitions[int(rng.integers(len(acquisitions)))]
+            acquisition, spacing, direction = USER_ACQUISITIONS[int(rng.integers(len(USER_ACQUISITIONS)))]
             bias, noise = float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.01, 0.05))
             necked = VolumePair(pair.name, *drawn_neck(*_scaled_about_centre(pair, scale), neck), pair.source)
             image, label = acquire(necked, (pitch, roll, yaw), spacing, direction)
@@ -335,16 +337,10 @@ def older_subject_scans(
     """What an older subject's scan from another scanner brings, all at once: each (name, source) ``draws`` times at
     0.85-1.05× its size, its brain shrunk to 0.88-1.0× on the skull base with CSF at 0.2-0.45 of the brain's level
     (:func:`older_brain`), pitched −20° to 25°, turned and rolled up to ±15°, with 40, 80 or 120 mm of
-    :func:`drawn_neck`, on one of :func:`necked_acquisitions`' four grids, under a 32-element helmet
+    :func:`drawn_neck`, on one of the four ``USER_ACQUISITIONS``, under a 32-element helmet
     (:func:`phased_array_profile`, reach 40 mm) at a share of 0-0.5, a bias field of 0.1-0.5 and Rician noise of 2-12 %
     of the 99th percentile (:func:`noisy_scan`). Yields (name, scan, label), one at a time (each a 1 mm head); names say
     every draw's figures."""
-    acquisitions = [
-        ("sagittal 1.2x1x1", (1.2, 1.0, 1.0), SAGITTAL),
-        ("axial 1 mm", (1.0, 1.0, 1.0), AXIAL),
-        ("coronal 1x1.5x1", (1.0, 1.5, 1.0), CORONAL),
-        ("axial 0.9x0.9x2", (0.9, 0.9, 2.0), AXIAL),
-    ]
     rng = np.random.default_rng(seed)
     for draw in range(draws):
         for source_name, pair in sources:
@@ -356,7 +352,7 @@ def older_subject_scans(
             pitch = float(rng.uniform(-20, 25))
             yaw, roll = (float(a) for a in rng.uniform(-15, 15, 2))
             neck = float(rng.choice([40, 80, 120]))
-            acquisition, spacing, direction = acquisitions[int(rng.integers(len(acquisitions)))]
+            acquisition, spacing, direction = USER_ACQUISITIONS[int(rng.integers(len(USER_ACQUISITIONS)))]
             helmet, bias, noise = (
                 float(rng.uniform(0, 0.5)),
                 float(rng.uniform(0.1, 0.5)),
