@@ -1419,6 +1419,19 @@ def without_intensity_gradient(
     return image.with_array(corrected), excess
 
 
+def head_on_input(image: Image, spec: ModelSpec, margin_mm: float) -> np.ndarray:
+    """The head on ``image``'s own grid, as the crop finds it on the model grid (:func:`meddl.transforms.head_object`
+    of the image normalised as the package asks, at :func:`crop_threshold`), its holes filled and grown by about
+    ``margin_mm`` (whole voxels along the finest axis), as a boolean mask."""
+    from scipy import ndimage
+
+    normalised = image.with_array(normalize_intensity(image.array, spec.normalization))
+    head = fill_holes(head_object(normalised, crop_threshold(spec)))
+    del normalised
+    steps = int(round(margin_mm / min(image.spacing)))
+    return ndimage.binary_dilation(head, iterations=steps) if steps > 0 and head.any() else head
+
+
 class GradientPasses(NamedTuple):
     """What :func:`gradient_passes` ran: its last pass, on the input with the field taken out, and that field."""
 
@@ -1439,12 +1452,17 @@ def gradient_passes(
     found a brain that follows an edge (``postprocess.min_edge_contrast``): a volume with no head has no gradient.
     A look is kept only where the network is at least as sure of it as of the look before, and where its crop box cuts
     the brain along at most ``max_crop_cut_growth_mm2`` (1000) more than the look before's; else the passes end there.
+    Where the package sets ``head_margin_mm``, the field is taken out of the head alone (:func:`head_on_input`, grown
+    by that margin), the air keeping its values: fitted over the brain, the field brightens the grid's far corners,
+    where noisy air then rose over the crop's threshold, the crop took in the air, and the framing dropped the
+    cerebellum (docs/brain-model.md, "The gradient field kept off the air"). Off unless a package sets it.
     """
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
     grading = spec.input["gradient_normalization"]
     most_crop_cut_growth = float(grading.get("max_crop_cut_growth_mm2", 1000.0))
-    removed, done, latest = np.zeros(3), None, first
+    head_margin_mm = float(grading["head_margin_mm"]) if grading.get("head_margin_mm") is not None else None
+    removed, done, latest, head = np.zeros(3), None, first, None
     for look in range(int(grading.get("max_passes", 3))):
         least_change = None if look == 0 else float(grading.get("min_follow_change", grading.get("min_change", 0.2)))
         least_edge = spec.postprocess.get("min_edge_contrast") if look == 0 else None
@@ -1453,6 +1471,9 @@ def gradient_passes(
         )
         if corrected is None:
             break
+        if head_margin_mm is not None:  # the head found once, and only where there is a field to take out
+            head = head_on_input(first.seen, spec, head_margin_mm) if head is None else head
+            corrected = corrected.with_array(np.where(head, corrected.array, latest.seen.array.astype(np.float32)))
         strength = float(np.linalg.norm(removed + excess))
         progress(0.0, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
         looked = runner.look(corrected, latest.placed, model_input(corrected, spec, spec.target_spacing), progress)
