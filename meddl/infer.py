@@ -1455,7 +1455,9 @@ def gradient_passes(
     Where the package sets ``head_margin_mm``, the field is taken out of the head alone (:func:`head_on_input`, grown
     by that margin), the air keeping its values: fitted over the brain, the field brightens the grid's far corners,
     where noisy air then rose over the crop's threshold, the crop took in the air, and the framing dropped the
-    cerebellum (docs/brain-model.md, "The gradient field kept off the air"). Off unless a package sets it.
+    cerebellum (docs/brain-model.md, "The gradient field kept off the air"). Off unless a package sets it; the bundled
+    package does not: under a coil behind the head the front of the brain falls outside that head, keeps its dark
+    values, and five probes then miss.
     """
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
