@@ -6,8 +6,9 @@ the input's whole physical extent, whatever the input's orientation (axial, coro
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -337,15 +338,13 @@ def cut_face_reader(
     air"). The voxels answer first, so the object is found only where they call a face cut.
     """
     above = image.array > threshold
-    head: List[np.ndarray] = []
+    head = functools.cache(lambda: head_object(image, threshold))  # found at the first face the voxels call cut
 
     def is_cut(axis: int, high: bool) -> bool:
         area_mm2, share = outer_face(above, image.spacing, axis, high)
         if area_mm2 <= min_area_mm2 or share > max_share:
             return False
-        if not head:
-            head.append(head_object(image, threshold))
-        return outer_face(head[0], image.spacing, axis, high)[0] > min_area_mm2
+        return outer_face(head(), image.spacing, axis, high)[0] > min_area_mm2
 
     return is_cut
 
