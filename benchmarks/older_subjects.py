@@ -39,7 +39,7 @@ from meddl.data import colin27_brain_pair, fsl_mni152_brain_pairs  # noqa: E402
 from meddl.errors import InputError  # noqa: E402
 from meddl.infer import configure_threads, segment_image  # noqa: E402
 from meddl.metrics import segmentation_metrics  # noqa: E402
-from meddl.models import load_model  # noqa: E402
+from meddl.models import ModelPackage, load_model  # noqa: E402
 
 __all__ = ["main"]
 
@@ -54,11 +54,11 @@ def grid_sources() -> List:
     return sources
 
 
-def score_draws(model: Path, seed: int, draws: int) -> List[Dict]:
-    """Each draw of ``seed`` segmented by the package at ``model`` and scored; prints a line as each one ends."""
-    package = load_model(model)
+def score_draws(package: ModelPackage, sources: List, seed: int, draws: int) -> List[Dict]:
+    """Each draw of ``seed`` from ``sources`` (:func:`grid_sources`) segmented by ``package`` and scored; prints a line
+    as each one ends."""
     rows = []
-    for index, (name, scan, label) in enumerate(older_subject_scans(grid_sources(), draws, seed)):
+    for index, (name, scan, label) in enumerate(older_subject_scans(sources, draws, seed)):
         start = time.perf_counter()
         row: Dict = {"seed": seed, "index": index, "name": name}
         try:
@@ -94,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = configure_threads(args.threads)
     engine = Path(meddl.__file__).parent
     print(f"load average before: {os.getloadavg()[0]:.1f}; model {args.model}; engine {engine}; threads {threads}")
-    rows = [row for seed in args.seed for row in score_draws(args.model, seed, args.draws)]
+    package, sources = load_model(args.model), grid_sources()
+    rows = [row for seed in args.seed for row in score_draws(package, sources, seed, args.draws)]
     met = sum(row["met"] for row in rows)
     refused = sum("refused" in row for row in rows)
     print(
