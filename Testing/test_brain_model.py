@@ -987,6 +987,26 @@ def test_a_gradient_field_kept_off_the_air_keeps_the_crop_on_the_head(package):
     assert any(result.gradient_removed), result
 
 
+def test_a_gradient_field_kept_off_the_air_reaches_a_dark_front_under_a_coil_behind_the_head(package):
+    """nimare's 1 mm head moved under eight coil elements behind it (reach 60 mm, full range), as the benchmark's probe
+    has it: the front of the brain reads at a tenth of its back. With the field kept off the air (``head_margin_mm``)
+    and the head found at the crop's threshold, that front falls outside the head, keeps its dark values, and the
+    brain misses (0.9509 / 12.69 mm); found above ``head_threshold`` 0.03, the head holds the front and the field
+    comes out of it: 0.9848 / 3.00 mm (docs/brain-model.md, "The gradient field kept off the air")."""
+    import copy
+
+    pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
+    image, label = acquire(pair, (8.0, -5.0, 4.0), pair.image.spacing, AXIAL)
+    behind = phased_array_profile(image, 8, 60.0, 1.0, behind_only=True)
+
+    kept_off_the_air = copy.deepcopy(package)
+    grading = kept_off_the_air.spec.input["gradient_normalization"]
+    grading.update(head_margin_mm=5.0, head_threshold=0.03)
+    result, brain = segment_and_score(kept_off_the_air, behind, label.array)
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    assert any(result.gradient_removed), result
+
+
 def older_colin27():
     """The benchmark's atrophied-head probe: Colin27 at 0.88x with its brain shrunk to 0.93x on the skull base, the
     gap at 0.4 of the brain's level, 80 mm of drawn neck, acquired sagittal 1.2x1x1 mm. Returns the image, its brain

@@ -1419,14 +1419,17 @@ def without_intensity_gradient(
     return image.with_array(corrected), excess
 
 
-def head_on_input(image: Image, spec: ModelSpec, margin_mm: float) -> np.ndarray:
+def head_on_input(image: Image, spec: ModelSpec, margin_mm: float, threshold: Optional[float] = None) -> np.ndarray:
     """The head on ``image``'s own grid, as the crop finds it on the model grid (:func:`meddl.transforms.head_object`
-    of the image normalised as the package asks, at :func:`crop_threshold`), its holes filled and grown by about
-    ``margin_mm`` (whole voxels along the finest axis), as a boolean mask."""
+    of the image normalised as the package asks, above ``threshold``, else :func:`crop_threshold`), its holes filled
+    and grown by about ``margin_mm`` (whole voxels along the finest axis), as a boolean mask.
+
+    Where the air is noisy, :func:`meddl.transforms.foreground_object` raises a lower ``threshold`` over the air's
+    level, so a low one reaches dim tissue without taking in noise."""
     from scipy import ndimage
 
     normalised = image.with_array(normalize_intensity(image.array, spec.normalization))
-    head = fill_holes(head_object(normalised, crop_threshold(spec)))
+    head = fill_holes(head_object(normalised, crop_threshold(spec) if threshold is None else threshold))
     del normalised
     steps = int(round(margin_mm / min(image.spacing)))
     return ndimage.binary_dilation(head, iterations=steps) if steps > 0 and head.any() else head
@@ -1453,11 +1456,12 @@ def gradient_passes(
     A look is kept only where the network is at least as sure of it as of the look before, and where its crop box cuts
     the brain along at most ``max_crop_cut_growth_mm2`` (1000) more than the look before's; else the passes end there.
     Where the package sets ``head_margin_mm``, the field is taken out of the head alone (:func:`head_on_input`, grown
-    by that margin), the air keeping its values: fitted over the brain, the field brightens the grid's far corners,
-    where noisy air then rose over the crop's threshold, the crop took in the air, and the framing dropped the
-    cerebellum (docs/brain-model.md, "The gradient field kept off the air"). Off unless a package sets it; the bundled
-    package does not: under a coil behind the head the front of the brain falls outside that head, keeps its dark
-    values, and five probes then miss.
+    by that margin, found above ``head_threshold`` where the package sets it), the air keeping its values: fitted over
+    the brain, the field brightens the grid's far corners, where noisy air then rose over the crop's threshold, the
+    crop took in the air, and the framing dropped the cerebellum (docs/brain-model.md, "The gradient field kept off the
+    air"). Under a coil behind the head the front of the brain reads at a tenth of its back: found above the crop's
+    threshold (0.1), the head left that front out, it kept its dark values, and five probes missed; the head is
+    therefore found above a lower ``head_threshold`` (0.03).
     """
     progress = progress or no_progress  # 0 to 1 over each look
     spec = runner.package.spec
@@ -1474,7 +1478,8 @@ def gradient_passes(
         if corrected is None:
             break
         if head_margin_mm is not None:  # the head found once, and only where there is a field to take out
-            head = head_on_input(first.seen, spec, head_margin_mm) if head is None else head
+            if head is None:
+                head = head_on_input(first.seen, spec, head_margin_mm, grading.get("head_threshold"))
             corrected = corrected.with_array(np.where(head, corrected.array, latest.seen.array.astype(np.float32)))
         strength = float(np.linalg.norm(removed + excess))
         progress(0.0, f"the brain brightens {strength:.2f} (log) per 100 mm across it: a pass with that taken out")
