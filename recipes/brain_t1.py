@@ -783,7 +783,7 @@ def write_model_card(package: Path) -> Path:
             found_above = grading.get("head_threshold", (spec["input"].get("crop_foreground") or {}).get("threshold"))
             sizing_text += (
                 f" It comes out of the head alone (found above {found_above}, grown {grading['head_margin_mm']} mm); "
-                "the air keeps its values, so noise there cannot rise into the crop."
+                "the air keeps its values, so the field does not brighten noise there into the crop."
             )
     crop = spec["input"].get("crop_foreground") or {}
     below = crop.get("max_below_object_mm")
