@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from brain_stress import (  # noqa: E402
     AXIAL,
     SAGITTAL,
-    _bias,
     _scaled_about_centre,
     acquire,
     coil_profile,
@@ -272,6 +271,11 @@ def with_brain_label(pair):
     from meddl.data import VolumePair
 
     return VolumePair(pair.name, pair.image, pair.label.with_array((pair.label.array > 0).astype(np.uint8)), "")
+
+
+def nimare_1mm_brain():
+    """nimare's 1 mm copy of the FSL template with skull, its reference as one label (:func:`with_brain_label`)."""
+    return with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
 
 
 def segment_and_score(
@@ -906,7 +910,7 @@ def test_an_older_noisy_head_under_a_helmet_keeps_no_gradient_pass_the_network_i
     3.12 and 5.00 mm, 17.0 and 17.0 before; docs/brain-model.md, "A gradient look kept where the network is surer")."""
     from meddl.data import VolumePair
 
-    pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
+    pair = nimare_1mm_brain()
     head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, 0.98), 0.93, 0.37), 120.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (-20.0, -3.0, 2.0), (1.2, 1.0, 1.0), SAGITTAL)
     scan = noisy_scan(phased_array_profile(image, 32, 40.0, 0.44), 0.34, 0.118, np.random.default_rng(0))
@@ -927,7 +931,7 @@ def test_an_older_head_under_a_helmet_keeps_its_gradient_pass_framed_as_a_whole_
     """
     from meddl.data import VolumePair
 
-    pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
+    pair = nimare_1mm_brain()
     head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, 1.02), 0.95, 0.32), 80.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (-15.0, -10.0, 2.0), (1.0, 1.0, 1.0), AXIAL)
     scan = noisy_scan(phased_array_profile(image, 32, 40.0, 0.46), 0.28, 0.034, np.random.default_rng(0))
@@ -968,7 +972,7 @@ def test_a_gradient_field_kept_off_the_air_keeps_the_crop_on_the_head(package):
     kept off the air")."""
     from meddl.data import VolumePair
 
-    pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
+    pair = nimare_1mm_brain()
     head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, 0.97), 0.98, 0.21), 120.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (-5.0, -8.0, -1.0), (1.2, 1.0, 1.0), SAGITTAL)
     scan = noisy_scan(phased_array_profile(image, 32, 40.0, 0.38), 0.31, 0.047, np.random.default_rng(0))
@@ -996,7 +1000,7 @@ def test_a_gradient_field_kept_off_the_air_reaches_a_dark_front_under_a_coil_beh
     (``head_margin_mm``); found at the crop's threshold, the head would leave that front out, it would keep its dark
     values, and the brain would miss (0.9509 / 12.69 mm). Found above ``head_threshold``, the head holds the front and
     the field comes out of it (docs/brain-model.md, "The gradient field kept off the air")."""
-    pair = with_brain_label({p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"])
+    pair = nimare_1mm_brain()
     image, label = acquire(pair, (8.0, -5.0, 4.0), pair.image.spacing, AXIAL)
     behind = phased_array_profile(image, 8, 60.0, 1.0, behind_only=True)
 
@@ -1013,18 +1017,11 @@ def test_an_older_real_head_pitched_chin_up_under_a_faint_helmet_keeps_its_brain
     mm. Taken out of the head alone (2.9.31): 0.9782 / 2.24 mm (noise draws 1-3 meet under both; `/tmp/s67/chinup.py`,
     docs/brain-model.md, "The head found above 0.03")."""
     from meddl.data import VolumePair, colin27_brain_pair
-    from meddl.train import RandAtrophyd
 
     pair = with_brain_label(colin27_brain_pair())
-    head, label = _scaled_about_centre(pair, 0.86)
-    shrink = RandAtrophyd(prob=1.0, factor_range=(0.98, 0.98), csf_range=(0.31, 0.31), anchor="base")
-    older = shrink({"image": head.array[None].astype(np.float32), "label": label.array[None]})
-    head, label = drawn_neck(head.with_array(older["image"][0]), label.with_array(older["label"][0]), 80.0)
+    head, label = drawn_neck(*older_brain(*_scaled_about_centre(pair, 0.86), 0.98, 0.31), 80.0)
     image, label = acquire(VolumePair(pair.name, head, label, ""), (22.0, 0.0, 0.0), (1.0, 1.0, 1.0), AXIAL)
-    helmet = phased_array_profile(image, 32, 40.0, 0.09)
-    rng = np.random.default_rng(0)
-    values = rician_noise(helmet.array * _bias(helmet.array.shape, rng, 0.37), 0.031, rng)
-    scan = helmet.with_array(np.clip(values, 0, 32767).round().astype(np.int16))
+    scan = noisy_scan(phased_array_profile(image, 32, 40.0, 0.09), 0.37, 0.031, np.random.default_rng(0))
 
     result, brain = segment_and_score(package, scan, label.array)
     assert np.linalg.norm(result.gradient_removed) > 0.2, result.gradient_removed  # the passes ran
