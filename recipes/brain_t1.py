@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 # What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
 # (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
-# The bundled family (2.9.31, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
+# The bundled family (2.9.33, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
 # all 40 stress cases.
 UNVERSIONED_DEFAULTS = {
     "epochs": 36,
@@ -74,7 +74,7 @@ UNVERSIONED_DEFAULTS = {
     "atrophy_fraction": 0.3,
     "ema_decay": 0.0,
 }
-# With it (a share above 0) the recipe trains 2.3.25 (the weights of 2.3.20, bundled before 2.9.21), and every
+# With it (a share above 0) the recipe trains 2.3.26 (the weights of 2.3.20, bundled before 2.9.21), and every
 # variant (other labels, coil fields, lesions, no atrophy, --compile) was measured so: they default to it
 # (docs/brain-model.md).
 WITH_SYNTHESIS_DEFAULTS = {**UNVERSIONED_DEFAULTS, "synthetic_fraction": 0.5, "seed": 20261129}
@@ -90,12 +90,12 @@ def brain_t1_spec(
     synthesis: bool = True,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, with the tissue ``synthesis`` 2.3.25 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
-    2.9.21) and 2.6.16 in float32; without it, the bundled 2.9.31 under ``bfloat16`` and 2.9.30 in float32; else
-    2.1.28; ``consensus``: trained on the consensus labels, 2.4.25, not bundled; ``coil_field``: trained under receive
-    coils' profiles as well, 2.5.16; ``lesions``: trained with lesions painted into the brain as well, 2.7.32 in
-    float32 and 2.7.33 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.15 for the
+    brains, with the tissue ``synthesis`` 2.3.26 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
+    2.9.21) and 2.6.17 in float32; without it, the bundled 2.9.33 under ``bfloat16`` and 2.9.32 in float32; else
+    2.1.29; ``consensus``: trained on the consensus labels, 2.4.26, not bundled; ``coil_field``: trained under receive
+    coils' profiles as well, 2.5.17; ``lesions``: trained with lesions painted into the brain as well, 2.7.34 in
+    float32 and 2.7.35 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.16 for the
     atrophy recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants and the variants without synthesis move two, so that their float32 and bfloat16 names never
@@ -103,20 +103,20 @@ def brain_t1_spec(
     and ``max_cut_axes`` (2.3.20), and the orientation check's ``cut_side_min_confidence`` (2.3.21, 2.9.23) and
     ``posed_upright_share`` (2.3.22, 2.9.25), ``min_edge_contrast_cut_twice`` (2.3.23, 2.9.27), the
     ``pocket_fill`` (2.3.24, 2.9.29) and the gradient field kept off the air, ``head_margin_mm`` and
-    ``head_threshold`` (2.3.25, 2.9.31).
+    ``head_threshold`` (2.3.25, 2.9.31), and the ``rim_peel`` (2.3.26, 2.9.33).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.25"
+        version = "2.4.26"
     elif coil_field:
-        version = "2.5.16"
+        version = "2.5.17"
     elif lesions:
-        version = "2.7.33" if bfloat16 else "2.7.32"
+        version = "2.7.35" if bfloat16 else "2.7.34"
     elif atrophy and not synthesis:
-        version = "2.9.31" if bfloat16 else "2.9.30"
+        version = "2.9.33" if bfloat16 else "2.9.32"
     elif atrophy:
-        version = "2.3.25" if bfloat16 else ("2.8.15" if compiled else "2.6.16")
+        version = "2.3.26" if bfloat16 else ("2.8.16" if compiled else "2.6.17")
     else:
-        version = "2.1.28"
+        version = "2.1.29"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -319,6 +319,10 @@ def brain_t1_spec(
                     "min_removed": 0.02,
                     "min_surface_share": 0.33,
                 },
+                # A brain's own profile only brightens inwards (grey, then white matter); a surface brighter than the
+                # layer under it is contrast agent's rim (dura, veins) drawn as brain: peeled (nimare under a 2 mm rim
+                # at 0.8x its white matter 0.9572 / 5.39 -> 0.9788 / 4.69 mm; 2.9.33, docs/brain-model.md).
+                "rim_peel": {"label": 1, "step_mm": 1.0, "max_depth_mm": 3.0, "min_ratio": 1.0},
                 # A large dark lesion at the cortex is left out as CSF; the scalp over it runs on, so the bite lies
                 # deeper under it than the brain's surface: drawn back (all four 50 mm dark lesion probes, which
                 # missed; on no other stress case or probe does it fire; docs/brain-model.md, 2.9.29).
@@ -900,6 +904,12 @@ def write_model_card(package: Path) -> Path:
         if trim
         else ""
     )
+    rim = spec["postprocess"].get("rim_peel")
+    if rim:
+        trim_text += (
+            f", and a peel of a rim on the brain's surface brighter than the layer under it, up to "
+            f"{rim['max_depth_mm']} mm deep (`rim_peel`: contrast agent in the dura and the veins round the brain)"
+        )
     pocket = spec["postprocess"].get("pocket_fill")
     if pocket:
         trim_text += (
@@ -1061,7 +1071,7 @@ def recipe_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of volumes painted from their tissue classes at random intensities (default 0: the bundled "
-        "2.9.31; 0.5 with --seed 20261129: 2.3.25, whose weights were bundled before it; the variants default to 0.5)",
+        "2.9.33; 0.5 with --seed 20261129: 2.3.26, whose weights were bundled before it; the variants default to 0.5)",
     )
     parser.add_argument(
         "--atrophy-fraction",
