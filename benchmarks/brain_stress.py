@@ -74,6 +74,10 @@ SEED = 77031  # not the recipe's seed; the recipe's validation poses are fixed a
 # Sources no training step ever sees: another average head (skull-stripped) and one real head with skull.
 HELD_OUT = {"icbm152-2009a-1mm-nilearn": "nilearn ICBM152 2009a", "colin27-1mm-mricron": "Colin27, mricron-data"}
 
+# The pose (degrees about i, j, k) of the probes that change what the head holds or how it was imaged: side cuts,
+# ghosts, wrap-around, lesions, contrast agent and other sequences.
+PROBE_POSE_DEG = (8.0, -6.0, 5.0)
+
 # Direction matrices (columns = LPS directions of i, j, k), all right-handed.
 AXIAL = np.eye(3)
 CORONAL = np.array([[-1.0, 0, 0], [0, 1.0, 0], [0, 0, -1.0]])  # i→R, j→P (thick), k→I
@@ -734,7 +738,7 @@ def head_probes(
             cases.append((f"{source_name} moved, {neck:.0f} mm of neck below", image, label.array))
         # The pose of the side cuts, the ghosts and the wrap-around below; on its axial LPS grid j runs to the back
         # and i to the left.
-        moved, moved_label = acquire(source, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+        moved, moved_label = acquire(source, PROBE_POSE_DEG, source.image.spacing, AXIAL)
         for side, fraction in side_cuts:
             array_axis, from_end = {"front": (1, False), "back": (1, True), "left": (2, True)}[side]
             cut_image, cut_label = cut_brain(moved, moved_label, array_axis, fraction, from_end)
@@ -761,18 +765,18 @@ def head_probes(
         for where, radius, level in lesions:
             towards = {"left top": (1.0, 0.3, 0.8), "front": (0.2, -1.0, 0.3)}[where]  # LPS
             lesioned = VolumePair(source.name, with_lesion(source, radius, level, towards), source.label, source.source)
-            image, label = acquire(lesioned, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            image, label = acquire(lesioned, PROBE_POSE_DEG, source.image.spacing, AXIAL)
             kind = "dark" if level < 1 else "bright"
             name = f"{source_name} moved, {kind} lesion ({level:g}x) {2 * radius:.0f} mm across, {where}"
             cases.append((name, image, label.array))
         for shell, level in enhanced_dura:
             enhanced = VolumePair(source.name, with_enhanced_dura(source, shell, level), source.label, source.source)
-            image, label = acquire(enhanced, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            image, label = acquire(enhanced, PROBE_POSE_DEG, source.image.spacing, AXIAL)
             name = f"{source_name} moved, contrast-enhanced: {shell:g} mm outside the brain at {level:g}x white matter"
             cases.append((name, image, label.array))
         for style, curve in sequence_contrasts:
             remapped = VolumePair(source.name, with_sequence_contrast(source, curve), source.label, source.source)
-            image, label = acquire(remapped, (8.0, -6.0, 5.0), source.image.spacing, AXIAL)
+            image, label = acquire(remapped, PROBE_POSE_DEG, source.image.spacing, AXIAL)
             cases.append((f"{source_name} moved, {style} contrast", image, label.array))
         for direction, array_axis in (("front-back", 1), ("left-right", 2)):
             for level in ghost_levels:
