@@ -81,7 +81,6 @@ __all__ = [
     "upright_pass",
     "TurnedPass",
     "AXIS_TURNS",
-    "TURNS_LOOKED_AT",
     "TURN_ABOUT_VERTICAL",
     "turned_world",
     "object_widths",
@@ -125,10 +124,6 @@ AXIS_TURNS = [
     for turn in [np.eye(3)[list(order)] * np.asarray(signs)[:, None]]
     if np.linalg.det(turn) > 0 and not np.array_equal(turn, np.eye(3))
 ]
-# The orientation check glances at every turn (one window at the head's centre) and runs whole passes only on the
-# turns whose glance is surest: on the 10 heads measured that run the check, the surest whole pass was the first or
-# second surest glance (docs/brain-model.md, "The turns glanced at").
-TURNS_LOOKED_AT = 3
 # Half a turn about the vertical (LPS): a head's twin, with the same top and the face the other way.
 TURN_ABOUT_VERTICAL = np.diag([-1.0, -1.0, 1.0])
 # Where a head's top or face points, in words: along LPS +x/-x, +y/-y, +z/-z.
@@ -794,24 +789,6 @@ class PassRunner:
             counter=self.windows,
         )
         return NetworkPass(seen, placed, model_image, probabilities, self.package.spec, self.label)
-
-    def glance(self, model_image: Image) -> float:
-        """How sure the network is over the head (:func:`pass_confidence`) in one window at the centre of the head's
-        voxels on ``model_image`` (normalised, :func:`model_input`): a whole pass's ranking at a window's cost."""
-        spec = self.package.spec
-        head = model_image.array > crop_threshold(spec)
-        if not head.any():
-            return 0.0
-        centre = np.argwhere(head).mean(axis=0)
-        box = []
-        for middle, size, patch in zip(centre, head.shape, spec.patch_size):
-            start = int(np.clip(round(middle) - patch // 2, 0, max(0, size - patch)))
-            box.append(slice(start, start + patch))
-        window = replace(model_image, array=np.ascontiguousarray(model_image.array[tuple(box)]))
-        probabilities = predict_probabilities(
-            window, self.package, self.device, False, cancel=self.cancel, normalized=True, counter=self.windows
-        )
-        return pass_confidence(window, probabilities, spec)
 
 
 def segment_image(
@@ -1774,57 +1751,43 @@ def upright_pass(
     (:attr:`NetworkPass.confidence`), where it is surer than ``first`` (no turn) by ``orienting["min_gain"]``, else
     None.
 
-    All 23 turns are glanced at (:meth:`PassRunner.glance`, one window each), and the :data:`TURNS_LOOKED_AT` surest
-    glances get a whole pass: the network reads a head turned about the vertical nearly as well as an upright one,
+    All 23 turns are looked at: the network reads a head turned about the vertical nearly as well as an upright one,
     so a first look at which way is up alone can pick a wrong up with the face forward over the right one with the
     face back (on nimare's 1 mm copy: 0.9262 against 0.9260). With a neck it can be surer of the head facing back
     (Colin27 at 0.9x with 80 mm of neck: 0.9061 against 0.8960), so where ``orienting`` gives ``face_rows``, the
     surest turn and its twin half a turn about the vertical (the first pass, where that is no turn) are told apart by
     the face: the one whose head reaches further in front of the brain (:func:`face_reach_mm`) is kept.
     """
-    progress = progress or no_progress  # 0 to 1: the glances to 0.5, the whole passes after
+    progress = progress or no_progress  # 0 to 1 over the turns
     spec = runner.package.spec
     rows = orienting.get("face_rows")
 
-    def turned_input(turn: np.ndarray) -> Tuple[Image, Image]:
-        seen = turned_world(first.seen, turn)
-        return seen, model_input(seen, spec, spec.target_spacing)
-
     def look(turn: np.ndarray) -> TurnedPass:
-        seen, model_image = turned_input(turn)
+        seen = turned_world(first.seen, turn)
+        model_image = model_input(seen, spec, spec.target_spacing)
         return TurnedPass(turn, runner.look(seen, turned_world(first.placed, turn), model_image))
 
     def reach(candidate: NetworkPass) -> float:
         return face_reach_mm(candidate.model_image, candidate.probabilities, spec, first.label, rows)
 
-    glances = []
+    best, best_index, best_confidence, reaches = None, -1, first.confidence, []
     for index, turn in enumerate(AXIS_TURNS):
         progress(
-            0.5 * index / len(AXIS_TURNS),
-            f"which way is the head up? a glance at it turned ({index + 1}/{len(AXIS_TURNS)})",
+            index / len(AXIS_TURNS), f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})"
         )
-        glances.append(runner.glance(turned_input(turn)[1]))
-    surest = sorted(np.argsort(-np.asarray(glances), kind="stable")[:TURNS_LOOKED_AT].tolist())
-    looked: Dict[int, TurnedPass] = {}
-    for count, index in enumerate(surest):
-        progress(
-            0.5 + 0.5 * count / len(surest),
-            f"which way is the head up? a pass on it turned ({count + 1}/{len(surest)})",
-        )
-        looked[index] = look(AXIS_TURNS[index])
-    best_index = max(looked, key=lambda index: looked[index].result.confidence)  # the lowest index of equals
-    best, best_confidence = looked[best_index], looked[best_index].result.confidence
-    gain = float(orienting.get("min_gain", 0.01))
-    if best_confidence <= first.confidence or best_confidence < first.confidence + gain:
+        turned = look(turn)
+        reaches.append(reach(turned.result) if rows is not None else math.nan)
+        if turned.result.confidence > best_confidence:
+            best, best_index, best_confidence = turned, index, turned.result.confidence
+    if best is None or best_confidence < first.confidence + float(orienting.get("min_gain", 0.01)):
         return None
     if rows is None:
         return best
     twin = TURN_ABOUT_VERTICAL @ best.turn
     if np.array_equal(twin, np.eye(3)):
-        return None if reach(first) > reach(best.result) else best
+        return None if reach(first) > reaches[best_index] else best
     twin_index = next(index for index, turn in enumerate(AXIS_TURNS) if np.array_equal(turn, twin))
-    twin_pass = looked[twin_index] if twin_index in looked else look(twin)
-    return twin_pass if reach(twin_pass.result) > reach(best.result) else best
+    return look(twin) if reaches[twin_index] > reaches[best_index] else best
 
 
 def turned_world(image: Image, turn: np.ndarray) -> Image:
