@@ -854,8 +854,9 @@ def segment_image(
     orientation_turn = "none"
     unsure = bool(orienting) and first.confidence < least_sure_upright(first.found, orienting)
     graded = None  # the gradient passes (below), where the check ran them already
-    if orienting and (unsure or not head_lies_upright(first.found, first.model_image, spec, orienting)):
-        turned = upright_pass(first, runner, orienting, scaled(progress, 0.3, 0.4))
+    lies_upright = not orienting or head_lies_upright(first.found, first.model_image, spec, orienting)
+    if orienting and (unsure or not lies_upright):
+        turned = upright_pass(first, runner, orienting, scaled(progress, 0.3, 0.4), first_upright=lies_upright)
         over_turn = orienting.get("min_gradient_pass_gain")
         if turned is not None and grading and over_turn is not None:
             # A coil only behind the head darkens the front of the brain: the first pass is unsure and off-centre, and
@@ -1745,11 +1746,21 @@ def _direction_words(vector: np.ndarray) -> str:
 
 
 def upright_pass(
-    first: NetworkPass, runner: PassRunner, orienting: Dict, progress: Optional[ProgressCallback] = None
+    first: NetworkPass,
+    runner: PassRunner,
+    orienting: Dict,
+    progress: Optional[ProgressCallback] = None,
+    first_upright: bool = True,
 ) -> Optional[TurnedPass]:
     """The pass on the ``first`` pass's input turned (:data:`AXIS_TURNS`) as the network is surest of
     (:attr:`NetworkPass.confidence`), where it is surer than ``first`` (no turn) by ``orienting["min_gain"]``, else
     None.
+
+    Where the ``first`` pass's brain does not sit high in its head (``first_upright`` false, :func:`head_lies_upright`)
+    and ``orienting`` gives ``upright_min_gain``, the surest of the turns whose brain does is kept where it gains that
+    much, when no turn gains ``min_gain``: on a head with much air around it the network is nearly as sure of it every
+    way up (a 256x256x160 volume face up: 0.9591 as it lies, 0.9641 upright), but only the upright turns hold the brain
+    high (docs/brain-model.md, 2.9.35).
 
     All 23 turns are looked at: the network reads a head turned about the vertical nearly as well as an upright one,
     so a first look at which way is up alone can pick a wrong up with the face forward over the right one with the
@@ -1770,7 +1781,9 @@ def upright_pass(
     def reach(candidate: NetworkPass) -> float:
         return face_reach_mm(candidate.model_image, candidate.probabilities, spec, first.label, rows)
 
+    upright_gain = None if first_upright else orienting.get("upright_min_gain")
     best, best_index, best_confidence, reaches = None, -1, first.confidence, []
+    best_upright, best_upright_index = None, -1
     for index, turn in enumerate(AXIS_TURNS):
         progress(
             index / len(AXIS_TURNS), f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})"
@@ -1779,8 +1792,14 @@ def upright_pass(
         reaches.append(reach(turned.result) if rows is not None else math.nan)
         if turned.result.confidence > best_confidence:
             best, best_index, best_confidence = turned, index, turned.result.confidence
+        confidence = turned.result.confidence
+        if upright_gain is not None and (best_upright is None or confidence > best_upright.result.confidence):
+            if head_lies_upright(turned.result.found, turned.result.model_image, spec, orienting):
+                best_upright, best_upright_index = turned, index
     if best is None or best_confidence < first.confidence + float(orienting.get("min_gain", 0.01)):
-        return None
+        if best_upright is None or best_upright.result.confidence < first.confidence + float(upright_gain):
+            return None
+        best, best_index = best_upright, best_upright_index
     if rows is None:
         return best
     twin = TURN_ABOUT_VERTICAL @ best.turn
