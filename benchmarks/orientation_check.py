@@ -7,8 +7,9 @@ kept and Dice / HD95 against the head's own mask.
 The volume is segment_speed.py's: the FSL MNI152 1 mm T1 with skull (nimare) on a 256x256x160 grid at 1x1x1.2 mm,
 with nimare's brain mask resampled onto the same grid (nearest). "Face up" turns its voxels a quarter turn in the
 plane of the first two array axes and leaves the header as it was (``brain_stress.lost_orientation``), as a file that
-lost its orientation shows a head. Each timing is the best of ``--repeats`` runs after a warm-up, the runs taking
-turns (``segment_speed.interleaved``).
+lost its orientation shows a head; "upside down", "face down" and "on its side" turn it two and three quarters so, and
+a quarter in the plane of the first and last. Each timing is the best of ``--repeats`` runs after a warm-up, the runs
+taking turns (``segment_speed.interleaved``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ for folder in (REPO, REPO / "benchmarks"):
 
 from brain_stress import DICE_TARGET, HD95_TARGET_MM, lost_orientation  # noqa: E402
 from segment_speed import BUNDLED_MODEL, interleaved, t1_on_grid  # noqa: E402
+
+# How a header that lost the orientation shows the head: a name, the array axes of the turn, quarter turns.
+LOST_ORIENTATIONS = (
+    ("face up", (0, 1), 1),
+    ("upside down", (0, 1), 2),
+    ("face down", (0, 1), 3),
+    ("on its side", (0, 2), 1),
+)
 
 
 def main(argv=None) -> int:
@@ -53,7 +62,8 @@ def main(argv=None) -> int:
     upright = t1_on_grid()
     nimare = next(pair for pair in fsl_mni152_brain_pairs() if pair.name == "fsl-mni152-1mm-nimare")
     mask = resample_to_grid(nimare.label, upright, "nearest")
-    heads = {"upright": (upright, mask), "face up": lost_orientation(upright, mask, (0, 1), 1)}
+    heads = {"upright": (upright, mask)}
+    heads.update({name: lost_orientation(upright, mask, axes, turns) for name, axes, turns in LOST_ORIENTATIONS})
 
     print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
     print("volume: nimare 1 mm T1 on 256x256x160 at 1x1x1.2 mm, against nimare's mask on the same grid")
