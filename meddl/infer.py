@@ -1790,9 +1790,9 @@ def upright_pass(
         )
         turned = look(turn)
         reaches.append(reach(turned.result) if rows is not None else math.nan)
-        if turned.result.confidence > best_confidence:
-            best, best_index, best_confidence = turned, index, turned.result.confidence
         confidence = turned.result.confidence
+        if confidence > best_confidence:
+            best, best_index, best_confidence = turned, index, confidence
         if upright_gain is not None and (best_upright is None or confidence > best_upright.result.confidence):
             if head_lies_upright(turned.result.found, turned.result.model_image, spec, orienting):
                 best_upright, best_upright_index = turned, index
