@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.meddl-installed
 # torch is pinned to the CPU wheel this machine class carries; an unpinned install pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# pytest processes `make test` runs side by side (pytest-xdist); each runs torch on one thread (Testing/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format clean
 
@@ -37,7 +39,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 format: install
 	$(BIN)/ruff format .

@@ -12,8 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Two cores are shared by torch, the worker process and pytest: one torch thread per process keeps tests
-# from fighting over them.
+# One torch thread per process: `make test` runs two pytest processes side by side (TEST_WORKERS, pytest-xdist),
+# one per core of the 2-core CI machine, and the worker processes the tests start share those cores too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MEDDL_NUM_THREADS", "1")
 
