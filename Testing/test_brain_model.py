@@ -1337,8 +1337,7 @@ def test_a_256_mm_scan_whose_header_lost_its_orientation_is_turned_upright(packa
     much air around the head the network is nearly as sure of it every way up: 0.9591 as it lies, 0.9641 turned
     upright, short of the 0.01 a turn must gain, and 2.9.33 drew it as it lay, 0.9614 / 9.97 mm. The turns whose brain
     sits high in its head are the upright ones, and where the first pass's does not, such a turn is kept where it is
-    surer at all (``upright_min_gain``, 2.9.35, docs/brain-model.md): the upright head's own brain. (That 2.9.33,
-    without the setting, kept no turn here is not run again: each look at the 23 turns costs about 15 s.)"""
+    surer at all (``upright_min_gain``, 2.9.35, docs/brain-model.md): the upright head's own brain."""
     from meddl.data import fsl_mni152_brain_pairs
 
     upright = t1_on_grid()
@@ -1351,3 +1350,5 @@ def test_a_256_mm_scan_whose_header_lost_its_orientation_is_turned_upright(packa
     assert result.orientation_turn == "top back, face up", result.orientation_turn
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
     assert abs(brain["dice"] - as_learnt["dice"]) < 0.005, (brain, as_learnt)
+    unturned, _ = segment_and_score(package, face_up, reference.array, without="orientation_check.upright_min_gain")
+    assert unturned.orientation_turn == "none"  # the 0.01 alone keeps no turn
