@@ -301,8 +301,21 @@ def crop_to_foreground(
 
 def head_object(image: Image, threshold: float) -> np.ndarray:
     """The head's bright object on a normalised model-grid ``image``: :func:`foreground_object` with the air's level
-    the metadata carries where the grid runs beyond the scan (:func:`scanned_air_level`)."""
-    return foreground_object(image.array, threshold, image.metadata.get("air_level"))
+    the metadata carries where the grid runs beyond the scan (:func:`scanned_air_level`).
+
+    Found once per image, array, threshold and air level, and read-only: the crop, the framing of a cut and the
+    orientation check's measures of a pass each ask for it on the same image (on a head whose header lost its
+    orientation, up to four times on each of 23 turns).
+    """
+    level = image.metadata.get("air_level")
+    found = image.__dict__.setdefault("_head_objects", [])  # not a field: a copied or cropped image starts afresh
+    for array, key, mask in found:
+        if array is image.array and key == (threshold, level):
+            return mask
+    mask = foreground_object(image.array, threshold, level)
+    mask.flags.writeable = False
+    found.append((image.array, (threshold, level), mask))
+    return mask
 
 
 def outer_face(occupied: np.ndarray, spacing: Sequence[float], axis: int, high: bool) -> Tuple[float, float]:
