@@ -41,6 +41,8 @@ from meddl.transforms import (
     resample_to_grid,
     scanned_air_level,
     to_model_grid,
+    turned_grid,
+    turned_voxels,
     volume_faces,
 )
 
@@ -1190,6 +1192,14 @@ def model_input(
     """``image`` resampled to the model grid at ``spacing`` (axes turned by ``direction``, see
     :func:`meddl.transforms.model_grid`), normalised and cropped as the package asks, with the crop's
     ``max_height_mm`` times ``height_scale`` (a head of another size keeps the same framing)."""
+    return cropped_input(whole_model_input(image, spec, spacing, direction), spec, height_scale)
+
+
+def whole_model_input(
+    image: Image, spec: ModelSpec, spacing: Optional[Sequence[float]], direction: Optional[np.ndarray] = None
+) -> Image:
+    """``image`` resampled to the model grid at ``spacing`` (axes turned by ``direction``) and normalised, not yet
+    cropped (:func:`cropped_input`)."""
     model_image = to_model_grid(image, spacing, direction=direction)
     model_image = model_image.with_array(normalize_intensity(model_image.array, spec.normalization))
     # Where the grid runs beyond the scan (turned to the head's pose, or square over an oblique acquisition), the crop
@@ -1199,7 +1209,15 @@ def model_input(
         level = scanned_air_level(model_image.array, scanned.array > 0)
         if level is not None:
             model_image.metadata["air_level"] = level
-    del scanned
+    return model_image
+
+
+def cropped_input(
+    model_image: Image, spec: ModelSpec, height_scale: float = 1.0, head: Optional[np.ndarray] = None
+) -> Image:
+    """A whole model grid (:func:`whole_model_input`) cropped to the head as the package's ``crop_foreground`` asks,
+    its ``max_height_mm`` times ``height_scale``, and framed where the field of view cuts the head
+    (:func:`framed_cuts`). ``head`` is the head's object on it, where the caller has it."""
     crop = spec.input.get("crop_foreground")
     if crop:
         height = crop.get("max_height_mm")
@@ -1208,6 +1226,7 @@ def model_input(
             crop_threshold(spec),
             float(crop.get("margin_mm", 10)),
             float(height) * height_scale if height is not None else None,
+            head,
         )
     return framed_cuts(model_image, spec, height_scale)
 
@@ -1772,11 +1791,16 @@ def upright_pass(
     progress = progress or no_progress  # 0 to 1 over the turns
     spec = runner.package.spec
     rows = orienting.get("face_rows")
+    # The first pass's model grid, whole, and the head on it: each turn shows the network the same voxels re-indexed
+    # (turned_grid), where resampling the turned input would interpolate and find the head afresh 23 times.
+    grid = whole_model_input(first.seen, spec, spec.target_spacing)
+    head = head_object(grid, crop_threshold(spec))
 
     def look(turn: np.ndarray) -> TurnedPass:
-        seen = turned_world(first.seen, turn)
-        model_image = model_input(seen, spec, spec.target_spacing)
-        return TurnedPass(turn, runner.look(seen, turned_world(first.placed, turn), model_image))
+        model_image = cropped_input(turned_grid(grid, turn), spec, head=turned_voxels(head, turn))
+        return TurnedPass(
+            turn, runner.look(turned_world(first.seen, turn), turned_world(first.placed, turn), model_image)
+        )
 
     def reach(candidate: NetworkPass) -> float:
         return face_reach_mm(candidate.model_image, candidate.probabilities, spec, first.label, rows)
