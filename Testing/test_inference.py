@@ -585,18 +585,16 @@ def test_a_turned_model_grid_covers_the_image_along_its_own_axes():
 def test_a_model_grid_turned_by_quarter_turns_holds_the_voxels_the_turned_image_shows_there():
     """The orientation check shows the network its first grid turned each of the 23 ways (turned_grid): each turned
     grid must hold, at every voxel, the value a resampling of the turned image reads there."""
-    from meddl.transforms import turned_grid
-
     rng = np.random.default_rng(3)
     image = Image(rng.integers(0, 1000, (7, 9, 11)).astype(np.int16), (1.0, 1.5, 2.0), (3.0, -4.0, 5.5))
     for turn in infer.AXIS_TURNS:
-        turned = turned_grid(image, turn)
+        turned = infer.turned_grid(image, turn)
         assert np.array_equal(turned.direction, np.eye(3))
         assert sorted(turned.array.shape) == sorted(image.array.shape)
         read = resample_to_grid(infer.turned_world(image, turn), turned, "nearest", default=-1)
         assert np.array_equal(read.array, turned.array)
     with pytest.raises(ValueError, match="quarter turns"):
-        turned_grid(image, np.array([[1.0, 0, 0], [0, 0.6, -0.8], [0, 0.8, 0.6]]))
+        infer.turned_grid(image, np.array([[1.0, 0, 0], [0, 0.6, -0.8], [0, 0.8, 0.6]]))
 
 
 def test_a_gradient_field_past_float32_is_not_taken_out(fsl_t1_2mm, fsl_brain_mask_2mm):

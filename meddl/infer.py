@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import SimpleITK as sitk
 
 from meddl.errors import InputError, ModalityError, ModelError
-from meddl.io import Image, read_image, validate_for_inference, write_image
+from meddl.io import Image, image_from_sitk, image_to_sitk, read_image, validate_for_inference, write_image
 from meddl.models import FIELD_TERMS, ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import (
@@ -41,8 +42,6 @@ from meddl.transforms import (
     resample_to_grid,
     scanned_air_level,
     to_model_grid,
-    turned_grid,
-    turned_voxels,
     volume_faces,
 )
 
@@ -64,6 +63,8 @@ __all__ = [
     "peel_enhanced_rim",
     "fill_deep_pocket",
     "model_input",
+    "whole_model_input",
+    "cropped_input",
     "crop_threshold",
     "FoundObject",
     "object_points_and_cut",
@@ -85,6 +86,7 @@ __all__ = [
     "AXIS_TURNS",
     "TURN_ABOUT_VERTICAL",
     "turned_world",
+    "turned_grid",
     "object_widths",
     "object_tilt_deg",
     "open_mm",
@@ -830,7 +832,8 @@ def segment_image(
         if air_quieted:
             progress(0.01, "the air around the head is noise (as in MP2RAGE): blanked outside the head")
     progress(0.02, "resampling to the model grid")
-    model_image = model_input(seen, spec, spec.target_spacing)
+    whole_grid = whole_model_input(seen, spec, spec.target_spacing)  # the orientation check turns it (upright_pass)
+    model_image = cropped_input(whole_grid, spec)
     timings["preprocess"] = time.perf_counter() - started
     if cancel:
         cancel.check()
@@ -858,7 +861,9 @@ def segment_image(
     graded = None  # the gradient passes (below), where the check ran them already
     lies_upright = not orienting or head_lies_upright(first.found, first.model_image, spec, orienting)
     if orienting and (unsure or not lies_upright):
-        turned = upright_pass(first, runner, orienting, scaled(progress, 0.3, 0.4), first_upright=lies_upright)
+        turned = upright_pass(
+            first, whole_grid, runner, orienting, scaled(progress, 0.3, 0.4), first_upright=lies_upright
+        )
         over_turn = orienting.get("min_gradient_pass_gain")
         if turned is not None and grading and over_turn is not None:
             # A coil only behind the head darkens the front of the brain: the first pass is unsure and off-centre, and
@@ -873,6 +878,7 @@ def segment_image(
         if turned is not None:
             orientation_turn, current = turned.description, turned.result
             progress(0.4, f"the header had the head {orientation_turn}: the passes see it upright")
+    del whole_grid  # as big as the field of view: no later pass reads it
     # The network learnt bias-corrected heads: a receive coil's profile left in the scan (a brighter surface) makes it
     # draw an orbit as brain. Take the profile out of the image and look again.
     coil_gain = 1.0
@@ -1766,6 +1772,7 @@ def _direction_words(vector: np.ndarray) -> str:
 
 def upright_pass(
     first: NetworkPass,
+    grid: Image,
     runner: PassRunner,
     orienting: Dict,
     progress: Optional[ProgressCallback] = None,
@@ -1781,6 +1788,9 @@ def upright_pass(
     way up (a 256x256x160 volume face up: 0.9591 as it lies, 0.9641 upright), but only the upright turns hold the brain
     high (docs/brain-model.md, 2.9.35).
 
+    ``grid`` is the first pass's model grid, whole (:func:`whole_model_input`): each turn re-indexes it
+    (:func:`turned_grid`).
+
     All 23 turns are looked at: the network reads a head turned about the vertical nearly as well as an upright one,
     so a first look at which way is up alone can pick a wrong up with the face forward over the right one with the
     face back (on nimare's 1 mm copy: 0.9262 against 0.9260). With a neck it can be surer of the head facing back
@@ -1791,13 +1801,12 @@ def upright_pass(
     progress = progress or no_progress  # 0 to 1 over the turns
     spec = runner.package.spec
     rows = orienting.get("face_rows")
-    # The first pass's model grid, whole, and the head on it: each turn shows the network the same voxels re-indexed
-    # (turned_grid), where resampling the turned input would interpolate and find the head afresh 23 times.
-    grid = whole_model_input(first.seen, spec, spec.target_spacing)
-    head = head_object(grid, crop_threshold(spec))
+    # Each turn shows the network the first pass's whole grid re-indexed (turned_grid) and crops it to the head found
+    # on that grid, turned with it, where resampling the turned input would interpolate and find the head afresh.
+    head = grid.with_array(head_object(grid, crop_threshold(spec)).astype(np.uint8))
 
     def look(turn: np.ndarray) -> TurnedPass:
-        model_image = cropped_input(turned_grid(grid, turn), spec, head=turned_voxels(head, turn))
+        model_image = cropped_input(turned_grid(grid, turn), spec, head=turned_grid(head, turn).array > 0)
         return TurnedPass(
             turn, runner.look(turned_world(first.seen, turn), turned_world(first.placed, turn), model_image)
         )
@@ -1839,6 +1848,21 @@ def turned_world(image: Image, turn: np.ndarray) -> Image:
     turn = np.asarray(turn, dtype=np.float64)
     origin = tuple(turn @ np.asarray(image.origin))
     return replace(image, origin=origin, direction=turn @ image.direction, metadata=dict(image.metadata))
+
+
+def turned_grid(image: Image, turn: np.ndarray) -> Image:
+    """``image`` in a world turned by ``turn`` (:func:`turned_world`), re-indexed onto LPS axes as the model grid lies
+    (SimpleITK's ``DICOMOrient``): the same voxels, none interpolated, for an LPS grid turned by quarter turns.
+
+    Raises:
+        ValueError: the turned image does not lie along LPS axes (``image`` is not an LPS grid, or ``turn`` is not a
+            rotation by quarter turns).
+    """
+    oriented = image_from_sitk(sitk.DICOMOrient(image_to_sitk(turned_world(image, turn)), "LPS"))
+    if not np.allclose(oriented.direction, np.eye(3), atol=1e-9):
+        raise ValueError("turned_grid turns an LPS grid by quarter turns only")
+    oriented.metadata = dict(image.metadata)
+    return oriented
 
 
 def _calibrated(settings: Optional[Dict], reference_key: str) -> Optional[Dict]:

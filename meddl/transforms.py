@@ -24,8 +24,6 @@ __all__ = [
     "reference_grid",
     "resample_to_grid",
     "to_model_grid",
-    "turned_grid",
-    "turned_voxels",
     "normalize_intensity",
     "bounding_box",
     "crop_box",
@@ -123,41 +121,6 @@ def to_model_grid(
     grid = model_grid(image, spacing, direction)
     default = float(np.min(image.array)) if interpolation == "linear" else 0.0
     return resample_to_grid(image, grid, interpolation, default)
-
-
-def turned_voxels(array: np.ndarray, turn: np.ndarray) -> np.ndarray:
-    """The voxels of ``array``, on an LPS grid (identity direction), re-indexed for that grid turned by ``turn`` (a
-    rotation by quarter turns, entries 0 and ±1): the value at turned index ``(k', j', i')`` is the one whose position
-    ``turn`` carries there. No value is interpolated."""
-    source = [int(np.argmax(np.abs(row))) for row in turn]  # the LPS axis each turned LPS axis takes its voxels from
-    moved = np.transpose(array, [2 - source[2 - axis] for axis in range(3)])  # array axes run k, j, i
-    reversed_axes = tuple(2 - axis for axis in range(3) if turn[axis, source[axis]] < 0)
-    return np.ascontiguousarray(np.flip(moved, reversed_axes))
-
-
-def turned_grid(image: Image, turn: np.ndarray) -> Image:
-    """``image`` (an LPS grid: identity direction) in a world turned by ``turn`` about the origin (a rotation by
-    quarter turns), again on an LPS grid: the same voxels at the turned positions (:func:`turned_voxels`), where
-    resampling the turned image would interpolate them afresh.
-
-    Raises:
-        ValueError: ``image``'s direction is not the identity, or ``turn`` is not a rotation by quarter turns.
-    """
-    turn = np.asarray(turn, dtype=np.float64)
-    if not np.array_equal(image.direction, np.eye(3)):
-        raise ValueError("turned_grid needs an LPS grid (identity direction)")
-    if not (np.array_equal(np.abs(turn).sum(axis=0), np.ones(3)) and set(np.unique(turn)) <= {-1.0, 0.0, 1.0}):
-        raise ValueError("turned_grid turns by quarter turns only")
-    spacing = np.asarray(image.spacing)
-    first = turn @ np.asarray(image.origin)
-    last = turn @ (np.asarray(image.origin) + spacing * (np.asarray(image.size) - 1))
-    return Image(
-        turned_voxels(image.array, turn),
-        tuple(np.abs(turn) @ spacing),
-        tuple(np.minimum(first, last)),
-        np.eye(3),
-        dict(image.metadata),
-    )
 
 
 def normalize_intensity(array: np.ndarray, normalization: Dict) -> np.ndarray:
@@ -324,7 +287,7 @@ def crop_to_foreground(
     the cerebellum or runs down the neck to the shoulders, which are tissue and survive the threshold.
 
     The air's level is ``image.metadata["air_level"]`` where the grid runs beyond the scan (:func:`scanned_air_level`).
-    ``head`` is the object where the caller has it (a turned grid's, turned with it: :func:`turned_voxels`).
+    ``head`` is the object where the caller has it (on a turned grid, the first grid's head turned with it).
     """
     mask = head_object(image, threshold) if head is None else head
     if not mask.any():
