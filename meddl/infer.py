@@ -82,6 +82,7 @@ __all__ = [
     "face_reach_mm",
     "pass_confidence",
     "upright_pass",
+    "brain_base_offset_mm",
     "TurnedPass",
     "AXIS_TURNS",
     "TURN_ABOUT_VERTICAL",
@@ -1795,8 +1796,9 @@ def upright_pass(
     so a first look at which way is up alone can pick a wrong up with the face forward over the right one with the
     face back (on nimare's 1 mm copy: 0.9262 against 0.9260). With a neck it can be surer of the head facing back
     (Colin27 at 0.9x with 80 mm of neck: 0.9061 against 0.8960), so where ``orienting`` gives ``face_rows``, the
-    surest turn and its twin half a turn about the vertical (the first pass, where that is no turn) are told apart by
-    the face: the one whose head reaches further in front of the brain (:func:`face_reach_mm`) is kept.
+    surest turn and its twin half a turn about the vertical (the first pass, where that is no turn) are told apart:
+    by the brain's base where it tells (:func:`_faces_back`, ``base_share``), which turns with a pitch, else by the
+    face: the one whose head reaches further in front of the brain (:func:`face_reach_mm`) is kept.
     """
     progress = progress or no_progress  # 0 to 1 over the turns
     spec = runner.package.spec
@@ -1836,10 +1838,52 @@ def upright_pass(
     if rows is None:
         return best
     twin = TURN_ABOUT_VERTICAL @ best.turn
-    if np.array_equal(twin, np.eye(3)):
-        return None if reach(first) > reaches[best_index] else best
-    twin_index = next(index for index, turn in enumerate(AXIS_TURNS) if np.array_equal(turn, twin))
-    return look(twin) if reaches[twin_index] > reaches[best_index] else best
+    twin_index = next((index for index, turn in enumerate(AXIS_TURNS) if np.array_equal(turn, twin)), -1)
+    faces_back = _faces_back(best.result, orienting)
+    if faces_back is None:  # the brain's base does not tell: the face does
+        faces_back = (reach(first) if twin_index < 0 else reaches[twin_index]) > reaches[best_index]
+    if not faces_back:
+        return best
+    return None if twin_index < 0 else look(twin)
+
+
+def brain_base_offset_mm(points: np.ndarray, share: float) -> float:
+    """How far (mm) behind the brain's centre its lowest ``share`` lies, along its own front-back axis: the end of its
+    longest principal axis that points posterior (LPS +y), its height across that axis in the vertical plane.
+
+    Below an upright brain's centre the cerebellum and brainstem lie back, the temporal poles less far forward: the
+    lowest 0.1 of the brain lies 8.6-12.3 mm back on the four reference masks (FSL's three, Colin27's) pitched -30 to
+    +30 deg. The measure turns with the brain, so a pitch does not move it; the same brain facing back (half a turn
+    about the vertical) reads it negated.
+    """
+    if len(points) < 2:
+        return 0.0
+    front_back = _front_back_axis(points)
+    up = np.array([0.0, 0.0, 1.0]) - front_back[2] * front_back
+    up /= max(1e-9, float(np.linalg.norm(up)))
+    centred = points - points.mean(axis=0)
+    height = centred @ up
+    lowest = height <= np.quantile(height, share)
+    return float((centred[lowest] @ front_back).mean())
+
+
+def _faces_back(candidate: NetworkPass, orienting: Dict) -> Optional[bool]:
+    """Whether the brain ``candidate`` found faces back, read off its base (:func:`brain_base_offset_mm`, over the
+    lowest ``orienting["base_share"]``): True where its base lies at least ``min_base_offset_mm`` in front of its
+    centre, False where as far behind, None where it lies closer to it, where ``orienting`` gives no ``base_share``
+    or where the field of view cuts the brain on more than ``max_cut_base_mm2`` (a cut takes off what the base holds).
+
+    The face (:func:`face_reach_mm`) turns with a pitch: in front of the lowest rows of a head pitched chin down by 10
+    deg or more there is less head than behind them (the neck), and the check kept such heads facing back when their
+    header had lost the orientation (docs/brain-model.md, "A head pitched chin down...").
+    """
+    share = orienting.get("base_share")
+    if share is None or candidate.found.cut_mm2 > float(orienting.get("max_cut_base_mm2", 1000.0)):
+        return None
+    offset = brain_base_offset_mm(candidate.found.points, float(share))
+    if abs(offset) < float(orienting.get("min_base_offset_mm", 4.0)):
+        return None
+    return offset < 0
 
 
 def turned_world(image: Image, turn: np.ndarray) -> Image:
