@@ -1291,6 +1291,26 @@ def test_a_head_with_a_neck_whose_header_lost_its_orientation_is_turned_upright_
     assert unchecked.orientation_turn == "none"  # the check runs only where the first pass is unsure
 
 
+def test_a_head_pitched_chin_down_whose_header_lost_its_orientation_is_turned_upright_facing_forward(package):
+    """Colin27 pitched 20 deg chin down, acquired at 2 mm, its header lost so that the head lies face up. Chin down,
+    the neck lies behind the brain's lowest rows and the face below them, so the face measure read more head behind
+    than in front and kept the head facing back (0.9697 / 4.47 mm against the upright head's 0.9742 / 2.83). The
+    brain's own base, where the cerebellum lies back, turns with the pitch and tells the face's side
+    (``orientation_check.base_share``, docs/brain-model.md "A head pitched chin down...")."""
+    from meddl.data import colin27_brain_pair
+
+    pair = with_brain_label(colin27_brain_pair())
+    upright, upright_label = acquire(pair, (-20.0, 0.0, 0.0), (2.0, 2.0, 2.0), np.eye(3))
+    image, label = lost_orientation(upright, upright_label, (0, 1), 1)
+
+    _, as_learnt = segment_and_score(package, upright, upright_label.array)
+    result, brain = segment_and_score(package, image, label.array)
+    assert result.orientation_turn == "top back, face up", result.orientation_turn
+    assert abs(brain["dice"] - as_learnt["dice"]) < 0.002, (brain, as_learnt)
+    by_face, _ = segment_and_score(package, image, label.array, without="orientation_check.base_share")
+    assert by_face.orientation_turn == "top back, face down", by_face.orientation_turn  # what the face alone kept
+
+
 def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_upright(package):
     """A field of view that cuts the brain's front, and a header that lost the orientation: the head lies upside down
     with its cut at the back, whose lower half counted as a cut base (a cut base moves the head's centre up, so that an

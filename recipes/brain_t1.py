@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 # What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
 # (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
-# The bundled family (2.9.35, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
+# The bundled family (2.9.37, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
 # all 40 stress cases.
 UNVERSIONED_DEFAULTS = {
     "epochs": 36,
@@ -90,12 +90,12 @@ def brain_t1_spec(
     synthesis: bool = True,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, with the tissue ``synthesis`` 2.3.27 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
-    2.9.21) and 2.6.18 in float32; without it, the bundled 2.9.35 under ``bfloat16`` and 2.9.34 in float32; else
-    2.1.30; ``consensus``: trained on the consensus labels, 2.4.27, not bundled; ``coil_field``: trained under receive
-    coils' profiles as well, 2.5.18; ``lesions``: trained with lesions painted into the brain as well, 2.7.36 in
-    float32 and 2.7.37 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.17 for the
+    brains, with the tissue ``synthesis`` 2.3.28 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
+    2.9.21) and 2.6.19 in float32; without it, the bundled 2.9.37 under ``bfloat16`` and 2.9.36 in float32; else
+    2.1.31; ``consensus``: trained on the consensus labels, 2.4.28, not bundled; ``coil_field``: trained under receive
+    coils' profiles as well, 2.5.19; ``lesions``: trained with lesions painted into the brain as well, 2.7.38 in
+    float32 and 2.7.39 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.18 for the
     atrophy recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants and the variants without synthesis move two, so that their float32 and bfloat16 names never
@@ -104,20 +104,20 @@ def brain_t1_spec(
     ``posed_upright_share`` (2.3.22, 2.9.25), ``min_edge_contrast_cut_twice`` (2.3.23, 2.9.27), the
     ``pocket_fill`` (2.3.24, 2.9.29) and the gradient field kept off the air, ``head_margin_mm`` and
     ``head_threshold`` (2.3.25, 2.9.31), the ``rim_peel`` (2.3.26, 2.9.33) and the orientation check's
-    ``upright_min_gain`` (2.3.27, 2.9.35).
+    ``upright_min_gain`` (2.3.27, 2.9.35) and ``base_share`` (2.3.28, 2.9.37).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.27"
+        version = "2.4.28"
     elif coil_field:
-        version = "2.5.18"
+        version = "2.5.19"
     elif lesions:
-        version = "2.7.37" if bfloat16 else "2.7.36"
+        version = "2.7.39" if bfloat16 else "2.7.38"
     elif atrophy and not synthesis:
-        version = "2.9.35" if bfloat16 else "2.9.34"
+        version = "2.9.37" if bfloat16 else "2.9.36"
     elif atrophy:
-        version = "2.3.27" if bfloat16 else ("2.8.17" if compiled else "2.6.18")
+        version = "2.3.28" if bfloat16 else ("2.8.18" if compiled else "2.6.19")
     else:
-        version = "2.1.30"
+        version = "2.1.31"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -271,6 +271,12 @@ def brain_t1_spec(
                 # all: with much air around the head the network is nearly as sure of it every way up (a 256x256x160
                 # volume a lost header turned: 0.0007-0.0095 short of the 0.01), and the head as it lay missed (face
                 # up 0.9614 / 9.97 mm) (2.9.35, docs/brain-model.md).
+                # The kept turn and its twin facing back are told apart by the brain's base first: its lowest 0.1
+                # lies 8.6-12.3 mm behind its centre on the four reference masks pitched -30 to +30 deg (the
+                # cerebellum), and 8.7-11.5 on what 2.9.35 drew of Colin27 and nimare's 1 mm copy a lost header turned,
+                # pitched -30 to +15 deg; under 4 mm, or where the field of view cuts the brain, the face tells them.
+                # The face alone kept heads pitched chin down 10 deg or more facing back (Colin27 at -20 deg: 0.9707 /
+                # 3.74 mm against 0.9743 / 3.00 upright) (2.9.37, docs/brain-model.md).
                 "orientation_check": {
                     "min_offset_mm": 2.0,
                     "upright_share": 0.5,
@@ -284,6 +290,8 @@ def brain_t1_spec(
                     "cut_side_min_confidence": 0.945,
                     "posed_upright_share": 0.5,
                     "upright_min_gain": 0.0,
+                    "base_share": 0.1,
+                    "min_base_offset_mm": 4.0,
                 },
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
@@ -873,6 +881,13 @@ def write_model_card(package: Path) -> Path:
                 " That turn or its twin half a turn about the vertical, whichever has more head in front of the "
                 "brain's lowest rows than behind them (the face), is kept."
             )
+            if orienting.get("base_share") is not None:
+                sizing_text += (
+                    f" Before the face, the brain's lowest {orienting['base_share']:g} tells the two apart where it "
+                    f"lies {orienting['min_base_offset_mm']:g} mm or more from the brain's centre along its own "
+                    "front-back axis (the cerebellum lies back), which turns with a pitch: chin down, the neck lies "
+                    "behind the brain's lowest rows."
+                )
         if orienting.get("min_gradient_pass_gain") is not None and grading:
             sizing_text += (
                 " The head stays as it lies where, with its intensity gradient taken out by the passes above, the "
@@ -1084,7 +1099,7 @@ def recipe_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of volumes painted from their tissue classes at random intensities (default 0: the bundled "
-        "2.9.35; 0.5 with --seed 20261129: 2.3.27, whose weights were bundled before it; the variants default to 0.5)",
+        "2.9.37; 0.5 with --seed 20261129: 2.3.28, whose weights were bundled before it; the variants default to 0.5)",
     )
     parser.add_argument(
         "--atrophy-fraction",
