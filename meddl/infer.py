@@ -1658,7 +1658,9 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     ``posed_upright_share`` of its length once :func:`head_pose_rotation` turns the head to the learnt pitch counts as
     upright too: a head tilted back 40° reads 0.43 up, 0.91 turned. The pose pass turns none of the heads a lost
     header turned: upside down or on a side their front-back axes lie within 15° of the learnt pitch, face up 80-86°
-    from it (docs/brain-model.md, 2.9.25).
+    from it (docs/brain-model.md, 2.9.25). With ``posed_min_up_share``, only an offset at least that much up as it lies
+    is turned so: with 80 mm of neck, a head a lost header shows face up or on its side reads 0.15 up and 0.66-0.73
+    turned, and the check never ran (docs/brain-model.md, "A miss the check does not see").
     """
     if len(found.points) < 2:
         return True
@@ -1672,6 +1674,8 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
     posed_share = orienting.get("posed_upright_share")
     rotation = head_pose_rotation(found, posing) if posing and posed_share is not None else None
+    if up_share < float(orienting.get("posed_min_up_share", -1.0)):
+        rotation = None  # a head on its side or face up with a neck: the pose pass would stand its offset up
     if rotation is not None and float((rotation @ offset)[2]) / length >= float(posed_share):
         return True  # a head tilted back or forward: upright once the pose pass turns it to the learnt pitch
     below_centre = found.cut_points[found.cut_points[:, 2] < found.points[:, 2].mean()]
