@@ -1673,9 +1673,9 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
         return True
     posing = _calibrated(spec.input.get("pose_normalization"), "reference_tilt_deg")
     posed_share = orienting.get("posed_upright_share")
-    rotation = head_pose_rotation(found, posing) if posing and posed_share is not None else None
-    if up_share < float(orienting.get("posed_min_up_share", -1.0)):
-        rotation = None  # a head on its side or face up with a neck: the pose pass would stand its offset up
+    # A head on its side or face up with a neck sits too little up for the pose pass to stand its offset up.
+    posable = posing and posed_share is not None and up_share >= float(orienting.get("posed_min_up_share", -1.0))
+    rotation = head_pose_rotation(found, posing) if posable else None
     if rotation is not None and float((rotation @ offset)[2]) / length >= float(posed_share):
         return True  # a head tilted back or forward: upright once the pose pass turns it to the learnt pitch
     below_centre = found.cut_points[found.cut_points[:, 2] < found.points[:, 2].mean()]
