@@ -1311,30 +1311,27 @@ def test_a_head_pitched_chin_down_whose_header_lost_its_orientation_is_turned_up
     assert by_face.orientation_turn == "top back, face down", by_face.orientation_turn  # what the face alone kept
 
 
-def test_a_head_with_a_neck_shown_face_up_by_a_lost_header_runs_the_check_under_posed_min_up_share(package):
+def test_a_head_with_a_neck_shown_face_up_by_a_lost_header_is_turned_upright(package):
     """Colin27 with 80 mm of drawn neck, its header lost so that the head lies face up. The first pass is sure of it
     (0.92) and its brain sits only 0.15 up from the head's centre, but the pose rule (``posed_upright_share``) turns
-    that offset to the learnt pitch, where it reads 0.73 up, and calls the head upright: the check never runs and
-    the brain drawn misses by far (0.8784 / 83.62 mm). ``posed_min_up_share`` 0.3 keeps the pose rule to offsets at
-    least that much up as they lie (heads tilted back 35-40 deg: 0.43); the check then runs and turns the head
-    upright. Not bundled yet: the stress record and the older-subject grid under it are to be measured
-    (docs/brain-model.md, "A miss the check does not see")."""
-    import copy
-
+    that offset to the learnt pitch, where it reads 0.73 up, and called the head upright: the check never ran and
+    the brain drawn missed by far (0.8784 / 83.62 mm). Since 2.9.39 ``posed_min_up_share`` 0.3 keeps the pose rule to
+    offsets at least that much up as they lie (heads tilted back 35-40 deg: 0.43); the check runs and turns the head
+    upright (docs/brain-model.md, "A miss the check did not see")."""
     from meddl.data import colin27_brain_pair
 
     pair = with_brain_label(colin27_brain_pair())
     head, label = drawn_neck(pair.image, pair.label, 80.0)
     image, reference = lost_orientation(head, label, (0, 1), 1)
 
-    bundled, missed = segment_and_score(package, image, reference.array)
-    assert bundled.orientation_turn == "none"
-    assert missed["dice"] < DICE_TARGET, missed  # what the pose rule alone leaves
-    held = copy.deepcopy(package)
-    held.spec.input["orientation_check"]["posed_min_up_share"] = 0.3
-    result, brain = segment_and_score(held, image, reference.array)
+    result, brain = segment_and_score(package, image, reference.array)
     assert result.orientation_turn.startswith("top forward"), result.orientation_turn
     assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unchecked, missed = segment_and_score(
+        package, image, reference.array, without="orientation_check.posed_min_up_share"
+    )
+    assert unchecked.orientation_turn == "none"
+    assert missed["dice"] < DICE_TARGET, missed  # what the pose rule alone leaves
 
 
 def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_upright(package):
