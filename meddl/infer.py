@@ -1660,7 +1660,10 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     header turned: upside down or on a side their front-back axes lie within 15° of the learnt pitch, face up 80-86°
     from it (docs/brain-model.md, 2.9.25). With ``posed_min_up_share``, only an offset at least that much up as it lies
     is turned so: with 80 mm of neck, a head a lost header shows face up or on its side reads 0.15 up and 0.66-0.73
-    turned, and the check never ran (docs/brain-model.md, "A miss the check does not see").
+    turned, and the check never ran (docs/brain-model.md, "A miss the check did not see"). With
+    ``cut_base_max_offset_mm``, only an offset that short counts as upright by a cut base: an upright head cut at its
+    base holds its brain 4.6-8.5 mm off the head's centre, a head cut at the back that a lost header shows face up
+    11.6-17.3 mm, its face high above the brain (docs/brain-model.md, "A cut back shown face up").
     """
     if len(found.points) < 2:
         return True
@@ -1685,6 +1688,9 @@ def head_lies_upright(found: FoundObject, model_image: Image, spec: ModelSpec, o
     flattest = orienting.get("cut_base_max_tilt_deg")
     if flattest is not None and _cut_tilt_deg(below_centre) > float(flattest):
         return False  # the lower half of a cut at a side, the front or the back: a head on its side or upside down
+    longest = orienting.get("cut_base_max_offset_mm")
+    if longest is not None and length > float(longest):
+        return False  # a cut back a lost header shows face up: the face stands above the brain, far off its centre
     return up_share <= -float(orienting.get("cut_base_down_share", 0.3))
 
 

@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE_COMMAND = ".venv/bin/python -m recipes.brain_t1 --output Resources/models/brain-t1"
 # What changes the weights without a version of its own: the schedule, the seed and the augmentation's shares
 # (atrophy's share of 0, which has a version, aside). recipe_spec marks a version trained with other values.
-# The bundled family (2.9.39, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
+# The bundled family (2.9.41, the weights of 2.9.21) trains without the tissue synthesis, on the seed whose run met
 # all 40 stress cases.
 UNVERSIONED_DEFAULTS = {
     "epochs": 36,
@@ -90,12 +90,12 @@ def brain_t1_spec(
     synthesis: bool = True,
 ) -> ModelSpec:
     """The package description: a small MONAI UNet at 2 mm, background/brain (``atrophy``: trained with shrunk
-    brains, with the tissue ``synthesis`` 2.3.29 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
-    2.9.21) and 2.6.20 in float32; without it, the bundled 2.9.39 under ``bfloat16`` and 2.9.38 in float32; else
-    2.1.32; ``consensus``: trained on the consensus labels, 2.4.29, not bundled; ``coil_field``: trained under receive
-    coils' profiles as well, 2.5.20; ``lesions``: trained with lesions painted into the brain as well, 2.7.40 in
-    float32 and 2.7.41 under ``bfloat16``;
-    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.19 for the
+    brains, with the tissue ``synthesis`` 2.3.30 under ``bfloat16`` autocast (its weights bundled as 2.3.20 before
+    2.9.21) and 2.6.21 in float32; without it, the bundled 2.9.41 under ``bfloat16`` and 2.9.40 in float32; else
+    2.1.33; ``consensus``: trained on the consensus labels, 2.4.30, not bundled; ``coil_field``: trained under receive
+    coils' profiles as well, 2.5.21; ``lesions``: trained with lesions painted into the brain as well, 2.7.42 in
+    float32 and 2.7.43 under ``bfloat16``;
+    ``compiled``: the float32 network trained through ``torch.compile``, which rounds otherwise: 2.8.20 for the
     atrophy recipe; the variants keep their names, measured without it).
     A version moves up a patch when the recipe adds an inference setting, so the weights keep their minor version
     (the lesion variants and the variants without synthesis move two, so that their float32 and bfloat16 names never
@@ -104,20 +104,21 @@ def brain_t1_spec(
     ``posed_upright_share`` (2.3.22, 2.9.25), ``min_edge_contrast_cut_twice`` (2.3.23, 2.9.27), the
     ``pocket_fill`` (2.3.24, 2.9.29) and the gradient field kept off the air, ``head_margin_mm`` and
     ``head_threshold`` (2.3.25, 2.9.31), the ``rim_peel`` (2.3.26, 2.9.33) and the orientation check's
-    ``upright_min_gain`` (2.3.27, 2.9.35), ``base_share`` (2.3.28, 2.9.37) and ``posed_min_up_share`` (2.3.29, 2.9.39).
+    ``upright_min_gain`` (2.3.27, 2.9.35), ``base_share`` (2.3.28, 2.9.37), ``posed_min_up_share`` (2.3.29,
+    2.9.39) and ``cut_base_max_offset_mm`` (2.3.30, 2.9.41).
     docs/brain-model.md names the version each figure was measured as."""
     if consensus:
-        version = "2.4.29"
+        version = "2.4.30"
     elif coil_field:
-        version = "2.5.20"
+        version = "2.5.21"
     elif lesions:
-        version = "2.7.41" if bfloat16 else "2.7.40"
+        version = "2.7.43" if bfloat16 else "2.7.42"
     elif atrophy and not synthesis:
-        version = "2.9.39" if bfloat16 else "2.9.38"
+        version = "2.9.41" if bfloat16 else "2.9.40"
     elif atrophy:
-        version = "2.3.29" if bfloat16 else ("2.8.19" if compiled else "2.6.20")
+        version = "2.3.30" if bfloat16 else ("2.8.20" if compiled else "2.6.21")
     else:
-        version = "2.1.32"
+        version = "2.1.33"
     return ModelSpec.from_json(
         {
             "format": "meddl-model",
@@ -281,6 +282,10 @@ def brain_t1_spec(
                 # header shows face up or on its side holds its brain 0.15 up, 0.66-0.73 once turned to the learnt
                 # pitch, and the check never ran (0.78-0.89 Dice); the heads tilted back 35-40 deg the rule was set
                 # for read 0.43 (2.9.39, docs/brain-model.md).
+                # An offset pointing down counts as upright by a cut base only where it is 10 mm long at most: upright
+                # heads cut at the base hold their brain 4.6-8.5 mm off the head's centre; a head cut at the back that
+                # a lost header shows face up, 11.6-17.3 mm (its face stands high above the brain), and the check
+                # never ran (Colin27 cut 25 % at the back: 0.9658 / 6.93 mm) (2.9.41, docs/brain-model.md).
                 "orientation_check": {
                     "min_offset_mm": 2.0,
                     "upright_share": 0.5,
@@ -297,6 +302,7 @@ def brain_t1_spec(
                     "base_share": 0.1,
                     "min_base_offset_mm": 4.0,
                     "posed_min_up_share": 0.3,
+                    "cut_base_max_offset_mm": 10.0,
                 },
             },
             # An opening by a 6 mm ball cuts thin bridges from the brain into the orbits and the skull base, which
@@ -857,6 +863,12 @@ def write_model_card(package: Path) -> Path:
                 else ""
             )
             + (
+                f" and the vector is {orienting['cut_base_max_offset_mm']:g} mm long at most (a head cut at the back "
+                "and shown face up holds its face high above the brain)"
+                if orienting.get("cut_base_max_offset_mm") is not None
+                else ""
+            )
+            + (
                 f"; and less than {orienting['posed_upright_share']:.0%} once the pose pass would turn the head to "
                 "the learnt pitch"
                 + (
@@ -1109,7 +1121,7 @@ def recipe_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of volumes painted from their tissue classes at random intensities (default 0: the bundled "
-        "2.9.39; 0.5 with --seed 20261129: 2.3.29, whose weights were bundled before it; the variants default to 0.5)",
+        "2.9.41; 0.5 with --seed 20261129: 2.3.30, whose weights were bundled before it; the variants default to 0.5)",
     )
     parser.add_argument(
         "--atrophy-fraction",
