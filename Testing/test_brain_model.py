@@ -304,6 +304,17 @@ def segment_and_score(
     return result, segmentation_metrics(result.labelmap.array, reference, {1: "brain"}, image.spacing)["brain"]
 
 
+def assert_turned_upright_only_with(package, image: Image, reference: np.ndarray, turn: str, setting: str) -> None:
+    """The orientation check turns ``image`` (a turn named from ``turn`` on) and the brain drawn meets the targets;
+    without the orientation check's ``setting`` the check keeps no turn and the brain drawn misses them."""
+    result, brain = segment_and_score(package, image, reference)
+    assert result.orientation_turn.startswith(turn), result.orientation_turn
+    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
+    unchecked, missed = segment_and_score(package, image, reference, without=f"orientation_check.{setting}")
+    assert unchecked.orientation_turn == "none"
+    assert missed["dice"] < DICE_TARGET or missed["hd95_mm"] > HD95_TARGET_MM, missed
+
+
 def assert_targets_and_no_worse(brain: dict, alone: dict) -> None:
     """``brain`` meets the targets, and the step that made it cost nothing against the network without it
     (``alone``): at most 0.005 Dice and 1 mm of HD95 (one step of HD95 on a 2 mm grid) lower.
@@ -1331,14 +1342,7 @@ def test_a_head_with_a_neck_shown_face_up_by_a_lost_header_is_turned_upright(pac
     head, label = drawn_neck(pair.image, pair.label, 80.0)
     image, reference = lost_orientation(head, label, (0, 1), 1)
 
-    result, brain = segment_and_score(package, image, reference.array)
-    assert result.orientation_turn.startswith("top forward"), result.orientation_turn
-    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    unchecked, missed = segment_and_score(
-        package, image, reference.array, without="orientation_check.posed_min_up_share"
-    )
-    assert unchecked.orientation_turn == "none"
-    assert missed["dice"] < DICE_TARGET, missed  # what the pose rule alone leaves
+    assert_turned_upright_only_with(package, image, reference.array, "top forward", "posed_min_up_share")
 
 
 def test_a_head_cut_at_the_back_whose_header_shows_it_face_up_is_turned_upright(package):
@@ -1352,14 +1356,7 @@ def test_a_head_cut_at_the_back_whose_header_shows_it_face_up_is_turned_upright(
     moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)
     image, label = lost_orientation(*cut_brain(moved, moved_label, 1, 0.3, from_end=True), (0, 1), 1)
 
-    result, brain = segment_and_score(package, image, label.array)
-    assert result.orientation_turn.startswith("top back"), result.orientation_turn
-    assert brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM, brain
-    unchecked, missed = segment_and_score(
-        package, image, label.array, without="orientation_check.cut_base_max_offset_mm"
-    )
-    assert unchecked.orientation_turn == "none"
-    assert missed["hd95_mm"] > HD95_TARGET_MM, missed  # the head as it lies
+    assert_turned_upright_only_with(package, image, label.array, "top back", "cut_base_max_offset_mm")
 
 
 def test_a_head_cut_at_the_front_whose_header_turned_it_upside_down_is_turned_upright(package):
