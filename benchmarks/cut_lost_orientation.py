@@ -61,10 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    import numpy as np
     import torch
 
-    from meddl.data import VolumePair, colin27_brain_pair, fsl_mni152_brain_pairs
+    from meddl.data import colin27_brain_pair, fsl_mni152_brain_pairs
     from meddl.infer import segment_image
     from meddl.metrics import segmentation_metrics
     from meddl.models import load_model
@@ -87,10 +86,7 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
     met = {"package": [0, 0], "no offset limit": [0, 0]}  # meets the targets, measured
     for pair in (colin27_brain_pair(), nimare):
-        brain_only = pair.label.with_array((pair.label.array > 0).astype(np.uint8))
-        moved, moved_label = acquire(
-            VolumePair(pair.name, pair.image, brain_only, ""), PROBE_POSE_DEG, pair.image.spacing, AXIAL
-        )
+        moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)  # labels: brain 1, else 0
         for cut_name, cut, orientations in CUTS:
             cut_image, cut_label = cut(moved, moved_label)
             figures, _ = scored(cut_image, cut_label, package)
