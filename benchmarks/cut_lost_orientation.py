@@ -19,6 +19,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in (REPO, REPO / "benchmarks"):
@@ -55,6 +56,18 @@ CUTS = (
 )
 
 
+def scored(image, label, package) -> Tuple[str, bool]:
+    """``package``'s brain on ``image`` against ``label`` (brain 1): Dice / HD95 and the turn kept, in words, and
+    whether it meets the targets."""
+    from meddl.infer import segment_image
+    from meddl.metrics import segmentation_metrics
+
+    result = segment_image(image, package, device="cpu")
+    brain = segmentation_metrics(result.labelmap.array, label.array, {1: "brain"}, label.spacing)["brain"]
+    met = brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM
+    return f"{brain['dice']:.4f} / {brain['hd95_mm']:.2f} mm, turn: {result.orientation_turn}", met
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
@@ -64,8 +77,6 @@ def main(argv=None) -> int:
     import torch
 
     from meddl.data import colin27_brain_pair, fsl_mni152_brain_pairs
-    from meddl.infer import segment_image
-    from meddl.metrics import segmentation_metrics
     from meddl.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -76,12 +87,6 @@ def main(argv=None) -> int:
         unlimited = copy.deepcopy(package)
         del unlimited.spec.input["orientation_check"]["cut_base_max_offset_mm"]
     nimare = next(pair for pair in fsl_mni152_brain_pairs() if pair.name == "fsl-mni152-1mm-nimare")
-
-    def scored(image, label, variant) -> tuple:
-        result = segment_image(image, variant, device="cpu")
-        brain = segmentation_metrics(result.labelmap.array, label.array, {1: "brain"}, label.spacing)["brain"]
-        met = brain["dice"] >= DICE_TARGET and brain["hd95_mm"] <= HD95_TARGET_MM
-        return f"{brain['dice']:.4f} / {brain['hd95_mm']:.2f} mm, turn: {result.orientation_turn}", met
 
     print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
     met = {"package": [0, 0], "no offset limit": [0, 0]}  # meets the targets, measured
