@@ -19,7 +19,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, List, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in (REPO, REPO / "benchmarks"):
@@ -68,6 +68,25 @@ def scored(image, label, package) -> Tuple[str, bool]:
     return f"{brain['dice']:.4f} / {brain['hd95_mm']:.2f} mm, turn: {result.orientation_turn}", met
 
 
+def scored_line(image, label, variants: Sequence[Tuple[str, object]], met: Dict[str, List[int]]) -> str:
+    """Each ``(name, package)`` of ``variants`` on ``image`` (:func:`scored`), in one line; ``met[name]`` counts
+    [meets the targets, measured]."""
+    line = []
+    for name, variant in variants:
+        figures, meets = scored(image, label, variant)
+        met[name][0] += meets
+        met[name][1] += 1
+        line.append(f"{name} {figures}{'' if meets else ' (misses)'}")
+    return "; ".join(line)
+
+
+def print_met(met: Dict[str, List[int]]) -> None:
+    """How many of the inputs each variant measured meet the targets (:func:`scored_line`'s counts)."""
+    for name, (meets, measured) in met.items():
+        if measured:
+            print(f"{name}: {meets} of {measured} meet the targets")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
@@ -101,16 +120,8 @@ def main(argv=None) -> int:
                 variants = [("package", package)]
                 if unlimited is not None and cut_name.startswith("back") and how == "face up":
                     variants.append(("no offset limit", unlimited))
-                line = []
-                for name, variant in variants:
-                    figures, meets = scored(image, label, variant)
-                    met[name][0] += meets
-                    met[name][1] += 1
-                    line.append(f"{name} {figures}{'' if meets else ' (misses)'}")
-                print(f"  {how}: " + "; ".join(line), flush=True)
-    for name, (meets, measured) in met.items():
-        if measured:
-            print(f"{name}: {meets} of {measured} meet the targets")
+                print(f"  {how}: {scored_line(image, label, variants, met)}", flush=True)
+    print_met(met)
     return 0
 
 

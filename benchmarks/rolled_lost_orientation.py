@@ -25,7 +25,7 @@ for folder in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(folder))
 
 from brain_stress import acquire, lost_orientation  # noqa: E402
-from cut_lost_orientation import LOST_ORIENTATIONS, scored  # noqa: E402
+from cut_lost_orientation import LOST_ORIENTATIONS, print_met, scored, scored_line  # noqa: E402
 from segment_speed import BUNDLED_MODEL  # noqa: E402
 
 # A name and the rotation about the left-right, front-back and vertical axes (deg, brain_stress.acquire's order).
@@ -72,16 +72,8 @@ def main(argv=None) -> int:
                 variants = [("package", package)]
                 if no_allowance is not None and how == "upside down":
                     variants.append(("upright_min_gain 0", no_allowance))
-                line = []
-                for name, variant in variants:
-                    figures, meets = scored(image, label, variant)
-                    met[name][0] += meets
-                    met[name][1] += 1
-                    line.append(f"{name} {figures}{'' if meets else ' (misses)'}")
-                print(f"  {how}: " + "; ".join(line), flush=True)
-    for name, (meets, measured) in met.items():
-        if measured:
-            print(f"{name}: {meets} of {measured} meet the targets")
+                print(f"  {how}: {scored_line(image, label, variants, met)}", flush=True)
+    print_met(met)
     return 0
 
 
