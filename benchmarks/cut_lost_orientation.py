@@ -19,7 +19,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in (REPO, REPO / "benchmarks"):
@@ -87,8 +87,11 @@ def print_met(met: Dict[str, List[int]]) -> None:
             print(f"{name}: {meets} of {measured} meet the targets")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def package_and_heads(argv: Optional[Sequence[str]], description: str) -> Tuple[object, list]:
+    """The lost-orientation benchmarks' start: ``--model`` and ``--threads`` read from ``argv``, torch set to that
+    many threads, the package loaded and named in the first line printed; with the heads they move, Colin27 and
+    nimare's 1 mm copy (labels: brain 1, else 0)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=str(BUNDLED_MODEL))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -100,16 +103,21 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     package = load_model(args.model, "cpu")
+    nimare = next(pair for pair in fsl_mni152_brain_pairs() if pair.name == "fsl-mni152-1mm-nimare")
+    print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
+    return package, [colin27_brain_pair(), nimare]
+
+
+def main(argv=None) -> int:
+    package, heads = package_and_heads(argv, __doc__.split("\n\n")[0])
     orienting = package.spec.input.get("orientation_check") or {}
     unlimited = None
     if orienting.get("cut_base_max_offset_mm") is not None:
         unlimited = copy.deepcopy(package)
         del unlimited.spec.input["orientation_check"]["cut_base_max_offset_mm"]
-    nimare = next(pair for pair in fsl_mni152_brain_pairs() if pair.name == "fsl-mni152-1mm-nimare")
 
-    print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
     met = {"package": [0, 0], "no offset limit": [0, 0]}  # meets the targets, measured
-    for pair in (colin27_brain_pair(), nimare):
+    for pair in heads:
         moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)  # labels: brain 1, else 0
         for cut_name, cut, orientations in CUTS:
             cut_image, cut_label = cut(moved, moved_label)

@@ -14,7 +14,6 @@ acquired, header intact, is segmented too: the figure a turn that finds it uprig
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -25,8 +24,7 @@ for folder in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(folder))
 
 from brain_stress import acquire, lost_orientation  # noqa: E402
-from cut_lost_orientation import LOST_ORIENTATIONS, print_met, scored, scored_line  # noqa: E402
-from segment_speed import BUNDLED_MODEL  # noqa: E402
+from cut_lost_orientation import LOST_ORIENTATIONS, package_and_heads, print_met, scored, scored_line  # noqa: E402
 
 # A name and the rotation about the left-right, front-back and vertical axes (deg, brain_stress.acquire's order).
 ROTATIONS_DEG = (
@@ -40,29 +38,17 @@ ROTATIONS_DEG = (
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(BUNDLED_MODEL))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-
     import numpy as np
-    import torch
 
-    from meddl.data import colin27_brain_pair, fsl_mni152_brain_pairs
-    from meddl.models import load_model
-
-    torch.set_num_threads(args.threads)
-    package = load_model(args.model, "cpu")
+    package, heads = package_and_heads(argv, __doc__.split("\n\n")[0])
     orienting = package.spec.input.get("orientation_check") or {}
     no_allowance = None
     if float(orienting.get("upright_min_gain", 0.0)) < 0.0:
         no_allowance = copy.deepcopy(package)
         no_allowance.spec.input["orientation_check"]["upright_min_gain"] = 0.0
-    nimare = next(pair for pair in fsl_mni152_brain_pairs() if pair.name == "fsl-mni152-1mm-nimare")
 
-    print(f"torch {torch.__version__}, {args.threads} threads; {args.model}")
     met = {"package": [0, 0], "upright_min_gain 0": [0, 0]}  # meets the targets, measured
-    for pair in (colin27_brain_pair(), nimare):  # labels: brain 1, else 0
+    for pair in heads:
         for rotation_name, rotation in ROTATIONS_DEG:
             rotated, rotated_label = acquire(pair, rotation, (1.0, 1.0, 1.0), np.eye(3))
             figures, _ = scored(rotated, rotated_label, package)
