@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from meddl.errors import InputError, ModalityError, ModelError
-from meddl.io import Image, image_from_sitk, image_to_sitk, read_image, validate_for_inference, write_image
+from meddl.io import Image, read_image, validate_for_inference, write_image
 from meddl.models import FIELD_TERMS, ModelPackage, ModelSpec, load_model
 from meddl.progress import CancelToken, ProgressCallback, no_progress, scaled
 from meddl.transforms import (
@@ -1828,34 +1827,37 @@ def upright_pass(
         return face_reach_mm(candidate.model_image, candidate.probabilities, spec, first.label, rows)
 
     upright_gain = None if first_upright else orienting.get("upright_min_gain")
-    best, best_index, best_confidence, reaches = None, -1, first.confidence, []
-    best_upright, best_upright_index = None, -1
+    best, best_confidence, best_upright = None, first.confidence, None
     for index, turn in enumerate(AXIS_TURNS):
         progress(
             index / len(AXIS_TURNS), f"which way is the head up? a pass on it turned ({index + 1}/{len(AXIS_TURNS)})"
         )
         turned = look(turn)
-        reaches.append(reach(turned.result) if rows is not None else math.nan)
         confidence = turned.result.confidence
         if confidence > best_confidence:
-            best, best_index, best_confidence = turned, index, confidence
+            best, best_confidence = turned, confidence
         if upright_gain is not None and (best_upright is None or confidence > best_upright.result.confidence):
             if head_lies_upright(turned.result.found, turned.result.model_image, spec, orienting):
-                best_upright, best_upright_index = turned, index
+                best_upright = turned
     if best is None or best_confidence < first.confidence + float(orienting.get("min_gain", 0.01)):
         if best_upright is None or best_upright.result.confidence < first.confidence + float(upright_gain):
             return None
-        best, best_index = best_upright, best_upright_index
+        best = best_upright
     if rows is None:
         return best
     twin = TURN_ABOUT_VERTICAL @ best.turn
-    twin_index = next((index for index, turn in enumerate(AXIS_TURNS) if np.array_equal(turn, twin)), -1)
-    faces_back = _faces_back(best.result, orienting)
+    as_it_lay = not any(np.array_equal(turn, twin) for turn in AXIS_TURNS)  # the twin is no turn: the first pass
+    faces_back, looked = _faces_back(best.result, orienting), None
     if faces_back is None:  # the brain's base does not tell: the face does
-        faces_back = (reach(first) if twin_index < 0 else reaches[twin_index]) > reaches[best_index]
+        # The twin's pass is looked at again here rather than kept from the loop: its face is measured only on this
+        # path, and a pass on each of 23 turns held to the end would take some 300 MB on a 1 mm head.
+        looked = None if as_it_lay else look(twin)
+        faces_back = reach(first if looked is None else looked.result) > reach(best.result)
     if not faces_back:
         return best
-    return None if twin_index < 0 else look(twin)
+    if as_it_lay:
+        return None
+    return looked if looked is not None else look(twin)
 
 
 def brain_base_offset_mm(points: np.ndarray, share: float) -> float:
@@ -1906,18 +1908,34 @@ def turned_world(image: Image, turn: np.ndarray) -> Image:
 
 
 def turned_grid(image: Image, turn: np.ndarray) -> Image:
-    """``image`` in a world turned by ``turn`` (:func:`turned_world`), re-indexed onto LPS axes as the model grid lies
-    (SimpleITK's ``DICOMOrient``): the same voxels, none interpolated, for an LPS grid turned by quarter turns.
+    """``image`` in a world turned by ``turn`` (:func:`turned_world`), re-indexed onto LPS axes as the model grid lies:
+    the same voxels, none interpolated, for an LPS grid turned by quarter turns.
+
+    Array axes are flipped and swapped in place of resampling (what SimpleITK's ``DICOMOrient`` does, at a quarter of
+    its time: the orientation check turns the whole grid and its head 23 times each).
 
     Raises:
         ValueError: the turned image does not lie along LPS axes (``image`` is not an LPS grid, or ``turn`` is not a
             rotation by quarter turns).
     """
-    oriented = image_from_sitk(sitk.DICOMOrient(image_to_sitk(turned_world(image, turn)), "LPS"))
-    if not np.allclose(oriented.direction, np.eye(3), atol=1e-9):
+    turned = turned_world(image, turn)
+    axes = np.rint(turned.direction)
+    lies_on_axes = all(np.array_equal(np.abs(axes).sum(axis=side), [1, 1, 1]) for side in (0, 1))
+    if not lies_on_axes or not np.allclose(turned.direction, axes, atol=1e-9):
         raise ValueError("turned_grid turns an LPS grid by quarter turns only")
-    oriented.metadata = dict(image.metadata)
-    return oriented
+    source = [int(np.flatnonzero(row)[0]) for row in axes]  # the index axis (i, j, k) that runs along L, P, S
+    reversed_axes = [column for column in range(3) if axes[:, column].sum() < 0]
+    origin = np.asarray(turned.origin, dtype=np.float64)
+    for column in reversed_axes:  # voxel 0 of a reversed axis is its last
+        origin = origin + turned.direction[:, column] * (turned.size[column] - 1) * turned.spacing[column]
+    array = np.flip(turned.array, tuple(2 - column for column in reversed_axes))  # arrays run (k, j, i)
+    return Image(
+        np.ascontiguousarray(np.transpose(array, [2 - source[axis] for axis in (2, 1, 0)])),
+        tuple(turned.spacing[column] for column in source),
+        tuple(origin),
+        np.eye(3),
+        dict(image.metadata),
+    )
 
 
 def _calibrated(settings: Optional[Dict], reference_key: str) -> Optional[Dict]:
