@@ -80,6 +80,26 @@ def scored_line(image, label, variants: Sequence[Tuple[str, object]], met: Dict[
     return "; ".join(line)
 
 
+def print_lost_headers(
+    title: str,
+    image,
+    label,
+    orientations: Sequence[Tuple[str, Tuple[int, int], int]],
+    package,
+    others: Dict[str, Sequence[Tuple[str, object]]],
+    met: Dict[str, List[int]],
+) -> None:
+    """``package`` on the head ``image`` with its header intact, then on each of ``orientations`` a lost header shows
+    it in (:func:`brain_stress.lost_orientation`), with the ``(name, package)`` variants ``others`` gives that
+    orientation's name beside it: one line each."""
+    figures, _ = scored(image, label, package)
+    print(f"{title}, header intact: {figures}")
+    for how, axes, turns in orientations:
+        lost, lost_label = lost_orientation(image, label, axes, turns)
+        variants = [("package", package), *others.get(how, ())]
+        print(f"  {how}: {scored_line(lost, lost_label, variants, met)}", flush=True)
+
+
 def print_met(met: Dict[str, List[int]]) -> None:
     """How many of the inputs each variant measured meet the targets (:func:`scored_line`'s counts)."""
     for name, (meets, measured) in met.items():
@@ -121,14 +141,10 @@ def main(argv=None) -> int:
         moved, moved_label = acquire(pair, PROBE_POSE_DEG, pair.image.spacing, AXIAL)  # labels: brain 1, else 0
         for cut_name, cut, orientations in CUTS:
             cut_image, cut_label = cut(moved, moved_label)
-            figures, _ = scored(cut_image, cut_label, package)
-            print(f"{pair.name} cut {cut_name}, header intact: {figures}")
-            for how, axes, turns in orientations:
-                image, label = lost_orientation(cut_image, cut_label, axes, turns)
-                variants = [("package", package)]
-                if unlimited is not None and cut_name.startswith("back") and how == "face up":
-                    variants.append(("no offset limit", unlimited))
-                print(f"  {how}: {scored_line(image, label, variants, met)}", flush=True)
+            back_cut = unlimited is not None and cut_name.startswith("back")
+            others = {"face up": [("no offset limit", unlimited)]} if back_cut else {}
+            title = f"{pair.name} cut {cut_name}"
+            print_lost_headers(title, cut_image, cut_label, orientations, package, others, met)
     print_met(met)
     return 0
 

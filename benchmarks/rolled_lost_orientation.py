@@ -23,8 +23,8 @@ for folder in (REPO, REPO / "benchmarks"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from brain_stress import acquire, lost_orientation  # noqa: E402
-from cut_lost_orientation import LOST_ORIENTATIONS, package_and_heads, print_met, scored, scored_line  # noqa: E402
+from brain_stress import acquire  # noqa: E402
+from cut_lost_orientation import LOST_ORIENTATIONS, package_and_heads, print_lost_headers, print_met  # noqa: E402
 
 # A name and the rotation about the left-right, front-back and vertical axes (deg, brain_stress.acquire's order).
 ROTATIONS_DEG = (
@@ -42,23 +42,18 @@ def main(argv=None) -> int:
 
     package, heads = package_and_heads(argv, __doc__.split("\n\n")[0])
     orienting = package.spec.input.get("orientation_check") or {}
-    no_allowance = None
+    others = {}  # upside down, the package also with upright_min_gain 0 where it sets a value below 0
     if float(orienting.get("upright_min_gain", 0.0)) < 0.0:
         no_allowance = copy.deepcopy(package)
         no_allowance.spec.input["orientation_check"]["upright_min_gain"] = 0.0
+        others = {"upside down": [("upright_min_gain 0", no_allowance)]}
 
     met = {"package": [0, 0], "upright_min_gain 0": [0, 0]}  # meets the targets, measured
     for pair in heads:
         for rotation_name, rotation in ROTATIONS_DEG:
             rotated, rotated_label = acquire(pair, rotation, (1.0, 1.0, 1.0), np.eye(3))
-            figures, _ = scored(rotated, rotated_label, package)
-            print(f"{pair.name} {rotation_name}, header intact: {figures}")
-            for how, axes, turns in LOST_ORIENTATIONS:
-                image, label = lost_orientation(rotated, rotated_label, axes, turns)
-                variants = [("package", package)]
-                if no_allowance is not None and how == "upside down":
-                    variants.append(("upright_min_gain 0", no_allowance))
-                print(f"  {how}: {scored_line(image, label, variants, met)}", flush=True)
+            title = f"{pair.name} {rotation_name}"
+            print_lost_headers(title, rotated, rotated_label, LOST_ORIENTATIONS, package, others, met)
     print_met(met)
     return 0
 
