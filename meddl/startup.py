@@ -10,10 +10,16 @@ from __future__ import annotations
 import gc
 import sys
 
-__all__ = ["import_engine"]
+__all__ = ["ENGINE_MODULES", "HELD_BACK_MODULES", "import_engine"]
 
 # What running a packaged model needs: the network classes, the sliding window, and the engine's inference module.
 ENGINE_MODULES = ("monai.networks.nets", "monai.inferers", "meddl.infer", "meddl.models")
+
+# What MONAI's package init imports, through its optional imports, for features the engine never calls: scipy.signal
+# (signal transforms, ultrasound confidence maps; it brings scipy.stats), pandas (CSV datasets, profiling),
+# matplotlib.pyplot (plots) and sklearn (embedding metrics): 0.6-0.8 of the 2.0-2.2 s these imports take on 2 cores
+# (docs/brain-model.md, "The start without what MONAI loads for features the engine never calls").
+HELD_BACK_MODULES = ("scipy.signal", "pandas", "matplotlib.pyplot", "sklearn.metrics", "sklearn.linear_model")
 
 
 def import_engine() -> None:
@@ -24,17 +30,30 @@ def import_engine() -> None:
     load: pausing it took these imports from 7.77 to 5.90 s on 2 cores (``benchmarks/segment_speed.py``, best of 5).
     What they left is then frozen out of later collections (:func:`gc.freeze`), so that neither a collection during a
     job nor the interpreter's last ones at exit walk it again.
+
+    MONAI's package init imports every subpackage, and with them :data:`HELD_BACK_MODULES`, which the engine's
+    inference never calls. Those not yet loaded are held back while the engine loads: Python reads a ``None`` in
+    ``sys.modules`` as a module that is not there, and MONAI's ``optional_import`` then leaves in their place a stand-in
+    that raises if called. They are released afterwards, so the engine's own imports of them (plots, ROC curves) load
+    them as usual; only MONAI's features built on them (``CSVDataset``, ``matshow3d``, ...) say in this process that
+    they are missing. The CLI's inference commands and the worker call this; a library user's process is untouched
+    unless it calls it too.
     """
     if all(name in sys.modules for name in ENGINE_MODULES):
         return
     import importlib
 
+    held_back = [name for name in HELD_BACK_MODULES if name not in sys.modules]
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        sys.modules.update(dict.fromkeys(held_back))
         for name in ENGINE_MODULES:
             importlib.import_module(name)
     finally:
+        for name in held_back:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
         gc.freeze()
         if was_enabled:
             gc.enable()
