@@ -17,7 +17,7 @@ ENGINE_MODULES = ("monai.networks.nets", "monai.inferers", "meddl.infer", "meddl
 
 # What MONAI's package init imports, through its optional imports, for features the engine never calls: scipy.signal
 # (signal transforms, ultrasound confidence maps; it brings scipy.stats), pandas (CSV datasets, profiling),
-# matplotlib.pyplot (plots) and sklearn (embedding metrics): 0.6-0.8 of the 2.0-2.2 s these imports take on 2 cores
+# matplotlib.pyplot (plots) and sklearn (embedding metrics): 0.6-0.8 of the 2.0-2.3 s these imports take on 2 cores
 # (docs/brain-model.md, "The start without what MONAI loads for features the engine never calls").
 HELD_BACK_MODULES = ("scipy.signal", "pandas", "matplotlib.pyplot", "sklearn.metrics", "sklearn.linear_model")
 
