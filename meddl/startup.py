@@ -16,10 +16,19 @@ __all__ = ["ENGINE_MODULES", "HELD_BACK_MODULES", "import_engine"]
 ENGINE_MODULES = ("monai.networks.nets", "monai.inferers", "meddl.infer", "meddl.models")
 
 # What MONAI's package init imports, through its optional imports, for features the engine never calls: scipy.signal
-# (signal transforms, ultrasound confidence maps; it brings scipy.stats), pandas (CSV datasets, profiling),
-# matplotlib.pyplot (plots) and sklearn (embedding metrics): 0.6-0.8 of the 2.0-2.3 s these imports take on 2 cores
-# (docs/brain-model.md, "The start without what MONAI loads for features the engine never calls").
-HELD_BACK_MODULES = ("scipy.signal", "pandas", "matplotlib.pyplot", "sklearn.metrics", "sklearn.linear_model")
+# (signal transforms, ultrasound confidence maps; it brings scipy.stats), scipy.optimize (panoptic quality's matching),
+# pandas (CSV datasets, profiling), matplotlib (plots), sklearn (embedding metrics) and requests (TCIA downloads):
+# 0.7-0.9 of the 2.0-2.3 s these imports take on 2 cores (docs/brain-model.md, "The start without what MONAI loads
+# for features the engine never calls").
+HELD_BACK_MODULES = (
+    "scipy.signal",
+    "scipy.optimize",
+    "pandas",
+    "matplotlib",
+    "sklearn.metrics",
+    "sklearn.linear_model",
+    "requests",
+)
 
 
 def import_engine() -> None:
