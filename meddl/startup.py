@@ -18,8 +18,8 @@ ENGINE_MODULES = ("monai.networks.nets", "monai.inferers", "meddl.infer", "meddl
 # What MONAI's package init imports, through its optional imports, for features the engine never calls: scipy.signal
 # (signal transforms, ultrasound confidence maps; it brings scipy.stats), scipy.optimize (panoptic quality's matching),
 # pandas (CSV datasets, profiling), matplotlib (plots), sklearn (embedding metrics) and requests (TCIA downloads):
-# 0.7-0.9 of the 2.0-2.3 s these imports take on 2 cores (docs/brain-model.md, "The start without what MONAI loads
-# for features the engine never calls").
+# about 0.75 of the 2 s these imports take on 2 cores (medians of four runs, 1.99 -> 1.22 s; docs/brain-model.md, "The
+# start without what MONAI loads for features the engine never calls").
 HELD_BACK_MODULES = (
     "scipy.signal",
     "scipy.optimize",
