@@ -563,7 +563,7 @@ def test_a_model_with_a_malformed_inference_or_postprocess_setting_exits_4_namin
 def test_the_engine_loads_without_what_monai_imports_for_features_it_never_calls(tmp_path):
     """A cold command imports torch and MONAI without what MONAI's init pulls in for features the engine never calls
     (matplotlib, pandas, scipy.signal, sklearn, ...), and can still load each afterwards: an ROC curve drawn with
-    matplotlib and sklearn, as `meddl classify-evaluate` draws one, comes out."""
+    matplotlib and sklearn, as `meddl evaluate-classifier` draws one, comes out."""
     picture = tmp_path / "roc.png"
     script = f"""
 import sys
