@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,13 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{staging}: trained by an earlier run of this command; measuring it" in again.stdout
     assert "epoch 1/1" not in again.stdout and not staging.exists()
-    assert json.loads((output / "model.json").read_text())["metrics"] == metrics
+    raw = json.loads((output / "model.json").read_text())
+    assert raw["metrics"] == metrics
+    # The whole recipe's time counts the earlier run's training, not only the measuring that finished it.
+    this_run_s = float(re.search(r"until now\) in (\d+) s", again.stdout).group(1))
+    whole_s, training_s = raw["provenance"]["recipe_wall_time_s"], raw["provenance"]["wall_time_s"]
+    assert whole_s >= training_s + this_run_s - 0.5, (whole_s, training_s, this_run_s)
+    assert f"whole recipe {whole_s:.0f} s" in (output / "MODEL_CARD.md").read_text()
 
 
 def test_recipe_bad_argument_gets_one_line_and_leaves_nothing(tmp_path, repo):

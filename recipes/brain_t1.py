@@ -1302,11 +1302,13 @@ def train_and_record(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 4
+    trained_here = 0.0  # seconds this run spent in train_segmentation
     if staged and staged.get("training", {}).get("complete"):
         # A run stopped after its training (while measuring it) left a whole package: measure it, do not retrain.
         print(f"{staging}: trained by an earlier run of this command; measuring it")
         package = staging
     else:
+        training_started = time.time()
         package = train_segmentation(
             recipe_spec(args, precision, compile_network),
             datalist,
@@ -1346,6 +1348,7 @@ def train_and_record(args: argparse.Namespace) -> int:
             compile_network=compile_network,
             ema_decay=args.ema_decay,
         )
+        trained_here = time.time() - training_started
     spec_path = package / "model.json"
     spec = json.loads(spec_path.read_text())
     if compile_network and not spec["training"].get("compiled_steps"):  # it could not compile: eager weights
@@ -1375,14 +1378,20 @@ def train_and_record(args: argparse.Namespace) -> int:
             )
             return code if code > 0 else 128 - code
     spec = json.loads(spec_path.read_text())
-    spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started, 1)
+    # A run that continues an earlier one (from its checkpoint, or its package staged after training) counts the
+    # earlier training too: the training wall time in model.json is the sum over the runs that trained.
+    earlier_training = max(0.0, spec["provenance"]["wall_time_s"] - trained_here)
+    spec["provenance"]["recipe_wall_time_s"] = round(time.time() - started + earlier_training, 1)
     write_text_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     write_model_card(package)
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
     # The steps above name the staging folder; say where the package is now.
-    print(f"wrote {output} (staged in {staging} until now) in {time.time() - started:.0f} s")
+    took = f"{time.time() - started:.0f} s"
+    if earlier_training:
+        took += f" ({spec['provenance']['recipe_wall_time_s']:.0f} s with the earlier runs' training)"
+    print(f"wrote {output} (staged in {staging} until now) in {took}")
     return 0
 
 
