@@ -16,7 +16,7 @@ import numpy as np
 from meddl.errors import EXIT_CANCELLED
 from meddl.io import read_image
 from meddl.models import load_model
-from meddl.train import checkpoint_path
+from meddl.train import checkpoint_path, resolve_precision
 
 # The recipe measured the bundled package on this very volume (model.json metrics.held_out_test); the demo must
 # reproduce that figure (up to thread/BLAS noise) and stay above a floor that makes it a usable brain mask.
@@ -81,6 +81,11 @@ def test_recipe_short_run_ends_with_its_package_and_card(tmp_path, repo):
     cases = {**metrics["validation_full_pipeline"], **metrics["held_out_test"]}
     assert len(cases) == 4
     card = (output / "MODEL_CARD.md").read_text()
+    # The card says on which machine its times were measured: they, and float32 weights, depend on it.
+    host = json.loads((output / "model.json").read_text())["provenance"]["host"]
+    assert host["native_bfloat16"] == (resolve_precision("auto", "cpu") == "bf16")
+    with_or_without = "with" if host["native_bfloat16"] else "without"
+    assert f"(on\n{host['cores']}-core {host['cpu']}, {with_or_without} native bfloat16)" in card, card
     for name, scores in cases.items():
         assert name in card
         if scores["hd95_mm"] is None:  # refused: the reason is kept

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import time
@@ -48,6 +49,8 @@ __all__ = [
     "NormalizeIntensityd",
     "training_transforms",
     "resolve_precision",
+    "native_bfloat16",
+    "host_description",
     "train_segmentation",
     "checkpoint_path",
     "git_commit",
@@ -853,15 +856,34 @@ def resolve_precision(precision: str, device: str) -> str:
     """
     if precision != "auto":
         return precision
-    import torch
-
     if not str(device).startswith("cpu"):
         return "fp32"
+    return "bf16" if native_bfloat16() else "fp32"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX); False where torch cannot tell."""
+    import torch
+
     try:
-        native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # a torch build without the probes: do not guess
-        native = False
-    return "bf16" if native else "fp32"
+        return False
+
+
+def host_description() -> Dict[str, Any]:
+    """The machine a run is timed on: CPU model, the cores this process may use, native bfloat16.
+
+    A run's times depend on them, and a float32 run's weights on the CPU's kernels (docs/brain-model.md).
+    """
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:  # not Linux
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu or "unknown", "cores": cores, "native_bfloat16": native_bfloat16()}
 
 
 def train_segmentation(
@@ -1167,6 +1189,7 @@ def train_segmentation(
         "git_commit": commit,
         "seed": seed,
         "device": device,
+        "host": host_description(),
         "wall_time_s": round(float(loop["elapsed_s"]), 1),
     }
     raw["metrics"] = {

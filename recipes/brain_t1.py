@@ -758,6 +758,12 @@ def write_model_card(package: Path) -> Path:
         stress_text = "Not measured yet: run `python benchmarks/brain_stress.py --model <package> --record`."
     history = ", ".join(f"{h['val_mean_dice']:.4f}" for h in training["history"])
     commit_note = f" ({provenance['git_commit_note']})" if "git_commit_note" in provenance else ""
+    host = provenance.get("host")  # train_segmentation records it since 2026-12-07; older runs' hosts: docs/
+    host_text = (
+        f"{host['cores']}-core {host['cpu']}, {'with' if host['native_bfloat16'] else 'without'} native bfloat16"
+        if host
+        else "this 2-core CPU"
+    )
     cases = {**metrics.get("validation_full_pipeline", {}), **metrics.get("held_out_test", {})}
     if stress:  # the stress set is the issue's yardstick; the four cases above are part of the recipe
         cases = stress["per_case"]
@@ -1021,8 +1027,8 @@ Seed {provenance["seed"]}, {training["epochs"]} epochs x {training["steps_per_ep
 {training["batch_size"]} volume x {training["patches_per_volume"]} patches, AdamW lr {training["learning_rate"]}
 with cosine decay, Dice + cross-entropy, {provenance.get("threads", "?")} CPU threads on device
 `{provenance["device"]}`, forward pass in {training.get("precision", "fp32")}. Training wall time
-{provenance["wall_time_s"]:.0f} s, whole recipe {provenance.get("recipe_wall_time_s", float("nan")):.0f} s (on this
-2-core CPU).
+{provenance["wall_time_s"]:.0f} s, whole recipe {provenance.get("recipe_wall_time_s", float("nan")):.0f} s (on
+{host_text}).
 Commit {provenance.get("git_commit")}{commit_note};
 packages {provenance["package_versions"]}; data packages
 {provenance.get("data_packages")}.
