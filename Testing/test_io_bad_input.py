@@ -80,6 +80,18 @@ def make_case(name: str, folder: Path, fixtures) -> Path:
         path = folder / "zero_spacing.nii.gz"
         nib.save(image, path)
         return path
+    if name == "nifti_sheared_sform_no_qform":
+        # An sform with a shear (an affine registration's output, a gantry tilt) and no qform: ITK, and so Slicer,
+        # has no orthonormal transform to read.
+        reference = nib.load(anatomical)
+        sheared = reference.affine.copy()
+        sheared[1, 2] += np.tan(np.radians(5.0)) * sheared[2, 2]
+        image = nib.Nifti1Image(np.asarray(reference.dataobj), sheared)
+        image.set_qform(None, code=0)
+        image.set_sform(sheared, code=1)
+        path = folder / "sheared.nii.gz"
+        nib.save(image, path)
+        return path
     if name == "nrrd_huge_claim":
         return _nrrd(folder / "huge.nrrd", sizes="10000 10000 10000")
     if name == "mhd_escapes_folder":
@@ -126,6 +138,7 @@ CASES = {
     "nrrd_zero_spacing": "spacing (0, 1, 1) must be positive",
     "nrrd_nan_spacing": "spacing (nan, 1, 1) must be positive",
     "nifti_zero_spacing": "spacing (2, 0, 2) must be positive",
+    "nifti_sheared_sform_no_qform": "its sform shears the voxel axes 5.0° off square and it has no qform",
     "nrrd_huge_claim": "claims 1000000000000 voxels",
     "mhd_escapes_folder": "'../../etc/passwd' leaves the header's folder",
     "image_2d": "expected a 3D volume, got 2D",

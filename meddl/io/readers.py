@@ -123,14 +123,25 @@ def read_image(
             facts = sniff_header(path, file_format)
             if forced:
                 return _read_isolated(path, series_uid, timeout)
-            if file_format == "mgh":
-                image = _read_with_nibabel(path, facts.shape, "MGH")
-            elif file_format == "nifti" and facts is not None and facts.notes.get("nifti_version") == 2:
-                image = _read_with_nibabel(path, facts.shape, "NIfTI-2")
-            elif file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
-                image = _read_float_nifti(path, facts.shape)
-            else:
-                image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
+            try:
+                if file_format == "mgh":
+                    image = _read_with_nibabel(path, facts.shape, "MGH")
+                elif file_format == "nifti" and facts is not None and facts.notes.get("nifti_version") == 2:
+                    image = _read_with_nibabel(path, facts.shape, "NIfTI-2")
+                elif file_format == "nifti" and facts is not None and "float" in str(facts.notes.get("dtype")):
+                    image = _read_float_nifti(path, facts.shape)
+                else:
+                    image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
+            except InputError as error:
+                shear = _sform_shear_deg(facts.notes) if file_format == "nifti" and facts is not None else None
+                if shear is None or round(shear, 1) == 0.0 or "orthonormal" not in error.problem:
+                    raise  # square to the tenth of a degree shown: ITK's words, as they are
+                # ITK's own words ("only supports orthonormal direction cosines") do not say what is wrong.
+                raise InputError(
+                    f"its sform shears the voxel axes {shear:.1f}° off square and it has no qform: ITK, and so "
+                    "Slicer, cannot place it on a grid; resample it onto an orthogonal grid first",
+                    path,
+                ) from None
             if facts is not None and tuple(image.size) != tuple(facts.shape):
                 raise InputError(f"decoded size {image.size} differs from the header's {facts.shape}", path)
             if file_format == "nifti" and facts is not None:
@@ -162,6 +173,17 @@ def _disagreeing_xforms(notes: dict, image: Image) -> Optional[dict]:
         return None
     xforms = {key: notes[key] for key in ("qform", "qform_code", "sform", "sform_code")}
     return {**xforms, "grid": image.geometry(), "apart_mm": round(float(apart.max()), 2)}
+
+
+def _sform_shear_deg(notes: dict) -> Optional[float]:
+    """How far from square (degrees) the sform's voxel axes meet, where a NIfTI header has an sform and no qform;
+    else None."""
+    if "qform" in notes or "sform" not in notes:
+        return None
+    axes = np.asarray(notes["sform"], dtype=float)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs((unit.T @ unit)[np.triu_indices(3, 1)])
+    return float(90.0 - np.degrees(np.arccos(np.clip(cosines.max(), 0.0, 1.0))))
 
 
 def _read_with_sitk(path: Path, image_io: Optional[str]) -> Image:
