@@ -876,12 +876,13 @@ def host_description() -> Dict[str, Any]:
 
     A run's times depend on them, and a float32 run's weights on the CPU's kernels (docs/brain-model.md).
     """
-    cpu = platform.processor()
+    cpu = None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
     except OSError:  # not Linux
         pass
+    cpu = cpu or platform.processor()  # on Linux that runs `uname -p`: only where /proc/cpuinfo named no model
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu or "unknown", "cores": cores, "native_bfloat16": native_bfloat16()}
 
