@@ -133,10 +133,11 @@ def read_image(
                 else:
                     image = _read_with_sitk(path, READ_IMAGE_IO[file_format])
             except InputError as error:
+                # ITK's words for a sheared sform with no qform ("only supports orthonormal direction cosines") do
+                # not say what is wrong; where the shear shows as 0.0° they stay as they are.
                 shear = _sform_shear_deg(facts.notes) if file_format == "nifti" and facts is not None else None
                 if shear is None or round(shear, 1) == 0.0 or "orthonormal" not in error.problem:
-                    raise  # square to the tenth of a degree shown: ITK's words, as they are
-                # ITK's own words ("only supports orthonormal direction cosines") do not say what is wrong.
+                    raise
                 raise InputError(
                     f"its sform shears the voxel axes {shear:.1f}° off square and it has no qform: ITK, and so "
                     "Slicer, cannot place it on a grid; resample it onto an orthogonal grid first",
